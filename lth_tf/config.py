@@ -1,0 +1,164 @@
+"""The frozen configuration of a run, its JSON round trip and its identity hash.
+
+Flags are read only by entry points; they build a `RunConfig` with
+`make_config` (recipe defaults + the user's overrides) and pass it down. Library
+code never reads flags and never mutates a config.
+"""
+
+import dataclasses
+import hashlib
+import json
+
+from lth_tf import FORMAT_VERSION, presets, steps
+
+OPTIMIZERS = ("sgd", "adam")
+PRUNE_SCOPES = ("global", "layerwise")
+CONTROLS = ("random_reinit", "random_prune")
+
+# Fields that do not change what a run computes: they may differ between the
+# invocations that build one run directory (e.g. `--rounds=5`, later `--rounds=10`
+# extends the same run; adding a control adds a branch).
+NON_IDENTITY_FIELDS = ("data_dir", "rounds", "controls", "verbose")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a run. See lth_tf/presets.py for the fields' meaning."""
+
+    arch: str
+    dataset: str
+    batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    warmup: str
+    lr_drops: tuple[str, ...]
+    lr_gamma: float
+    training_steps: str
+    eval_every: str
+    augment: bool
+    output_rate: float
+    seed: int = 0
+    data_seed: int = 0
+    data_dir: str | None = None
+    jit_compile: bool = False
+    steps_per_execution: int = 1
+    # Pruning.
+    rewind_step: str = "0"
+    rounds: int = 0
+    prune_fraction: float = 0.2
+    prune_scope: str = "global"
+    target_density: float | None = None
+    controls: tuple[str, ...] = ()
+    verbose: int = 1
+
+    def __post_init__(self):
+        _check(self)
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["format_version"] = FORMAT_VERSION
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        d = json.loads(text)
+        version = d.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"This run was written with lth_tf format version {version}, but this lth_tf "
+                f"reads format {FORMAT_VERSION}. Use the lth_tf version that wrote it, or start "
+                "a new run in another --root_dir."
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"config.json has unknown fields {sorted(unknown)}.")
+        for name in ("lr_drops", "controls"):
+            if name in d:
+                d[name] = tuple(d[name])
+        return cls(**d)
+
+    def identity(self) -> dict:
+        """The fields that define what this run computes."""
+        d = dataclasses.asdict(self)
+        for name in NON_IDENTITY_FIELDS:
+            d.pop(name)
+        return d
+
+    def hash8(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:8]
+
+    def differences(self, other: "RunConfig") -> dict:
+        """{field: (self value, other value)} over the identity fields."""
+        a, b = self.identity(), other.identity()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def make_config(arch: str, **overrides) -> RunConfig:
+    """Builds a config from `arch`'s recipe, replacing fields given in `overrides`.
+
+    `None` values in `overrides` mean "not given" and keep the recipe's value.
+    """
+    fields = presets.recipe(arch)
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    for key, value in overrides.items():
+        if key not in known:
+            raise ValueError(
+                f"Unknown config field {key!r}. Known fields: {', '.join(sorted(known))}."
+            )
+        if value is not None:
+            fields[key] = value
+    fields["lr_drops"] = tuple(fields.get("lr_drops", ()))
+    fields["controls"] = tuple(fields.get("controls", ()))
+    return RunConfig(arch=arch, **fields)
+
+
+def _check(c: RunConfig) -> None:
+    def fail(field, value, expected):
+        raise ValueError(f"{field}: got {value!r}; expected {expected}.")
+
+    presets.recipe(c.arch)  # unknown arch -> error listing the known ones
+    if not isinstance(c.batch_size, int) or c.batch_size <= 0:
+        fail("batch_size", c.batch_size, "a positive integer (the global batch size)")
+    if c.optimizer not in OPTIMIZERS:
+        fail("optimizer", c.optimizer, f"one of {', '.join(OPTIMIZERS)}")
+    if not c.lr > 0:
+        fail("lr", c.lr, "a positive learning rate")
+    if not 0 <= c.momentum < 1:
+        fail("momentum", c.momentum, "a value in [0, 1)")
+    if c.weight_decay < 0:
+        fail("weight_decay", c.weight_decay, "a value >= 0")
+    if not 0 < c.lr_gamma <= 1:
+        fail("lr_gamma", c.lr_gamma, "a factor in (0, 1]")
+    if not 0 <= c.output_rate <= 1 / max(c.prune_fraction, 1e-12):
+        fail(
+            "output_rate",
+            c.output_rate,
+            "a multiplier >= 0 of the prune fraction (0 keeps it dense)",
+        )
+    steps.parse(c.warmup, "warmup")
+    for drop in c.lr_drops:
+        steps.parse(drop, "lr_drops")
+    if steps.parse(c.training_steps, "training_steps").value <= 0:
+        fail("training_steps", c.training_steps, "a positive duration such as '50000it' or '160ep'")
+    if steps.parse(c.eval_every, "eval_every").value <= 0:
+        fail("eval_every", c.eval_every, "a positive duration such as '100it' or '1ep'")
+    steps.parse(c.rewind_step, "rewind_step")
+    if not isinstance(c.steps_per_execution, int) or c.steps_per_execution < 1:
+        fail("steps_per_execution", c.steps_per_execution, "an integer >= 1")
+    if not isinstance(c.rounds, int) or c.rounds < 0:
+        fail("rounds", c.rounds, "an integer >= 0 (0 trains the dense network only)")
+    if not 0 < c.prune_fraction < 1:
+        fail("prune_fraction", c.prune_fraction, "a fraction in (0, 1), e.g. 0.2")
+    if c.prune_scope not in PRUNE_SCOPES:
+        fail("prune_scope", c.prune_scope, f"one of {', '.join(PRUNE_SCOPES)}")
+    if c.target_density is not None and not 0 < c.target_density <= 1:
+        fail("target_density", c.target_density, "a density in (0, 1], e.g. 0.3")
+    for control in c.controls:
+        if control not in CONTROLS:
+            fail("controls", control, f"a comma-separated subset of {', '.join(CONTROLS)}")
+    if not isinstance(c.seed, int) or not isinstance(c.data_seed, int):
+        fail("seed/data_seed", (c.seed, c.data_seed), "integers")

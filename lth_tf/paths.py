@@ -1,0 +1,75 @@
+"""Every file and directory name of a run. Nothing else in lth_tf spells a path.
+
+    <root_dir>/<arch>_<dataset>_<hash8>/        a run (hash of the config's identity)
+      config.json
+      round_00/                                 the dense network
+        masks.npz  sparsity.json
+        checkpoints/start.npz  rewind.npz  final.npz   (rewind.npz: W_k, round 0 only)
+        ckpt/                                   mid-round TF checkpoint (resume)
+        metrics.jsonl  tb/  summary.json        (summary.json last: the round is done)
+      round_01/ ...
+      branches/<control>/round_NN/ ...          random_reinit, random_prune
+      report.md  accuracy_vs_density.png
+All paths go through tf.io.gfile, so a root_dir may be a gs:// bucket.
+"""
+
+import os
+import re
+
+ROUND_RE = re.compile(r"^round_(\d{2,})$")
+
+
+def join(*parts) -> str:
+    # os.path.join keeps 'gs://bucket/...' intact.
+    return os.path.join(*[str(p) for p in parts])
+
+
+def run_name(config) -> str:
+    dataset = re.sub(r"[^A-Za-z0-9]+", "-", config.dataset.split("/")[-1]).strip("-")
+    return f"{config.arch}_{dataset}_{config.hash8()}"
+
+
+def config_file(run_dir):
+    return join(run_dir, "config.json")
+
+
+def round_dir(run_dir, round_index: int, branch: str | None = None):
+    name = f"round_{round_index:02d}"
+    return join(run_dir, "branches", branch, name) if branch else join(run_dir, name)
+
+
+def masks_file(rdir):
+    return join(rdir, "masks.npz")
+
+
+def sparsity_file(rdir):
+    return join(rdir, "sparsity.json")
+
+
+def checkpoint_file(rdir, which: str):
+    """which: 'start', 'rewind' (W_k) or 'final'."""
+    return join(rdir, "checkpoints", f"{which}.npz")
+
+
+def resume_dir(rdir):
+    return join(rdir, "ckpt")
+
+
+def metrics_file(rdir):
+    return join(rdir, "metrics.jsonl")
+
+
+def tensorboard_dir(rdir):
+    return join(rdir, "tb")
+
+
+def summary_file(rdir):
+    return join(rdir, "summary.json")
+
+
+def report_file(run_dir):
+    return join(run_dir, "report.md")
+
+
+def plot_file(run_dir):
+    return join(run_dir, "accuracy_vs_density.png")

@@ -1,0 +1,223 @@
+"""tfmot glue: wrap prunable layers, hold fixed masks, read and write them.
+
+The masks live in tfmot `PruneLowMagnitude` wrappers (`mask` variables), but
+lth_tf computes them (global magnitude, random, ...) and assigns them; tfmot's
+own schedule never changes them.
+
+`MaskedLayer` is a `PruneLowMagnitude` that replaces the stock forward pass.
+The stock wrapper assigns `kernel := kernel * mask` at the start of every
+step, updates a step counter and evaluates its schedule: the assign lets the
+optimizer update pruned weights between steps (momentum and Adam state build up
+for them, checkpoints are not sparse) and the bookkeeping costs time on every
+step. `MaskedLayer` instead runs the inner layer on the product `kernel * mask`,
+so the gradient of every pruned weight is exactly zero: a pruned weight that is
+zero stays exactly zero through every optimizer step (SGD, momentum, Adam,
+coupled weight decay), with no callback needed. Stripping works as for any
+tfmot model (`tfmot.sparsity.keras.strip_pruning`).
+"""
+
+import contextlib
+
+import numpy as np
+from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
+
+from lth_tf.keras import keras, tf, tfmot
+
+# tfmot's public API exports the wrapping function, not the wrapper class that
+# strip_pruning and our subclass need.
+_PruneLowMagnitude = pruning_wrapper.PruneLowMagnitude
+PRUNABLE_TYPES = (keras.layers.Conv2D, keras.layers.Dense)
+
+
+class FixedMask(tfmot.sparsity.keras.PruningSchedule):
+    """A tfmot pruning schedule that never prunes: the masks are assigned by lth_tf."""
+
+    def __call__(self, step):
+        return tf.constant(False), tf.constant(0.0, dtype=tf.float32)
+
+    def get_config(self):
+        return {"class_name": "FixedMask", "config": {}}
+
+
+class MaskedLayer(_PruneLowMagnitude):
+    """A tfmot pruning wrapper whose mask is fixed and applied functionally."""
+
+    def __init__(self, layer, **kwargs):
+        kwargs.pop("pruning_schedule", None)
+        super().__init__(layer, pruning_schedule=FixedMask(), **kwargs)
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        if len(self.pruning_vars) != 1 or self.pruning_vars[0][0] is not self.layer.kernel:
+            raise TypeError(
+                f"MaskedLayer supports layers with one prunable kernel, got {self.layer}."
+            )
+
+    def call(self, inputs, training=None, **kwargs):
+        weight, mask, _ = self.pruning_vars[0]
+        dtype = self.layer.compute_dtype
+        masked = tf.cast(weight, dtype) * tf.cast(mask, dtype)
+        with _swapped_kernel(self.layer, masked):
+            return self.layer.call(inputs, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("pruning_schedule", None)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config.pop("pruning_schedule", None)
+        return cls(keras.layers.deserialize(config.pop("layer")), **config)
+
+
+@contextlib.contextmanager
+def _swapped_kernel(layer, tensor):
+    # The inner layer's call reads `self.kernel`; point it at the masked tensor
+    # for the duration of the call. object.__setattr__ keeps Keras' attribute
+    # tracking (which would try to track a tensor) out of it.
+    original = layer.__dict__["kernel"]
+    object.__setattr__(layer, "kernel", tensor)
+    try:
+        yield
+    finally:
+        object.__setattr__(layer, "kernel", original)
+
+
+def is_prunable(layer, output_rate: float = 1.0, output_name: str = "output") -> bool:
+    """Conv and dense layers are prunable; the output layer only if its rate is > 0."""
+    if not isinstance(layer, PRUNABLE_TYPES):
+        return False
+    return not (layer.name == output_name and output_rate == 0)
+
+
+def wrap(model, output_rate: float = 1.0, wrapper=MaskedLayer):
+    """Returns a copy of functional `model` with its prunable layers wrapped.
+
+    The copy gets the model's current weights. `wrapper` may be tfmot's stock
+    `PruneLowMagnitude` (for comparisons); the default is `MaskedLayer`.
+    """
+
+    def clone(layer):
+        config = layer.get_config()
+        new = layer.__class__.from_config(config)
+        if is_prunable(layer, output_rate):
+            # The wrapper takes the inner layer's dtype policy: a float32 output layer
+            # under a mixed-precision policy must not be wrapped in a bfloat16 wrapper.
+            kwargs = dict(dtype=new.dtype_policy, name=f"prune_{new.name}")
+            if wrapper is _PruneLowMagnitude:
+                return wrapper(new, pruning_schedule=FixedMask(), **kwargs)
+            return wrapper(new, **kwargs)
+        return new
+
+    wrapped = keras.models.clone_model(model, clone_function=clone)
+    set_weights(wrapped, get_weights(model))
+    return wrapped
+
+
+def wrappers(model) -> dict:
+    """{inner layer name: wrapper} for every pruning wrapper of `model`."""
+    return {
+        layer.layer.name: layer for layer in model.layers if isinstance(layer, _PruneLowMagnitude)
+    }
+
+
+def _inner(layer):
+    return layer.layer if isinstance(layer, _PruneLowMagnitude) else layer
+
+
+def _weight_key(layer, weight) -> str:
+    # 'conv1/kernel:0' or 'prune_low_magnitude_conv1/conv1/kernel:0' -> 'conv1/kernel'
+    return f"{layer.name}/{weight.name.split('/')[-1].split(':')[0]}"
+
+
+def model_weights(model) -> dict:
+    """{'layer/weight': variable} over the inner layers' weights (no mask variables)."""
+    out = {}
+    for layer in model.layers:
+        inner = _inner(layer)
+        for weight in inner.weights:
+            key = _weight_key(inner, weight)
+            if key in out:
+                raise ValueError(f"Two weights of {model.name} are both called {key!r}.")
+            out[key] = weight
+    return out
+
+
+def get_masks(model) -> dict:
+    """{layer name: float32 mask} read from the wrappers' mask variables."""
+    return {
+        name: w.pruning_vars[0][1].numpy().astype(np.float32) for name, w in wrappers(model).items()
+    }
+
+
+def get_weights(model) -> dict:
+    """{'layer/weight': np.ndarray} with every mask applied (pruned weights read as 0).
+
+    The stock tfmot wrapper leaves pruned weights non-zero between steps, so
+    anything that reads weights must mask them first; this does.
+    """
+    masks = get_masks(model) if wrappers(model) else {}
+    out = {}
+    for key, var in model_weights(model).items():
+        value = var.numpy()
+        layer, name = key.split("/")
+        if name == "kernel" and layer in masks:
+            value = value * masks[layer].astype(value.dtype)
+        out[key] = value
+    return out
+
+
+def set_weights(model, values: dict, strict: bool = True) -> None:
+    """Assigns `values` ({'layer/weight': array}) to the model's weights.
+
+    With `strict`, the keys must match the model's exactly.
+    """
+    variables = model_weights(model)
+    if strict and set(values) != set(variables):
+        missing, extra = set(variables) - set(values), set(values) - set(variables)
+        raise ValueError(
+            f"Weights do not fit model {model.name}: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(extra)[:5]}."
+        )
+    for key, value in values.items():
+        var = variables[key]
+        if tuple(var.shape) != tuple(np.shape(value)):
+            raise ValueError(f"{key}: model shape {tuple(var.shape)} != given {np.shape(value)}.")
+        var.assign(value)
+
+
+def set_masks(model, masks: dict) -> None:
+    """Assigns masks to the wrappers and zeroes the pruned kernel entries.
+
+    Runs in cross-replica context (outside `strategy.run`), so under a
+    distribution strategy every replica receives the same values.
+    """
+    ws = wrappers(model)
+    if set(masks) != set(ws):
+        raise ValueError(
+            f"Masks are for layers {sorted(masks)}, but the model's prunable layers are {sorted(ws)}."
+        )
+    for name, wrapper in ws.items():
+        weight, mask_var, _ = wrapper.pruning_vars[0]
+        mask = np.asarray(masks[name], dtype=np.float32)
+        if mask.shape != tuple(mask_var.shape):
+            raise ValueError(
+                f"Mask for {name} has shape {mask.shape}; the layer needs {tuple(mask_var.shape)}."
+            )
+        mask_var.assign(mask)
+        weight.assign(weight.numpy() * mask)
+
+
+def apply_masks(model) -> None:
+    """Zeroes pruned kernel entries (needed with the stock wrapper before reading weights)."""
+    for wrapper in wrappers(model).values():
+        weight, mask_var, _ = wrapper.pruning_vars[0]
+        weight.assign(weight * tf.cast(mask_var, weight.dtype))
+
+
+def strip(model):
+    """A plain Keras model with masks applied and wrappers removed."""
+    apply_masks(model)
+    return tfmot.sparsity.keras.strip_pruning(model)

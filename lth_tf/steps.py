@@ -1,0 +1,61 @@
+"""Durations: '50000it', '160ep', '0'. The one place epochs become steps.
+
+Users write training lengths and rewind points in iterations or epochs, as the
+paper does. They stay strings in the config (so a run directory records what
+the user asked for) and become step counts only here, once the number of steps
+per epoch of the dataset is known.
+"""
+
+import dataclasses
+import re
+
+_PATTERN = re.compile(r"^\s*(\d+)\s*(it|ep)?\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Duration:
+    """A length of training: `value` iterations ('it') or epochs ('ep')."""
+
+    value: int
+    unit: str  # 'it' or 'ep'
+
+    def to_steps(self, steps_per_epoch: int) -> int:
+        """Returns the number of optimizer steps this duration spans."""
+        if self.unit == "it":
+            return self.value
+        if steps_per_epoch <= 0:
+            raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}.")
+        return self.value * steps_per_epoch
+
+    def __str__(self) -> str:
+        return f"{self.value}{self.unit}"
+
+
+def parse(text: str | int, what: str = "duration") -> Duration:
+    """Parses '500it', '5ep' or a bare number of iterations ('0', '500').
+
+    Args:
+      text: the string the user typed (or an int, taken as iterations).
+      what: the flag or field name, used in the error message.
+
+    Raises:
+      ValueError: for anything else, saying what was received and what is accepted.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"{what}: expected a duration like '500it' or '5ep', got {text!r}.")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"{what}: must be >= 0, got {text}.")
+        return Duration(text, "it")
+    match = _PATTERN.match(str(text))
+    if not match:
+        raise ValueError(
+            f"{what}: cannot read {text!r}. Write a whole number of iterations or epochs "
+            "with a unit suffix, e.g. '50000it', '160ep', or '0' (bare numbers are iterations)."
+        )
+    return Duration(int(match.group(1)), match.group(2) or "it")
+
+
+def to_steps(text: str | int, steps_per_epoch: int, what: str = "duration") -> int:
+    """Shorthand for `parse(text).to_steps(steps_per_epoch)`."""
+    return parse(text, what).to_steps(steps_per_epoch)
