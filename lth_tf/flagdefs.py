@@ -103,6 +103,12 @@ def define_train_flags() -> None:
         "most this often (seconds; 0 = every evaluation period).",
         lower_bound=0,
     )
+    flags.DEFINE_boolean(
+        "deterministic",
+        False,
+        "Enable TensorFlow's deterministic ops, so that "
+        "a resumed run ends with the same weights as an uninterrupted one.",
+    )
     for name in ("training_steps", "warmup", "eval_every"):
         flags.register_validator(name, _duration_validator(name))
 

@@ -11,6 +11,7 @@ import sys
 from absl import app, flags, logging
 
 from lth_tf import flagdefs, paths, report, rounds
+from lth_tf.keras import keras, tf
 
 FLAGS = flags.FLAGS
 
@@ -22,12 +23,18 @@ def main(argv):
         config = flagdefs.config_from_flags()
     except ValueError as e:
         raise app.UsageError(str(e)) from None
+    if FLAGS.deterministic:
+        keras.utils.set_random_seed(config.seed)
+        tf.config.experimental.enable_op_determinism()
     run_dir = paths.join(FLAGS.root_dir, FLAGS.run_name or paths.run_name(config))
     try:
-        rounds.open_run_dir(config, run_dir)
+        rounds.open_run_dir(config, run_dir, write=not FLAGS.print_config)
     except rounds.RunDirError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if FLAGS.print_config:
+        print(f"Run directory: {run_dir}\n{config.to_json()}")
+        return 0
     print(f"Run directory: {run_dir}")
     if config.rounds == 0:
         print("No --rounds or --target_density given: training the dense network (round 0) only.")
@@ -41,6 +48,9 @@ def main(argv):
 def run():
     flagdefs.define_train_flags()
     flagdefs.define_prune_flags()
+    flags.DEFINE_boolean(
+        "print_config", False, "Print the resolved config and run directory; train nothing."
+    )
     logging.set_verbosity(logging.WARNING)
     app.run(main)
 

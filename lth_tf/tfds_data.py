@@ -1,0 +1,530 @@
+"""TensorFlow Datasets input: small datasets as numpy arrays, ImageNet as tf.data.
+
+Nothing here ever downloads. Training machines (TPU VMs, GPU nodes) often have no
+network, and a `tfds.load` of a dataset that is not prepared retries its download
+for minutes before failing. Every entry point first calls `require_prepared`, which
+fails at once and says how to prepare the dataset on a machine that has network.
+
+The ImageNet training pipeline is reproducible and resumable:
+
+* the order of epoch ``e`` (which files are read first, and the shuffle buffer) is
+  a function of ``(seed, e)`` only, so epoch ``e`` can be rebuilt without reading
+  epochs ``0 .. e-1``;
+* all augmentation is stateless, seeded by ``(seed, global example index)``;
+* ``start_step=k`` jumps to the epoch that holds step ``k`` and skips the records
+  before it without decoding them, so a run resumed (or rewound) at step ``k`` sees
+  the same batches as an uninterrupted run did from step ``k``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from lth_tf.keras import tf
+
+IMAGENET_NAME = "imagenet2012"
+
+# Per-channel statistics of the ImageNet training set on the 0-255 scale (RGB).
+IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
+IMAGENET_STDDEV_RGB = (58.395, 57.12, 57.375)
+
+# Standard Inception-style random-resized-crop parameters.
+_CROP_AREA_RANGE = (0.08, 1.0)
+_CROP_ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+_CROP_MIN_OBJECT_COVERED = 0.1
+_CROP_MAX_ATTEMPTS = 10
+
+# Evaluation resizes the shorter side to 256 and center-crops 224 (scaled with
+# image_size), so the crop keeps this fraction of the shorter side.
+_EVAL_RESIZE_RATIO = 256.0 / 224.0
+
+# Tags that keep the per-epoch order seeds and the per-example augmentation seeds
+# of one user seed on independent random streams.
+_ORDER_STREAM = 1
+_EXAMPLE_STREAM = 2
+
+
+# --------------------------------------------------------------------------- #
+# Preparedness                                                                #
+# --------------------------------------------------------------------------- #
+
+
+def require_prepared(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """Returns the builder of a prepared tfds dataset; never downloads.
+
+    Args:
+      name: tfds name, optionally with config and version, e.g. ``'mnist'``,
+        ``'imagenet2012'`` or ``'imagenet2012:5.0.0'``.
+      data_dir: tfds data directory; ``None`` searches tfds' default directories
+        (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+
+    Returns:
+      The `tfds.core.DatasetBuilder`, ready for ``as_dataset``.
+
+    Raises:
+      FileNotFoundError: if the dataset is not prepared in ``data_dir``. The message
+        names what was looked for and how to prepare it.
+    """
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.is_prepared():
+        return builder
+    raise FileNotFoundError(_not_prepared_message(name, data_dir, builder))
+
+
+def _not_prepared_message(name: str, data_dir: str | None, builder) -> str:
+    root = os.fspath(builder.data_dir_root) if data_dir is None else os.fspath(data_dir)
+    base_name = builder.name
+    lines = [
+        f"tfds dataset {name!r} (version {builder.version}) is not prepared: "
+        f"{builder.data_dir} has no dataset_info.json/features.json "
+        f"(data_dir={data_dir!r}). lth_tf never downloads datasets (training "
+        "machines often have no network, and tfds would retry the download for "
+        "minutes), so prepare it once beforehand."
+    ]
+    # A different version in the same directory is the most common near miss
+    # (e.g. imagenet2012 5.0.0 prepared by an older tfds).
+    dataset_root = os.path.join(root, base_name)
+    if os.path.isdir(dataset_root):
+        found = sorted(
+            os.path.relpath(dirpath, dataset_root)
+            for dirpath, _, files in os.walk(dataset_root)
+            if "dataset_info.json" in files
+        )
+        if found:
+            lines.append(
+                f"Prepared versions found under {dataset_root}: {', '.join(found)}; "
+                f"to use one, pass the name as '{base_name}:<version>'."
+            )
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+        manual_dir = os.path.join(root, "downloads", "manual")
+        if base_name.startswith("imagenet2012"):
+            lines.append(
+                "ImageNet cannot be downloaded by tfds: register at "
+                "https://image-net.org/download-images, download "
+                f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar into {manual_dir}, "
+                f"then run `tfds build {base_name} --data_dir={root}` "
+                "(about 150 GB of disk, some hours)."
+            )
+        else:
+            lines.append(
+                f"{base_name} needs a manual download into {manual_dir}: "
+                f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()} Then run "
+                f"`tfds build {base_name} --data_dir={root}`."
+            )
+    else:
+        lines.append(
+            f"On a machine with network access run `tfds build {base_name} "
+            f"--data_dir={root}` (or `tfds.builder({base_name!r}, data_dir=...)"
+            ".download_and_prepare()`), then copy "
+            f"{dataset_root} to this machine's data_dir."
+        )
+    return "\n".join(lines)
+
+
+def _check_split(builder, split: str) -> None:
+    """Fails early, listing the known splits, when ``split`` is not one of them."""
+    known = list(builder.info.splits.keys())
+    if not known:  # Metadata without split information: let tfds decide.
+        return
+    try:
+        builder.info.splits[split]
+    except (KeyError, ValueError) as e:
+        raise ValueError(
+            f"Split {split!r} is not available in {builder.name} "
+            f"{builder.version} at {builder.data_dir}; known splits: {known}. "
+            "ImageNet's held-out split is called 'validation'."
+        ) from e
+
+
+# --------------------------------------------------------------------------- #
+# Small datasets as numpy                                                     #
+# --------------------------------------------------------------------------- #
+
+
+def load_arrays(name: str, data_dir: str | None) -> dict[str, np.ndarray]:
+    """Loads the full train and test splits of a small image dataset as numpy.
+
+    Meant for datasets that fit in memory ('mnist', 'cifar10', 'fashion_mnist',
+    'cifar100'...). The examples keep tfds' stored order (no file shuffling), so
+    two calls return identical arrays.
+
+    Args:
+      name: tfds name of a dataset with ``('image', 'label')`` supervised keys and
+        'train' and 'test' splits.
+      data_dir: tfds data directory (see `require_prepared`).
+
+    Returns:
+      ``{'x_train', 'y_train', 'x_test', 'y_test'}``: images as uint8 arrays of
+      shape (N, H, W, C) and labels as int64 arrays of shape (N,).
+
+    Raises:
+      FileNotFoundError: if the dataset is not prepared (see `require_prepared`).
+      ValueError: if the dataset has no supervised keys or lacks a split.
+    """
+    builder = require_prepared(name, data_dir)
+    if builder.info.supervised_keys is None:
+        raise ValueError(
+            f"tfds dataset {name!r} has no supervised (image, label) keys; "
+            "load_arrays expects an image classification dataset such as "
+            "'mnist' or 'cifar10'."
+        )
+    arrays = {}
+    for split in ("train", "test"):
+        _check_split(builder, split)
+        # batch_size=-1 returns the whole split as one pair of tensors, which
+        # tfds.as_numpy converts far faster than iterating example by example.
+        ds = builder.as_dataset(
+            split=split,
+            batch_size=-1,
+            as_supervised=True,
+            shuffle_files=False,
+            read_config=tfds.ReadConfig(try_autocache=False),
+        )
+        images, labels = tfds.as_numpy(ds)
+        if images.ndim == 3:  # Some datasets store grayscale as (H, W).
+            images = images[..., np.newaxis]
+        arrays[f"x_{split}"] = np.asarray(images, dtype=np.uint8)
+        arrays[f"y_{split}"] = np.asarray(labels, dtype=np.int64)
+    return arrays
+
+
+# --------------------------------------------------------------------------- #
+# ImageNet                                                                    #
+# --------------------------------------------------------------------------- #
+
+
+def imagenet_num_examples(data_dir: str | None, *, name: str = IMAGENET_NAME) -> dict[str, int]:
+    """Returns the number of examples per prepared split, from the builder info.
+
+    Args:
+      data_dir: tfds data directory (see `require_prepared`).
+      name: tfds name, e.g. ``'imagenet2012:5.0.0'`` for an older preparation.
+
+    Returns:
+      E.g. ``{'train': 1281167, 'validation': 50000}`` (plus ``'test'`` when that
+      split was prepared too).
+    """
+    builder = require_prepared(name, data_dir)
+    return {split: int(info.num_examples) for split, info in builder.info.splits.items()}
+
+
+def _normalize(image: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """Scales an RGB image (0-255) to zero mean, unit variance per channel."""
+    image = tf.cast(image, tf.float32)
+    image = (image - tf.constant(IMAGENET_MEAN_RGB)) / tf.constant(IMAGENET_STDDEV_RGB)
+    return tf.cast(image, dtype)
+
+
+def decode_and_random_crop(
+    image_bytes: tf.Tensor,
+    seed: tf.Tensor,
+    image_size: int,
+    dtype: tf.DType = tf.float32,
+) -> tf.Tensor:
+    """Training preprocessing of one JPEG: Inception crop, flip, normalize.
+
+    The crop window is sampled before decoding, so only the cropped region of the
+    JPEG is decoded. All randomness is stateless: the same ``seed`` always gives
+    the same output.
+
+    Args:
+      image_bytes: scalar string tensor holding a JPEG.
+      seed: int64 tensor of shape [2].
+      image_size: side of the square output.
+      dtype: output dtype (e.g. tf.bfloat16 on TPU).
+
+    Returns:
+      A normalized (image_size, image_size, 3) tensor of ``dtype``.
+    """
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    shape = tf.io.extract_jpeg_shape(image_bytes)
+    whole_image = tf.constant([0.0, 0.0, 1.0, 1.0], dtype=tf.float32, shape=[1, 1, 4])
+    # If no window satisfies the constraints in max_attempts, this returns the
+    # whole image, as the reference Inception preprocessing does.
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape,
+        bounding_boxes=whole_image,
+        seed=crop_seed,
+        min_object_covered=_CROP_MIN_OBJECT_COVERED,
+        aspect_ratio_range=_CROP_ASPECT_RATIO_RANGE,
+        area_range=_CROP_AREA_RANGE,
+        max_attempts=_CROP_MAX_ATTEMPTS,
+        use_image_if_no_bounding_boxes=True,
+    )
+    offset_y, offset_x, _ = tf.unstack(begin)
+    height, width, _ = tf.unstack(size)
+    window = tf.stack([offset_y, offset_x, height, width])
+    image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear")
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    return _normalize(image, dtype)
+
+
+def decode_and_center_crop(
+    image_bytes: tf.Tensor, image_size: int, dtype: tf.DType = tf.float32
+) -> tf.Tensor:
+    """Evaluation preprocessing of one JPEG: center crop, resize, normalize.
+
+    Equivalent to resizing the shorter side to ``image_size * 256 / 224`` and
+    cropping the central ``image_size`` square, but crops first so that only the
+    needed region is decoded and resized.
+
+    Args:
+      image_bytes: scalar string tensor holding a JPEG.
+      image_size: side of the square output.
+      dtype: output dtype.
+
+    Returns:
+      A normalized (image_size, image_size, 3) tensor of ``dtype``.
+    """
+    shape = tf.io.extract_jpeg_shape(image_bytes)
+    height, width = shape[0], shape[1]
+    shorter = tf.cast(tf.minimum(height, width), tf.float64)
+    crop = tf.maximum(tf.cast(tf.round(shorter / _EVAL_RESIZE_RATIO), tf.int32), 1)
+    offset_y = (height - crop + 1) // 2
+    offset_x = (width - crop + 1) // 2
+    window = tf.stack([offset_y, offset_x, crop, crop])
+    image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear")
+    return _normalize(image, dtype)
+
+
+# Only the image (kept as JPEG bytes, decoded by the functions above) and the label
+# are parsed. tfds.testing.mock_data honours decoders too: with SkipDecoding it
+# serves real JPEG bytes, so mocked and prepared data go through the same code.
+def _decoders():
+    return tfds.decode.PartialDecoding(
+        {"image": True, "label": True}, decoders={"image": tfds.decode.SkipDecoding()}
+    )
+
+
+def _pipeline_split(split: str, input_context) -> str:
+    """This input pipeline's share of ``split``: an exact, disjoint tfds subsplit."""
+    if input_context is None or input_context.num_input_pipelines == 1:
+        return split
+    # Example-level subsplits (rather than tfds' file sharding) give every pipeline
+    # a known number of examples, which the epoch arithmetic of start_step needs,
+    # and work with fewer files than pipelines.
+    return tfds.even_splits(split, n=input_context.num_input_pipelines)[
+        input_context.input_pipeline_id
+    ]
+
+
+def imagenet_dataset(
+    data_dir: str | None,
+    split: str,
+    *,
+    batch_size: int,
+    training: bool,
+    seed: int,
+    image_size: int = 224,
+    start_step: int = 0,
+    steps_per_epoch: int | None = None,
+    dtype: tf.DType = tf.float32,
+    drop_remainder: bool = True,
+    input_context: tf.distribute.InputContext | None = None,
+    shuffle_buffer_size: int = 10_000,
+    name: str = IMAGENET_NAME,
+) -> tf.data.Dataset:
+    """ImageNet (tfds ``imagenet2012``) batches of normalized images and labels.
+
+    Training (``training=True``): an infinite stream. Epoch ``e`` reads the files
+    in an order drawn from ``(seed, e)``, shuffles examples in a buffer seeded from
+    ``(seed, e)``, applies an Inception random-resized crop (area 8%-100%, aspect
+    ratio 3/4-4/3) and a random horizontal flip seeded by ``(seed, global example
+    index)``. Batches may span two epochs. The order does not depend on
+    ``tf.random.set_seed``.
+
+    Evaluation (``training=False``): one pass in stored order, resize of the
+    shorter side to ``image_size * 256 / 224`` and a central ``image_size`` crop.
+
+    Args:
+      data_dir: tfds data directory holding the prepared dataset.
+      split: tfds split, e.g. ``'train'``, ``'validation'``, ``'train[:10%]'``.
+      batch_size: global batch size; with ``input_context`` each pipeline yields
+        ``input_context.get_per_replica_batch_size(batch_size)`` examples a batch.
+      training: training (augmented, shuffled, infinite) or evaluation pipeline.
+      seed: data seed (order and augmentation). Ignored when evaluating.
+      image_size: side of the square images.
+      start_step: training only: the first batch yielded is batch ``start_step`` of
+        the run from step 0. Records before it are read but not decoded.
+      steps_per_epoch: training: if set, epoch ``e`` is the first
+        ``steps_per_epoch`` batches of its shuffled order (the rest of that pass is
+        dropped), so epochs start on batch boundaries; otherwise an epoch is a full
+        pass. Evaluation: if set, yield at most this many batches.
+      dtype: image dtype (tf.bfloat16 for TPUs).
+      drop_remainder: drop the last partial batch (static shapes, needed on TPU).
+        For exact evaluation on all examples pass False.
+      input_context: from `tf.distribute.Strategy.distribute_datasets_from_function`;
+        each input pipeline reads a disjoint, equal share of the split.
+      shuffle_buffer_size: examples (still JPEG-encoded, ~110 kB each) held in the
+        shuffle buffer of each pipeline.
+      name: tfds name, e.g. ``'imagenet2012:5.0.0'`` for an older preparation.
+
+    Returns:
+      A `tf.data.Dataset` of ``(images, labels)``: images ``(B, S, S, 3)`` of
+      ``dtype``, labels ``(B,)`` int32.
+
+    Raises:
+      FileNotFoundError: if the dataset is not prepared (see `require_prepared`).
+      ValueError: on invalid arguments or an unknown split.
+    """
+    _check_args(batch_size, image_size, start_step, steps_per_epoch, seed, shuffle_buffer_size)
+    builder = require_prepared(name, data_dir)
+    _check_split(builder, split)
+    dtype = tf.as_dtype(dtype)
+    local_batch = (
+        input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
+    )
+    split = _pipeline_split(split, input_context)
+    if training:
+        ds = _training_records(
+            builder,
+            split,
+            local_batch=local_batch,
+            seed=seed,
+            start_step=start_step,
+            steps_per_epoch=steps_per_epoch,
+            shuffle_buffer_size=shuffle_buffer_size,
+            input_context=input_context,
+        )
+        example_key = tf.constant([seed, _EXAMPLE_STREAM], dtype=tf.int64)
+
+        def preprocess(index, image_bytes, label):
+            example_seed = tf.random.experimental.stateless_fold_in(example_key, index)
+            image = decode_and_random_crop(image_bytes, example_seed, image_size, dtype)
+            return image, tf.cast(label, tf.int32)
+
+    else:
+        if start_step:
+            raise ValueError(
+                f"start_step={start_step} only applies to training pipelines; "
+                "evaluation always reads the split once from its start."
+            )
+        ds = builder.as_dataset(
+            split=split,
+            shuffle_files=False,
+            decoders=_decoders(),
+            read_config=tfds.ReadConfig(try_autocache=False),
+        )
+        ds = ds.map(lambda ex: (ex["image"], ex["label"]))
+
+        def preprocess(image_bytes, label):
+            image = decode_and_center_crop(image_bytes, image_size, dtype)
+            return image, tf.cast(label, tf.int32)
+
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch, drop_remainder=drop_remainder)
+    if not training and steps_per_epoch is not None:
+        ds = ds.take(steps_per_epoch)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # Parallel map and interleave keep their input order, so the batches of a
+    # given step are the same in every run.
+    options.deterministic = True
+    return ds.with_options(options)
+
+
+def _check_args(batch_size, image_size, start_step, steps_per_epoch, seed, buffer_size):
+    problems = []
+    if batch_size < 1:
+        problems.append(f"batch_size must be >= 1, got {batch_size}")
+    if image_size < 1:
+        problems.append(f"image_size must be >= 1, got {image_size}")
+    if start_step < 0:
+        problems.append(f"start_step must be >= 0, got {start_step}")
+    if steps_per_epoch is not None and steps_per_epoch < 1:
+        problems.append(f"steps_per_epoch must be None or >= 1, got {steps_per_epoch}")
+    if not 0 <= seed < 2**63:
+        problems.append(f"seed must be in [0, 2**63), got {seed}")
+    if buffer_size < 1:
+        problems.append(f"shuffle_buffer_size must be >= 1, got {buffer_size}")
+    if problems:
+        raise ValueError("imagenet_dataset: " + "; ".join(problems) + ".")
+
+
+def _training_records(
+    builder,
+    split: str,
+    *,
+    local_batch: int,
+    seed: int,
+    start_step: int,
+    steps_per_epoch: int | None,
+    shuffle_buffer_size: int,
+    input_context,
+) -> tf.data.Dataset:
+    """Infinite ``(global_index, jpeg_bytes, label)`` stream from batch ``start_step``.
+
+    The global index numbers the examples of the whole run across pipelines (the
+    position in this pipeline's stream times the number of pipelines plus the
+    pipeline id), so each example of each epoch gets its own augmentation seed.
+    """
+    decoders = _decoders()
+    # The real count of this pipeline's share. It comes from the dataset rather than
+    # the builder info because tfds.testing.mock_data serves its own number of
+    # examples whatever the metadata says.
+    num_examples = int(
+        builder.as_dataset(split=split, decoders=decoders, shuffle_files=False).cardinality()
+    )
+    if num_examples <= 0:
+        num_examples = int(builder.info.splits[split].num_examples)
+    if num_examples <= 0:
+        raise ValueError(f"Split {split!r} of {builder.name} at {builder.data_dir} is empty.")
+    if steps_per_epoch is None:
+        epoch_length = num_examples
+    else:
+        epoch_length = steps_per_epoch * local_batch
+        if epoch_length > num_examples:
+            raise ValueError(
+                f"steps_per_epoch={steps_per_epoch} batches of {local_batch} need "
+                f"{epoch_length} examples per epoch, but this input pipeline's share "
+                f"{split!r} has only {num_examples}. Use at most "
+                f"{num_examples // local_batch} steps per epoch, or leave "
+                "steps_per_epoch=None to let batches span epochs."
+            )
+    first = start_step * local_batch  # Position in this pipeline's stream.
+    first_epoch, skip_in_epoch = 0, first
+    if input_context is None:
+        num_pipelines, pipeline_id = 1, 0
+    else:
+        num_pipelines = input_context.num_input_pipelines
+        pipeline_id = input_context.input_pipeline_id
+    order_key = tf.constant([seed, _ORDER_STREAM], dtype=tf.int64)
+    buffer_size = min(shuffle_buffer_size, num_examples)
+
+    def epoch_records(epoch):
+        # Dataset.shuffle (here and inside tfds' file shuffling) mixes the global TF
+        # seed into the seeds it is given. Clearing it in this function's graph makes
+        # the order a function of (seed, epoch) only, whatever seed the program set
+        # with tf.random.set_seed, and leaves the caller's graph untouched.
+        tf.compat.v1.get_default_graph().seed = None
+        epoch_seeds = tf.random.experimental.stateless_fold_in(order_key, epoch)
+        ds = builder.as_dataset(
+            split=split,
+            shuffle_files=True,
+            decoders=decoders,
+            read_config=tfds.ReadConfig(
+                shuffle_seed=epoch_seeds[0],
+                shuffle_reshuffle_each_iteration=False,
+                try_autocache=False,
+            ),
+        )
+        ds = ds.shuffle(buffer_size, seed=epoch_seeds[1], reshuffle_each_iteration=False)
+        ds = ds.take(epoch_length)
+        start = epoch * epoch_length
+        return ds.enumerate().map(
+            lambda i, ex: (
+                (start + i) * num_pipelines + pipeline_id,
+                ex["image"],
+                ex["label"],
+            )
+        )
+
+    ds = tf.data.Dataset.counter(start=first_epoch).flat_map(epoch_records)
+    # Records are skipped before the map that decodes them, so resuming deep into
+    # an epoch costs reading, not decoding.
+    return ds.skip(skip_in_epoch)

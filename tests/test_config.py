@@ -1,0 +1,125 @@
+"""Contracts of durations, recipes and the frozen run config."""
+
+import dataclasses
+
+import pytest
+
+from lth_tf import config as config_lib
+from lth_tf import presets, steps, train
+
+
+def test_durations_parse_iterations_and_epochs():
+    assert steps.parse("50000it") == steps.Duration(50000, "it")
+    assert steps.parse("160ep") == steps.Duration(160, "ep")
+    assert steps.parse("0") == steps.Duration(0, "it")
+    assert steps.to_steps("5ep", 916) == 4580
+    assert steps.to_steps("500it", 916) == 500
+
+
+@pytest.mark.parametrize("bad", ["5 epochs", "ep", "-3it", "1.5ep", "", "500its"])
+def test_malformed_durations_are_rejected_with_the_accepted_forms(bad):
+    with pytest.raises(ValueError, match="'50000it', '160ep'"):
+        steps.parse(bad, "rewind_step")
+
+
+def test_make_config_fills_the_recipe_and_keeps_overrides():
+    c = config_lib.make_config("resnet20", lr=0.05, batch_size=None)
+    assert c.lr == 0.05
+    assert c.batch_size == 128  # None keeps the recipe's value
+    assert c.lr_drops == ("80ep", "120ep")
+    assert c.rewind_step == "500it"
+
+
+def test_every_recipe_builds_a_valid_config():
+    for arch in presets.RECIPES:
+        config_lib.make_config(arch)
+
+
+def test_unknown_arch_lists_the_known_ones():
+    with pytest.raises(ValueError, match="lenet_300_100.*resnet50"):
+        config_lib.make_config("alexnet")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("prune_fraction", 1.0, "prune_fraction"),
+        ("prune_fraction", 0.0, "prune_fraction"),
+        ("target_density", 0.0, "target_density"),
+        ("target_density", 1.5, "target_density"),
+        ("rounds", -1, "rounds"),
+        ("batch_size", 0, "batch_size"),
+        ("optimizer", "rmsprop", "optimizer"),
+        ("prune_scope", "blockwise", "prune_scope"),
+        ("controls", ("random_reinit", "magic"), "controls"),
+        ("rewind_step", "5 epochs", "rewind_step"),
+    ],
+)
+def test_bad_values_get_errors_naming_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.make_config("lenet_300_100", **{field: value})
+
+
+def test_config_is_frozen_and_round_trips_through_json():
+    c = config_lib.make_config("vgg16", controls=("random_prune",), target_density=0.3, rounds=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.lr = 1.0
+    assert config_lib.RunConfig.from_json(c.to_json()) == c
+
+
+def test_other_format_version_is_refused():
+    text = (
+        config_lib.make_config("lenet_300_100")
+        .to_json()
+        .replace('"format_version": 1', '"format_version": 99')
+    )
+    with pytest.raises(ValueError, match="format version 99"):
+        config_lib.RunConfig.from_json(text)
+
+
+def test_hash_ignores_fields_that_do_not_change_the_computation():
+    a = config_lib.make_config("lenet_300_100", rounds=2)
+    b = config_lib.make_config(
+        "lenet_300_100", rounds=9, controls=("random_reinit",), data_dir="/x"
+    )
+    c = config_lib.make_config("lenet_300_100", rounds=2, lr=1e-3)
+    assert a.hash8() == b.hash8()
+    assert a.hash8() != c.hash8()
+    assert a.differences(c) == {"lr": (1.2e-3, 1e-3)}
+
+
+def test_schedule_resolves_epochs_and_refuses_rewind_past_the_end():
+    c = config_lib.make_config("resnet50")
+    s = train.resolve(c, steps_per_epoch=1251)
+    assert (s.total, s.rewind, s.warmup) == (90 * 1251, 5 * 1251, 5 * 1251)
+    assert s.boundaries == (30 * 1251, 60 * 1251, 80 * 1251)
+    late = config_lib.make_config("lenet_300_100", training_steps="100it", rewind_step="100it")
+    with pytest.raises(ValueError, match="rewind_step=100it"):
+        train.resolve(late, steps_per_epoch=10)
+
+
+def test_rewind_step_must_be_visible_to_the_callback():
+    c = config_lib.make_config(
+        "lenet_300_100", rewind_step="150it", steps_per_execution=100, eval_every="1000it"
+    )
+    with pytest.raises(ValueError, match="steps_per_execution=100"):
+        train.resolve(c, steps_per_epoch=916)
+    # At a period end it is fine: Keras calls back at every period's end.
+    ok = config_lib.make_config("resnet50", steps_per_execution=100)
+    train.resolve(ok, steps_per_epoch=1251)
+
+
+def test_learning_rate_schedule_has_warmup_and_drops():
+    schedule = train.StepSchedule(0.4, warmup_steps=10, boundaries=(100, 200), gamma=0.1)
+    lr = {s: float(schedule(s)) for s in (0, 4, 9, 50, 99, 100, 199, 200, 500)}
+    assert lr[0] == pytest.approx(0.04)
+    assert lr[4] == pytest.approx(0.2)
+    assert lr[9] == lr[50] == lr[99] == pytest.approx(0.4)
+    assert lr[100] == lr[199] == pytest.approx(0.04)
+    assert lr[200] == lr[500] == pytest.approx(0.004)
+
+
+def test_segments_split_at_evaluation_periods():
+    assert train.pieces(0, 300, 100) == [(0, 100, 3)]
+    assert train.pieces(50, 300, 100) == [(50, 50, 1), (100, 100, 2)]
+    assert train.pieces(0, 250, 100) == [(0, 100, 2), (200, 50, 1)]

@@ -1,0 +1,173 @@
+"""Contracts of the in-memory datasets: splits, order, augmentation, bad files."""
+
+import numpy as np
+import pytest
+
+from lth_tf import data
+
+
+def _take(ds, n):
+    return [(x.numpy(), y.numpy()) for x, y in ds.take(n)]
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return data.load("mnist")
+
+
+def test_bundled_mnist_is_the_real_mnist_split_as_in_the_paper(mnist):
+    a = mnist.arrays
+    assert (len(a.x_train), len(a.x_val), len(a.x_test)) == (55000, 5000, 10000)
+    assert mnist.input_shape == (28, 28, 1) and mnist.num_classes == 10
+    assert a.x_train.dtype == np.uint8
+    test_counts = np.bincount(a.y_test, minlength=10)
+    assert test_counts.tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    train_counts = np.bincount(np.concatenate([a.y_train, a.y_val]), minlength=10)
+    assert train_counts.tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert mnist.mean[0] == pytest.approx(0.1307, abs=2e-3)
+    assert mnist.steps_per_epoch(60) == 916
+
+
+def test_corrupted_bundled_file_is_detected(tmp_path):
+    path = tmp_path / "mnist.npz"
+    with open(data.bundled_mnist_path(), "rb") as f:
+        blob = bytearray(f.read())
+    blob[1000] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="corrupted"):
+        data.load_npz(str(path), data.BUNDLED_MNIST_SHA256)
+
+
+def test_a_run_started_at_step_k_sees_the_batches_the_full_run_saw_from_k(mnist):
+    full = _take(mnist.train(60, data_seed=3), 920)
+    for k in (0, 5, 916, 917):
+        resumed = _take(mnist.train(60, data_seed=3, start_step=k), 3)
+        for (x, y), (fx, fy) in zip(resumed, full[k : k + 3], strict=True):
+            np.testing.assert_array_equal(x, fx)
+            np.testing.assert_array_equal(y, fy)
+
+
+def test_different_data_seeds_give_different_orders_and_epochs_differ(mnist):
+    a = _take(mnist.train(60, data_seed=0), 1)[0][1]
+    b = _take(mnist.train(60, data_seed=1), 1)[0][1]
+    assert not np.array_equal(a, b)
+    epoch0 = _take(mnist.train(60, data_seed=0), 1)[0][1]
+    epoch1 = _take(mnist.train(60, data_seed=0, start_step=916), 1)[0][1]
+    assert not np.array_equal(epoch0, epoch1)
+
+
+def test_every_example_is_seen_once_per_epoch():
+    arrays = data.synthetic_arrays((4, 4, 1), 3, num_train=110, num_test=20)
+    ds = data.ArrayData("synthetic", arrays)
+    n = ds.num_train
+    labels_seen = np.concatenate([y for _, y in _take(ds.train(10, 0), ds.steps_per_epoch(10))])
+    assert len(labels_seen) == (n // 10) * 10
+    assert np.bincount(labels_seen, minlength=3).sum() == (n // 10) * 10
+
+
+def test_augmentation_is_per_image_and_reproducible():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, 64)
+    arrays = data.Arrays(x, y, x[:8], y[:8], x[:8], y[:8], 10)
+    aug = data.ArrayData("cifar-like", arrays, augment=True)
+    plain = data.ArrayData("cifar-like", arrays, augment=False)
+    a1 = _take(aug.train(32, 5), 2)
+    a2 = _take(aug.train(32, 5), 2)
+    p = _take(plain.train(32, 5), 2)
+    for (x1, y1), (x2, _), (xp, yp) in zip(a1, a2, p, strict=True):
+        np.testing.assert_array_equal(x1, x2)  # same seed, same augmentation
+        np.testing.assert_array_equal(y1, yp)  # augmentation keeps the order and labels
+        changed = [not np.array_equal(x1[i], xp[i]) for i in range(32)]
+        assert 0 < sum(changed) <= 32  # some images moved, each on its own draw
+    assert a1[0][0].shape == (32, 32, 32, 3)
+
+
+def test_eval_splits_cover_every_example_once(mnist):
+    ys = np.concatenate([y.numpy() for _, y in mnist.eval("test", 1000)])
+    np.testing.assert_array_equal(ys, mnist.arrays.y_test)
+    with pytest.raises(ValueError, match="train, validation or test"):
+        mnist.eval("dev", 10)
+
+
+def _write_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+def test_npz_dataset_takes_shape_and_classes_from_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    name = _write_npz(
+        tmp_path / "d.npz",
+        x_train=rng.integers(0, 256, (200, 12, 10), dtype=np.uint8),
+        y_train=rng.integers(0, 7, 200),
+        x_test=rng.integers(0, 256, (30, 12, 10), dtype=np.uint8),
+        y_test=rng.integers(0, 7, 30),
+    )
+    ds = data.load(name)
+    assert ds.input_shape == (12, 10, 1)
+    assert ds.num_classes == int(max(ds.arrays.y_train.max(), ds.arrays.y_test.max())) + 1
+    assert ds.num_train + ds.num_examples("validation") == 200
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        (dict(x_train=np.zeros((50, 4, 4), np.uint8), y_train=np.zeros(50, int)), "lacks"),
+        (
+            dict(
+                x_train=np.zeros((50, 4, 4), np.float32),
+                y_train=np.zeros(50, int),
+                x_test=np.zeros((5, 4, 4), np.float32),
+                y_test=np.zeros(5, int),
+            ),
+            "uint8",
+        ),
+        (
+            dict(
+                x_train=np.zeros((50, 4, 4), np.uint8),
+                y_train=np.zeros(49, int),
+                x_test=np.zeros((5, 4, 4), np.uint8),
+                y_test=np.zeros(5, int),
+            ),
+            "49",
+        ),
+        (
+            dict(
+                x_train=np.zeros((50, 4, 4), np.uint8),
+                y_train=np.zeros(50, int),
+                x_test=np.zeros((5, 5, 4), np.uint8),
+                y_test=np.zeros(5, int),
+            ),
+            "x_test images",
+        ),
+        (
+            dict(
+                x_train=np.zeros((50,), np.uint8),
+                y_train=np.zeros(50, int),
+                x_test=np.zeros((5,), np.uint8),
+                y_test=np.zeros(5, int),
+            ),
+            "N x H x W",
+        ),
+    ],
+)
+def test_malformed_npz_gets_a_clear_error(tmp_path, arrays, message):
+    name = _write_npz(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match=message):
+        data.load(name)
+
+
+def test_missing_npz_and_unknown_names_are_explained(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        data.load(f"npz:{tmp_path}/nope.npz")
+    with pytest.raises(ValueError, match="Known datasets"):
+        data.load("svhn")
+    with pytest.raises(ValueError, match="synthetic:HxWxC"):
+        data.load("synthetic:big:10")
+
+
+def test_synthetic_data_copies_the_architecture_shape():
+    assert data.load("synthetic", arch_dataset="cifar10").input_shape == (32, 32, 3)
+    ds = data.load("synthetic:16x16x3:5")
+    assert ds.input_shape == (16, 16, 3) and ds.num_classes == 5
