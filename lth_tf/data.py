@@ -144,6 +144,62 @@ class ArrayData:
         )
 
 
+class ImageNetData:
+    """Streaming ImageNet from tfds (lth_tf.tfds_data), with the ArrayData interface.
+
+    The validation split of ImageNet serves as both 'validation' and 'test', as in
+    the papers (the test labels are not public).
+    """
+
+    name = "imagenet2012"
+    input_shape = (224, 224, 3)
+    num_classes = 1000
+
+    def __init__(self, data_dir, augment: bool = True, image_size: int = 224):
+        from lth_tf import tfds_data
+
+        self._tfds = tfds_data
+        self.data_dir = data_dir
+        self.augment = augment
+        self.image_size = image_size
+        self.input_shape = (image_size, image_size, 3)
+        counts = tfds_data.imagenet_num_examples(data_dir)
+        self.num_train = counts["train"]
+        self._num_eval = counts["validation"]
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return ArrayData.steps_per_epoch(self, batch_size)
+
+    def train(self, batch_size: int, data_seed: int, start_step: int = 0, input_context=None):
+        return self._tfds.imagenet_dataset(
+            self.data_dir,
+            "train",
+            batch_size=batch_size,
+            training=True,
+            seed=data_seed,
+            image_size=self.image_size,
+            start_step=start_step,
+            steps_per_epoch=self.steps_per_epoch(batch_size),
+            input_context=input_context,
+        )
+
+    def eval(self, split: str, batch_size: int, input_context=None):
+        tfds_split = {"train": "train", "validation": "validation", "test": "validation"}[split]
+        return self._tfds.imagenet_dataset(
+            self.data_dir,
+            tfds_split,
+            batch_size=batch_size,
+            training=False,
+            seed=0,
+            image_size=self.image_size,
+            drop_remainder=False,
+            input_context=input_context,
+        )
+
+    def num_examples(self, split: str) -> int:
+        return self.num_train if split == "train" else self._num_eval
+
+
 def _options() -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
@@ -312,7 +368,7 @@ def load(
     from lth_tf import tfds_data
 
     if name == "imagenet2012":
-        return tfds_data.ImageNetData(data_dir, augment=augment)
+        return ImageNetData(data_dir, augment=augment)
     tfds_name = name.removeprefix("tfds:")
     a = tfds_data.load_arrays(tfds_name, data_dir)
     num_classes = int(max(a["y_train"].max(), a["y_test"].max())) + 1

@@ -73,3 +73,36 @@ def report_file(run_dir):
 
 def plot_file(run_dir):
     return join(run_dir, "accuracy_vs_density.png")
+
+
+def export_dir(run_dir, round_index: int):
+    return join(run_dir, "export", f"round_{round_index:02d}")
+
+
+def saved_model_dir(run_dir, round_index: int):
+    return join(export_dir(run_dir, round_index), "saved_model")
+
+
+def tflite_file(run_dir, round_index: int):
+    return join(export_dir(run_dir, round_index), "model.tflite")
+
+
+def export_report_file(run_dir, round_index: int):
+    return join(export_dir(run_dir, round_index), "export.json")
+
+
+def stability_dir(run_dir, round_index: int):
+    return join(run_dir, "stability", f"round_{round_index:02d}")
+
+
+def stability_point_dir(run_dir, round_index: int, step: int):
+    return join(stability_dir(run_dir, round_index), f"k_{step:07d}")
+
+
+def stability_copy_dir(run_dir, round_index: int, step: int, repeat: int, copy: int):
+    return join(stability_point_dir(run_dir, round_index, step), f"repeat_{repeat}", f"copy_{copy}")
+
+
+def rewind_point_file(run_dir, step: int):
+    """Dense weights at `step` trained from round 0's init with the run's data order."""
+    return join(run_dir, "stability", "rewind_points", f"step_{step:07d}.npz")

@@ -90,6 +90,7 @@ def plot(run_dir: str, results: dict) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for branch, rounds in results.items():
@@ -99,6 +100,9 @@ def plot(run_dir: str, results: dict) -> bytes:
     if dense:
         ax.axhline(100 * dense["test_accuracy"], color="gray", ls="--", label="dense")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.invert_xaxis()
     ax.set_xlabel("weights remaining (%)")
     ax.set_ylabel("test accuracy (%)")
@@ -113,6 +117,8 @@ def plot(run_dir: str, results: dict) -> bytes:
             )
             ax2.set_xticks(range(len(rep)), list(rep), rotation=60, ha="right", fontsize=7)
     ax2.set_yscale("log")
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax2.legend(fontsize=7, ncol=2)
     ax2.set_ylabel("layer density (%)")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
@@ -120,6 +126,33 @@ def plot(run_dir: str, results: dict) -> bytes:
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def export_table(run_dir: str) -> str:
+    """One line per exported round (python -m lth_tf.export)."""
+    directory = paths.join(run_dir, "export")
+    if not tf.io.gfile.isdir(directory):
+        return ""
+    rows = [
+        "| round | density % (all kernels) | exported test acc % | recorded % | dense zip B | "
+        "sparse zip B | zip ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in sorted(tf.io.gfile.listdir(directory)):
+        match = paths.ROUND_RE.match(name.rstrip("/"))
+        if not match:
+            continue
+        path = paths.export_report_file(run_dir, int(match.group(1)))
+        if not files.exists(path):
+            continue
+        e = files.read_json(path)
+        rows.append(
+            f"| {e['round']} | {100 * e['density_all_kernels']:.2f} | "
+            f"{_pct(e['exported_test_accuracy'])} | {_pct(e['recorded_test_accuracy'])} | "
+            f"{e['dense']['zip_bytes']:,} | {e['sparse']['zip_bytes']:,} | "
+            f"{e['zip_ratio_sparse_over_dense']:.3f} |"
+        )
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def write_report(run_dir: str, extra_sections=()) -> str:
@@ -139,6 +172,18 @@ def write_report(run_dir: str, extra_sections=()) -> str:
         layer_table(run_dir, results),
         "",
     ]
+    from lth_tf import stability  # late: stability imports this module
+
+    stable = stability.table(run_dir)
+    if stable:
+        parts += [
+            "## Stability (instability = test-error barrier on the linear path)\n",
+            stable,
+            "",
+        ]
+    exports = export_table(run_dir)
+    if exports:
+        parts += ["## Sparse exports (SavedModel)\n", exports, ""]
     parts.extend(extra_sections)
     config_text = files.read_json(paths.config_file(run_dir))
     parts += ["## Config\n", "```json", str(config_text), "```", ""]

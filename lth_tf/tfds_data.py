@@ -487,7 +487,7 @@ def _training_records(
                 "steps_per_epoch=None to let batches span epochs."
             )
     first = start_step * local_batch  # Position in this pipeline's stream.
-    first_epoch, skip_in_epoch = 0, first
+    first_epoch, skip_in_epoch = divmod(first, epoch_length)
     if input_context is None:
         num_pipelines, pipeline_id = 1, 0
     else:

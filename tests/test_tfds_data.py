@@ -1,0 +1,351 @@
+"""Contracts of lth_tf.tfds_data: no downloads, reproducible and resumable ImageNet.
+
+ImageNet is tested on a real tfds preparation of a tiny fake ImageNet (JPEG tar
+files in the layout of the official ones, built by `tfds build`'s own code path),
+so the file reading, file shuffling and JPEG decoding are the ones used in
+production. mnist and cifar10 use `tfds.testing.mock_data`; so does one ImageNet
+test, to show that mocked data goes through the same pipeline.
+"""
+
+import io
+import os
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from lth_tf import tfds_data
+from lth_tf.keras import tf
+
+TRAIN_SYNSETS = ("n01440764", "n01443537", "n01484850")  # Labels 0, 1, 2.
+TRAIN_PER_CLASS = 8
+NUM_TRAIN = len(TRAIN_SYNSETS) * TRAIN_PER_CLASS  # 24
+NUM_VALIDATION = 6
+BATCH = 4
+SIZE = 16
+
+
+def _jpeg(rng, height, width):
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    return tf.io.encode_jpeg(pixels).numpy()
+
+
+def _add_to_tar(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def imagenet_dir(tmp_path_factory):
+    """A data_dir with a real tfds preparation of a 24 + 6 image fake ImageNet."""
+    data_dir = tmp_path_factory.mktemp("tfds")
+    manual_dir = data_dir / "downloads" / "manual"
+    manual_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with tarfile.open(manual_dir / "ILSVRC2012_img_train.tar", "w") as outer:
+        for synset in TRAIN_SYNSETS:
+            inner_bytes = io.BytesIO()
+            with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
+                for i in range(TRAIN_PER_CLASS):
+                    height, width = rng.integers(20, 60, size=2)
+                    _add_to_tar(inner, f"{synset}_{i}.JPEG", _jpeg(rng, height, width))
+            _add_to_tar(outer, f"{synset}.tar", inner_bytes.getvalue())
+    with tarfile.open(manual_dir / "ILSVRC2012_img_val.tar", "w") as tar:
+        for i in range(1, NUM_VALIDATION + 1):
+            _add_to_tar(tar, f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg(rng, 30, 45))
+    builder = tfds.builder("imagenet2012", data_dir=os.fspath(data_dir))
+    # Several files per split, so that the per-epoch file order is exercised.
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, num_shards=3)
+    )
+    return os.fspath(data_dir)
+
+
+def _write_mock_metadata(data_dir, name, splits):
+    """Writes the metadata files that make a mocked dataset count as prepared.
+
+    Without them tfds.testing.mock_data falls back to its USE_CODE policy, where
+    `builder.is_prepared()` is False and the split names are unknown.
+    """
+    builder = tfds.builder(name, data_dir=os.fspath(data_dir))
+    builder.info.set_splits(
+        tfds.core.SplitDict(
+            [
+                tfds.core.SplitInfo(
+                    name=split,
+                    shard_lengths=[num_examples],
+                    num_bytes=0,
+                    filename_template=tfds.core.ShardedFileTemplate(
+                        data_dir=builder.data_dir,
+                        dataset_name=builder.name,
+                        split=split,
+                        filetype_suffix="tfrecord",
+                    ),
+                )
+                for split, num_examples in splits.items()
+            ]
+        )
+    )
+    os.makedirs(builder.data_dir, exist_ok=True)
+    builder.info.write_to_directory(builder.data_dir)
+
+
+def _batches(ds, n):
+    return [(x.numpy(), y.numpy()) for x, y in ds.take(n)]
+
+
+def _train(data_dir, **kwargs):
+    kwargs.setdefault("batch_size", BATCH)
+    kwargs.setdefault("seed", 0)
+    kwargs.setdefault("image_size", SIZE)
+    return tfds_data.imagenet_dataset(data_dir, "train", training=True, **kwargs)
+
+
+def _assert_same_batches(got, want):
+    assert len(got) == len(want)
+    for (x, y), (wx, wy) in zip(got, want, strict=True):
+        np.testing.assert_array_equal(x, wx)
+        np.testing.assert_array_equal(y, wy)
+
+
+# --------------------------------------------------------------------------- #
+# Preparedness                                                                #
+# --------------------------------------------------------------------------- #
+
+
+def test_require_prepared_fails_fast_and_says_how_to_prepare(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError) as raised:
+        tfds_data.require_prepared("mnist", os.fspath(tmp_path))
+    assert time.monotonic() - start < 5
+    message = str(raised.value)
+    assert "'mnist'" in message and "3.0.1" in message
+    assert os.fspath(tmp_path) in message
+    assert f"tfds build mnist --data_dir={tmp_path}" in message
+    assert not any(tmp_path.iterdir()), "require_prepared must not write or download"
+
+
+def test_require_prepared_imagenet_explains_the_manual_download(tmp_path):
+    with pytest.raises(FileNotFoundError) as raised:
+        tfds_data.imagenet_num_examples(os.fspath(tmp_path))
+    message = str(raised.value)
+    assert "imagenet2012" in message
+    assert "ILSVRC2012_img_train.tar" in message
+    assert os.path.join(os.fspath(tmp_path), "downloads", "manual") in message
+    assert "tfds build imagenet2012" in message
+
+
+def test_require_prepared_points_at_other_prepared_versions(tmp_path):
+    old = tmp_path / "imagenet2012" / "5.0.0"
+    old.mkdir(parents=True)
+    (old / "dataset_info.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="5.0.0.*imagenet2012:<version>"):
+        tfds_data.require_prepared("imagenet2012", os.fspath(tmp_path))
+
+
+def test_require_prepared_returns_the_builder(imagenet_dir):
+    builder = tfds_data.require_prepared("imagenet2012", imagenet_dir)
+    assert builder.is_prepared() and builder.name == "imagenet2012"
+
+
+# --------------------------------------------------------------------------- #
+# Small datasets                                                              #
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
+def test_load_arrays_on_mocked_data(tmp_path, name, shape):
+    _write_mock_metadata(tmp_path, name, {"train": 12, "test": 12})
+    with tfds.testing.mock_data(num_examples=12, data_dir=os.fspath(tmp_path)):
+        arrays = tfds_data.load_arrays(name, "/ignored/by/mock_data")
+        again = tfds_data.load_arrays(name, "/ignored/by/mock_data")
+    assert sorted(arrays) == ["x_test", "x_train", "y_test", "y_train"]
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        assert x.shape == (12, *shape) and x.dtype == np.uint8
+        assert y.shape == (12,) and y.dtype == np.int64
+        assert y.min() >= 0 and y.max() < 10
+        np.testing.assert_array_equal(x, again[f"x_{split}"])
+
+
+# --------------------------------------------------------------------------- #
+# ImageNet: preprocessing of one JPEG                                         #
+# --------------------------------------------------------------------------- #
+
+
+def test_eval_crop_normalizes_the_mean_color_to_zero():
+    mean_color = np.broadcast_to(np.round(tfds_data.IMAGENET_MEAN_RGB), (40, 70, 3))
+    jpeg = tf.io.encode_jpeg(mean_color.astype(np.uint8), quality=100)
+    image = tfds_data.decode_and_center_crop(jpeg, 24)
+    assert image.shape == (24, 24, 3) and image.dtype == tf.float32
+    np.testing.assert_allclose(image.numpy(), 0.0, atol=0.05)
+
+
+def test_random_crop_is_a_function_of_the_seed():
+    rng = np.random.default_rng(1)
+    jpeg = tf.constant(_jpeg(rng, 37, 91))
+    seed = tf.constant([3, 4], tf.int64)
+    first = tfds_data.decode_and_random_crop(jpeg, seed, 20)
+    assert first.shape == (20, 20, 3) and np.isfinite(first.numpy()).all()
+    np.testing.assert_array_equal(first, tfds_data.decode_and_random_crop(jpeg, seed, 20))
+    other = tfds_data.decode_and_random_crop(jpeg, tf.constant([3, 5], tf.int64), 20)
+    assert not np.array_equal(first.numpy(), other.numpy())
+    bf16 = tfds_data.decode_and_random_crop(jpeg, seed, 20, tf.bfloat16)
+    assert bf16.dtype == tf.bfloat16
+
+
+# --------------------------------------------------------------------------- #
+# ImageNet: pipelines                                                         #
+# --------------------------------------------------------------------------- #
+
+
+def test_imagenet_num_examples(imagenet_dir):
+    assert tfds_data.imagenet_num_examples(imagenet_dir) == {
+        "train": NUM_TRAIN,
+        "validation": NUM_VALIDATION,
+    }
+
+
+def test_training_batches_have_the_promised_shape(imagenet_dir):
+    # 8 batches of 4 cover more than one 24-example epoch: the stream is infinite.
+    batches = _batches(_train(imagenet_dir), 8)
+    assert len(batches) == 8
+    for x, y in batches:
+        assert x.shape == (BATCH, SIZE, SIZE, 3) and x.dtype == np.float32
+        assert np.isfinite(x).all() and -3 < x.mean() < 3
+        assert y.shape == (BATCH,) and y.dtype == np.int32
+        assert set(y) <= {0, 1, 2}
+
+
+def test_same_seed_same_batches_and_other_seed_other_batches(imagenet_dir):
+    first = _batches(_train(imagenet_dir, seed=7), 3)
+    _assert_same_batches(_batches(_train(imagenet_dir, seed=7), 3), first)
+    other = _batches(_train(imagenet_dir, seed=8), 3)
+    assert not all(np.array_equal(x, ox) for (x, _), (ox, _) in zip(first, other, strict=True))
+
+
+def test_order_does_not_depend_on_the_global_tf_seed(imagenet_dir):
+    tf.random.set_seed(1)
+    first = _batches(_train(imagenet_dir), 2)
+    tf.random.set_seed(2)
+    _assert_same_batches(_batches(_train(imagenet_dir), 2), first)
+
+
+@pytest.mark.parametrize("start_step", [1, 7])  # 7 is in the second epoch.
+def test_start_step_resumes_the_run_from_zero(imagenet_dir, start_step):
+    from_zero = _batches(_train(imagenet_dir, seed=3), start_step + 2)
+    resumed = _batches(_train(imagenet_dir, seed=3, start_step=start_step), 2)
+    _assert_same_batches(resumed, from_zero[start_step:])
+
+
+def test_deep_resume_jumps_to_its_epoch_instead_of_reading_the_earlier_ones(imagenet_dir):
+    # Step 10**5 is 4e5 records in: reading them all takes minutes on 2 cores.
+    start = time.monotonic()
+    ((x, _),) = _batches(_train(imagenet_dir, start_step=10**5), 1)
+    assert time.monotonic() - start < 10
+    assert x.shape == (BATCH, SIZE, SIZE, 3)
+
+
+def test_every_epoch_is_a_new_permutation_of_the_split(imagenet_dir):
+    builder = tfds_data.require_prepared("imagenet2012", imagenet_dir)
+    records = tfds_data._training_records(
+        builder,
+        "train",
+        local_batch=BATCH,
+        seed=0,
+        start_step=0,
+        steps_per_epoch=None,
+        shuffle_buffer_size=8,
+        input_context=None,
+    )
+    indices, jpegs = [], []
+    for index, jpeg, _ in records.take(3 * NUM_TRAIN).as_numpy_iterator():
+        indices.append(index)
+        jpegs.append(jpeg)
+    assert indices == list(range(3 * NUM_TRAIN))  # Augmentation seeds never repeat.
+    epochs = [jpegs[e * NUM_TRAIN : (e + 1) * NUM_TRAIN] for e in range(3)]
+    assert len(set(epochs[0])) == NUM_TRAIN
+    assert all(sorted(epoch) == sorted(epochs[0]) for epoch in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_steps_per_epoch_starts_epochs_on_batch_boundaries(imagenet_dir):
+    from_zero = _batches(_train(imagenet_dir, steps_per_epoch=2), 5)
+    resumed = _batches(_train(imagenet_dir, steps_per_epoch=2, start_step=3), 2)
+    _assert_same_batches(resumed, from_zero[3:])
+    with pytest.raises(ValueError, match="at most 6 steps per epoch"):
+        _train(imagenet_dir, steps_per_epoch=7)
+
+
+def test_input_pipelines_read_disjoint_shares(imagenet_dir):
+    contexts = [tf.distribute.InputContext(2, i, 2) for i in range(2)]
+    train = [_batches(_train(imagenet_dir, input_context=c), 1)[0] for c in contexts]
+    for x, _ in train:
+        assert x.shape == (BATCH // 2, SIZE, SIZE, 3)
+    assert not np.array_equal(train[0][0], train[1][0])
+    shares = [
+        tfds_data.imagenet_dataset(
+            imagenet_dir,
+            "validation",
+            batch_size=2,
+            training=False,
+            seed=0,
+            image_size=SIZE,
+            drop_remainder=False,
+            input_context=c,
+        )
+        for c in contexts
+    ]
+    sums = sorted(float(x.sum()) for share in shares for xs, _ in share for x in xs.numpy())
+    whole = tfds_data.imagenet_dataset(
+        imagenet_dir, "validation", batch_size=2, training=False, seed=0, image_size=SIZE
+    )
+    assert sums == pytest.approx(sorted(float(x.sum()) for xs, _ in whole for x in xs.numpy()))
+
+
+def test_eval_pipeline_is_one_ordered_pass(imagenet_dir):
+    def evaluate(**kwargs):
+        return tfds_data.imagenet_dataset(
+            imagenet_dir,
+            "validation",
+            batch_size=BATCH,
+            training=False,
+            seed=0,
+            image_size=SIZE,
+            **kwargs,
+        )
+
+    batches = _batches(evaluate(drop_remainder=False, dtype=tf.bfloat16), 10)
+    assert [y.shape[0] for _, y in batches] == [BATCH, NUM_VALIDATION - BATCH]
+    x, y = batches[0]
+    assert x.shape == (BATCH, SIZE, SIZE, 3) and x.dtype == tf.bfloat16.as_numpy_dtype
+    assert y.dtype == np.int32
+    assert len(_batches(evaluate(), 10)) == 1  # drop_remainder=True by default.
+    again = _batches(evaluate(drop_remainder=False, dtype=tf.bfloat16), 10)
+    _assert_same_batches(again, batches)
+
+
+def test_unknown_split_lists_the_known_ones(imagenet_dir):
+    with pytest.raises(ValueError, match="known splits: .*'validation'"):
+        tfds_data.imagenet_dataset(imagenet_dir, "val", batch_size=BATCH, training=False, seed=0)
+
+
+def test_mocked_imagenet_goes_through_the_same_pipeline(tmp_path):
+    # With the SkipDecoding decoder mock_data serves real (random) JPEG bytes, not
+    # decoded images, so the production decode path runs on mocked data too.
+    _write_mock_metadata(tmp_path, "imagenet2012", {"train": 10, "validation": 10})
+    with tfds.testing.mock_data(num_examples=10, data_dir=os.fspath(tmp_path)):
+        train = _batches(_train("/ignored/by/mock_data"), 4)
+        resumed = _batches(_train("/ignored/by/mock_data", start_step=3), 1)
+        evaluation = _batches(
+            tfds_data.imagenet_dataset(
+                "/ignored", "validation", batch_size=BATCH, training=False, seed=0, image_size=SIZE
+            ),
+            10,
+        )
+    assert all(x.shape == (BATCH, SIZE, SIZE, 3) and np.isfinite(x).all() for x, _ in train)
+    _assert_same_batches(resumed, train[3:])
+    assert len(evaluation) == 2
