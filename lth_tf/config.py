@@ -44,6 +44,7 @@ class RunConfig:
     data_dir: str | None = None
     jit_compile: bool = False
     steps_per_execution: int = 1
+    mixed_precision: str | None = None  # None (float32), 'bfloat16' or 'float16'
     # Pruning.
     rewind_step: str = "0"
     rounds: int = 0
@@ -160,5 +161,7 @@ def _check(c: RunConfig) -> None:
     for control in c.controls:
         if control not in CONTROLS:
             fail("controls", control, f"a comma-separated subset of {', '.join(CONTROLS)}")
+    if c.mixed_precision not in (None, "bfloat16", "float16"):
+        fail("mixed_precision", c.mixed_precision, "bfloat16 (TPU), float16 (GPU) or unset")
     if not isinstance(c.seed, int) or not isinstance(c.data_seed, int):
         fail("seed/data_seed", (c.seed, c.data_seed), "integers")

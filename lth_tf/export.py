@@ -113,8 +113,9 @@ def measure(saved_model_path: str, data, batch_size: int) -> dict:
     loaded = tf.saved_model.load(saved_model_path)
     kernels = {}
     for var in loaded.model_variables:
-        name = var.name.split(":")[0]
-        if name.endswith("kernel"):
+        # 'prune_fc1/fc1/kernel:0' (names keep the training wrapper's scope) -> 'fc1/kernel'
+        name = "/".join(var.name.split(":")[0].split("/")[-2:])
+        if name.endswith("/kernel"):
             kernels[name] = var.numpy()
     layers = {
         name: {
@@ -147,6 +148,13 @@ def export(run_dir: str, round_index: int | None = None, tflite: bool = False, l
         state = "is unfinished" if tf.io.gfile.isdir(rdir) else "does not exist"
         raise ExportError(f"Round {round_index} of {run_dir} {state}; finished rounds: {done}.")
     summary = files.read_json(summary_path)
+    for rd in {paths.round_dir(run_dir, 0), rdir}:
+        for needed in (paths.masks_file(rd), paths.checkpoint_file(rd, "final")):
+            if not files.exists(needed):
+                raise ExportError(
+                    f"{needed} is missing: the run is damaged. Rerun "
+                    "`python -m lth_tf.imp` with the run's flags to recompute it."
+                )
     experiment = rounds.Experiment(config, run_dir, write=False, log=lambda *a: None)
     if not hasattr(experiment.data, "arrays"):
         raise ExportError(

@@ -51,9 +51,10 @@ def read_json(path: str):
         ) from e
 
 
-def write_npz(path: str, arrays: dict) -> None:
+def write_npz(path: str, arrays: dict, compress: bool = True) -> None:
+    """Writes arrays; `compress=False` for float weights, which barely compress."""
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
+    (np.savez_compressed if compress else np.savez)(buffer, **arrays)
     _atomic_write(path, buffer.getvalue())
 
 

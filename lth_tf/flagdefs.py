@@ -113,6 +113,26 @@ def define_train_flags() -> None:
         flags.register_validator(name, _duration_validator(name))
 
 
+def define_distribute_flags() -> None:
+    flags.DEFINE_enum(
+        "strategy",
+        "default",
+        ["default", "mirrored", "multi_worker", "tpu"],
+        "tf.distribute strategy. multi_worker reads the cluster from TF_CONFIG.",
+    )
+    flags.DEFINE_integer(
+        "num_gpus", None, "GPUs for --strategy=mirrored (default: all).", lower_bound=1
+    )
+    flags.DEFINE_string("tpu", None, "TPU name or address for --strategy=tpu; 'local' on a TPU VM.")
+    flags.DEFINE_enum(
+        "mixed_precision",
+        None,
+        ["bfloat16", "float16"],
+        "Mixed precision compute dtype (bfloat16 on TPU, float16 on GPU); "
+        "variables and masks stay float32.",
+    )
+
+
 def define_prune_flags() -> None:
     flags.DEFINE_string("rewind_step", None, "Rewind point k: '0' (reset to init), '500it', '5ep'.")
     flags.DEFINE_integer("rounds", None, "Pruning rounds after the dense round 0.", lower_bound=0)

@@ -10,7 +10,7 @@ import sys
 
 from absl import app, flags, logging
 
-from lth_tf import flagdefs, paths, report, rounds
+from lth_tf import distribute, flagdefs, paths, report, rounds
 from lth_tf.keras import keras, tf
 
 FLAGS = flags.FLAGS
@@ -23,31 +23,45 @@ def main(argv):
         config = flagdefs.config_from_flags()
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    if FLAGS.deterministic:
-        keras.utils.set_random_seed(config.seed)
-        tf.config.experimental.enable_op_determinism()
     run_dir = paths.join(FLAGS.root_dir, FLAGS.run_name or paths.run_name(config))
-    try:
-        rounds.open_run_dir(config, run_dir, write=not FLAGS.print_config)
-    except rounds.RunDirError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if FLAGS.print_config:
         print(f"Run directory: {run_dir}\n{config.to_json()}")
         return 0
-    print(f"Run directory: {run_dir}")
+    if FLAGS.deterministic:
+        keras.utils.set_random_seed(config.seed)
+        tf.config.experimental.enable_op_determinism()
+    try:
+        strategy = distribute.get_strategy(FLAGS.strategy, num_gpus=FLAGS.num_gpus, tpu=FLAGS.tpu)
+    except distribute.StrategyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    chief = distribute.is_chief(strategy)
+    my_dir = distribute.worker_run_dir(run_dir, strategy)
+    log = print if chief else (lambda *a: None)
+    try:
+        # Built first: it loads the data and checks the schedule (e.g. a rewind step
+        # past the end) without writing anything, so bad input leaves no run directory.
+        experiment = rounds.Experiment(
+            config, my_dir, strategy=strategy, checkpoint_seconds=FLAGS.checkpoint_seconds, log=log
+        )
+        rounds.open_run_dir(config, my_dir)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log(f"Run directory: {run_dir} ({strategy.num_replicas_in_sync} replica(s))")
     if config.rounds == 0:
-        print("No --rounds or --target_density given: training the dense network (round 0) only.")
-    experiment = rounds.Experiment(config, run_dir, checkpoint_seconds=FLAGS.checkpoint_seconds)
+        log("No --rounds or --target_density given: training the dense network (round 0) only.")
     experiment.run()
-    print(report.write_report(run_dir))
-    print(f"\nReport: {paths.report_file(run_dir)}\nPlot:   {paths.plot_file(run_dir)}")
+    if chief:
+        print(report.write_report(run_dir))
+        print(f"\nReport: {paths.report_file(run_dir)}\nPlot:   {paths.plot_file(run_dir)}")
     return 0
 
 
 def run():
     flagdefs.define_train_flags()
     flagdefs.define_prune_flags()
+    flagdefs.define_distribute_flags()
     flags.DEFINE_boolean(
         "print_config", False, "Print the resolved config and run directory; train nothing."
     )

@@ -8,6 +8,7 @@ Each round is an idempotent phase: it is skipped when its summary.json exists,
 and an unfinished round restarts from its last mid-round checkpoint.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import time
@@ -17,7 +18,7 @@ import numpy as np
 from lth_tf import data as data_lib
 from lth_tf import files, masks, models, paths, presets, sparsity, train
 from lth_tf.config import RunConfig
-from lth_tf.keras import tf
+from lth_tf.keras import keras, tf
 
 IMP = "imp"
 
@@ -96,6 +97,8 @@ class Experiment:
         period when this many seconds passed since the last one (0: every period).
       write: False on non-chief workers.
       log: a print-like function for progress lines.
+      data: a dataset object to use instead of loading config.dataset (tests,
+        custom pipelines); it must have lth_tf.data.ArrayData's interface.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class Experiment:
         checkpoint_seconds: float = 300.0,
         write: bool = True,
         log=print,
+        data=None,
     ):
         self.config = config
         self.run_dir = run_dir
@@ -115,14 +119,16 @@ class Experiment:
         self.write = write
         self.log = log
         recipe = presets.recipe(config.arch)
-        self.data = data_lib.load(
-            config.dataset,
-            data_dir=config.data_dir,
-            augment=config.augment,
-            arch_dataset=recipe["dataset"],
-        )
+        if data is None:
+            data = data_lib.load(
+                config.dataset,
+                data_dir=config.data_dir,
+                augment=config.augment,
+                arch_dataset=recipe["dataset"],
+            )
+        self.data = data
         self.schedule = train.resolve(config, self.data.steps_per_epoch(config.batch_size))
-        with self.strategy.scope():
+        with self.strategy.scope(), _precision(config.mixed_precision):
             self.model = sparsity.wrap(self._build(config.seed), output_rate=config.output_rate)
             train.compile_model(self.model, config, self.schedule)
             self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
@@ -165,7 +171,9 @@ class Experiment:
         path = paths.checkpoint_file(paths.round_dir(self.run_dir, 0), "rewind")
         if not files.exists(path):
             raise FileNotFoundError(f"{path} is missing: round 0 must finish before pruning.")
-        return files.read_npz(path)
+        if getattr(self, "_rewind_cache", (None,))[0] != path:
+            self._rewind_cache = (path, files.read_npz(path))  # read once per process
+        return self._rewind_cache[1]
 
     def imp_masks(self, r: int) -> dict:
         """Masks of IMP round r: round r-1's masks pruned by magnitude of its final weights."""
@@ -207,7 +215,18 @@ class Experiment:
 
     # ---- one round ----------------------------------------------------------------------
 
-    def _train_round(self, rdir, r, branch, round_masks, weights, start_step, record_rewind=False):
+    def train_branch(self, rdir, r, branch, round_masks, weights, start_step, data_seed=None):
+        """Trains masked `weights` from `start_step` to the end into `rdir` (idempotent).
+
+        Used by the stability analyses for copies trained with other data orders.
+        """
+        return self._train_round(
+            rdir, r, branch, round_masks, weights, start_step, data_seed=data_seed
+        )
+
+    def _train_round(
+        self, rdir, r, branch, round_masks, weights, start_step, record_rewind=False, data_seed=None
+    ):
         summary_path = paths.summary_file(rdir)
         if files.exists(summary_path):
             return files.read_json(summary_path)
@@ -238,7 +257,7 @@ class Experiment:
             train.reset_optimizer(self.model, start_step)
             start = start_step
             if self.write:
-                files.write_npz(paths.checkpoint_file(rdir, "start"), masked)
+                files.write_npz(paths.checkpoint_file(rdir, "start"), masked, compress=False)
         metrics_path = paths.metrics_file(rdir)
         kept = files.truncate_jsonl(metrics_path, start) if self.write else []
         clock = _Clock(offset=kept[-1]["wall_seconds"] if kept else 0.0)
@@ -254,7 +273,7 @@ class Experiment:
 
         def save_rewind(step):
             if self.write:
-                files.write_npz(rewind_path, sparsity.get_weights(self.model))
+                files.write_npz(rewind_path, sparsity.get_weights(self.model), compress=False)
 
         last_save = [time.time()]
 
@@ -278,9 +297,10 @@ class Experiment:
             on_period_end=on_period_end,
             write=self.write,
             elapsed=clock,
+            data_seed=data_seed,
         )
         self.trained.append((branch, r))
-        test = train.evaluate(self.model, self.data, "test", self.config.batch_size)
+        test = train.evaluate(self.model, self.data, "test", train.eval_batch_size(self.config))
         final = sparsity.get_weights(self.model)
         summary = _summary(
             r,
@@ -293,7 +313,7 @@ class Experiment:
             clock(),
         )
         if self.write:
-            files.write_npz(paths.checkpoint_file(rdir, "final"), final)
+            files.write_npz(paths.checkpoint_file(rdir, "final"), final, compress=False)
             files.write_json(summary_path, summary)  # written last: the round is done
             if files.exists(resume):
                 tf.io.gfile.rmtree(resume)
@@ -310,6 +330,20 @@ class Experiment:
         tf.io.gfile.makedirs(resume_dir)
         manager = tf.train.CheckpointManager(self.checkpoint, resume_dir, max_to_keep=1)
         manager.save(checkpoint_number=int(self.model.optimizer.iterations.numpy()))
+
+
+@contextlib.contextmanager
+def _precision(mixed_precision):
+    """Layers built inside take the mixed-precision policy; variables stay float32."""
+    if mixed_precision is None:
+        yield
+        return
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(f"mixed_{mixed_precision}")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def _apply(weights: dict, round_masks: dict) -> dict:

@@ -181,11 +181,14 @@ def set_weights(model, values: dict, strict: bool = True) -> None:
             f"Weights do not fit model {model.name}: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(extra)[:5]}."
         )
-    for key, value in values.items():
+    for key, value in values.items():  # check every value before assigning any
+        if key not in variables:
+            raise ValueError(f"Model {model.name} has no weight {key!r}.")
         var = variables[key]
         if tuple(var.shape) != tuple(np.shape(value)):
             raise ValueError(f"{key}: model shape {tuple(var.shape)} != given {np.shape(value)}.")
-        var.assign(value)
+    for key, value in values.items():
+        variables[key].assign(value)
 
 
 def set_masks(model, masks: dict) -> None:
@@ -199,15 +202,20 @@ def set_masks(model, masks: dict) -> None:
         raise ValueError(
             f"Masks are for layers {sorted(masks)}, but the model's prunable layers are {sorted(ws)}."
         )
+    values = {}
+    for name, wrapper in ws.items():  # check every mask before assigning any
+        mask_var = wrapper.pruning_vars[0][1]
+        values[name] = np.asarray(masks[name], dtype=np.float32)
+        if values[name].shape != tuple(mask_var.shape):
+            raise ValueError(
+                f"Mask for {name} has shape {values[name].shape}; the layer needs "
+                f"{tuple(mask_var.shape)}."
+            )
     for name, wrapper in ws.items():
         weight, mask_var, _ = wrapper.pruning_vars[0]
-        mask = np.asarray(masks[name], dtype=np.float32)
-        if mask.shape != tuple(mask_var.shape):
-            raise ValueError(
-                f"Mask for {name} has shape {mask.shape}; the layer needs {tuple(mask_var.shape)}."
-            )
+        mask = values[name]
         mask_var.assign(mask)
-        weight.assign(weight.numpy() * mask)
+        weight.assign(weight * tf.constant(mask, weight.dtype))
 
 
 def apply_masks(model) -> None:

@@ -156,8 +156,18 @@ class Stability:
     def point(self, r: int, k: int) -> dict:
         """Instability and distances of round r's network rewound to step k."""
         out_path = paths.join(paths.stability_point_dir(self.run_dir, r, k), "interpolation.json")
+        settings = {
+            "batchnorm": "recomputed" if self.recompute_bn else "interpolated",
+            "num_alphas": self.num_alphas,
+            "eval_examples": self.eval_examples,
+        }
         if files.exists(out_path):
-            return files.read_json(out_path)
+            done = files.read_json(out_path)
+            # Other analysis settings re-evaluate the path; trained copies are reused.
+            if len(done["repeats"]) == self.repeats and all(
+                done.get(key) == value for key, value in settings.items()
+            ):
+                return done
         round_masks = self.masks_of(r)
         start = self.weights_at(k)
         kernels = [f"{n}/kernel" for n in round_masks]
@@ -197,8 +207,7 @@ class Stability:
             "round": r,
             "rewind_step": k,
             "density": masks.density(round_masks),
-            "batchnorm": "recomputed" if self.recompute_bn else "interpolated",
-            "num_alphas": self.num_alphas,
+            **settings,
             "repeats": repeats,
             "stable_bound": STABLE_BARRIER,
         }

@@ -120,8 +120,11 @@ def compile_model(model, config, schedule: Schedule) -> None:
 def reset_optimizer(model, step: int) -> None:
     """Zeroes the optimizer's slots (momentum, Adam moments) and sets its step to `step`."""
     optimizer = model.optimizer
-    for var in optimizer.variables():
-        if var is optimizer.iterations:
+    # Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer whose
+    # own variables (the loss scale) must survive; only the inner slots reset.
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    for var in inner.variables():
+        if var is inner.iterations:
             continue
         var.assign(tf.zeros_like(var))
     optimizer.iterations.assign(step)
@@ -179,7 +182,7 @@ def fit_segment(
             f"The optimizer is at step {int(model.optimizer.iterations.numpy())}, not {start}."
         )
     seed = config.data_seed if data_seed is None else data_seed
-    validation = data.eval("validation", config.batch_size)
+    validation = data.eval("validation", eval_batch_size(config))
     recorded = record_at is None
     for first, length, count in pieces(start, end, schedule.eval_every):
         callbacks = [
@@ -199,6 +202,11 @@ def fit_segment(
         )
     if not recorded and record_at == end:
         on_record(end)
+
+
+def eval_batch_size(config) -> int:
+    """Evaluation batch: at least 500 (the result does not depend on it, the speed does)."""
+    return max(config.batch_size, 500)
 
 
 def evaluate(model, data, split: str, batch_size: int) -> dict:

@@ -1,0 +1,328 @@
+"""Contracts of `lth_tf.export`: what a user ships is the network that was trained.
+
+One tiny LeNet run (16x16 random images so the kernels dominate the files,
+prune_fraction 0.5 for two rounds: 25% density) is trained and exported once for
+the module; the SavedModel is then reloaded in a fresh Python that imports only
+TensorFlow.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from lth_tf import config as C
+from lth_tf import export, files, paths, rounds, sparsity
+from lth_tf.keras import tf
+
+ROUND = 2
+
+
+def _noop(*args):
+    pass
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished run (rounds 0..2), a pristine copy of it, and its export of round 2."""
+    cfg = C.make_config(
+        "lenet_300_100",
+        dataset="synthetic:16x16x1:4",
+        batch_size=32,
+        training_steps="40it",
+        eval_every="20it",
+        rewind_step="20it",
+        rounds=ROUND,
+        prune_fraction=0.5,
+        verbose=0,
+        output_rate=1.0,
+    )
+    base = tmp_path_factory.mktemp("export")
+    run_dir = str(base / "run")
+    rounds.open_run_dir(cfg, run_dir)
+    rounds.Experiment(cfg, run_dir, checkpoint_seconds=0, log=_noop).run()
+    pristine = str(base / "pristine")  # never exported: for the error cases
+    shutil.copytree(run_dir, pristine)
+    result = export.export(run_dir, round_index=ROUND, tflite=True, log=_noop)
+    return {"cfg": cfg, "run_dir": run_dir, "pristine": pristine, "result": result}
+
+
+@pytest.fixture(scope="module")
+def trained(run):
+    """The in-training (wrapped, masked) model of round 2 and the run's data."""
+    experiment = rounds.Experiment(run["cfg"], run["run_dir"], write=False, log=_noop)
+    rdir = paths.round_dir(run["run_dir"], ROUND)
+    masks = files.read_npz(paths.masks_file(rdir))
+    sparsity.set_masks(experiment.model, masks)
+    sparsity.set_weights(experiment.model, files.read_npz(paths.checkpoint_file(rdir, "final")))
+    return {"model": experiment.model, "data": experiment.data, "masks": masks}
+
+
+# Runs in a fresh interpreter: TensorFlow only, no lth_tf, tf_keras or tfmot.
+_RELOAD = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import tensorflow as tf
+
+    saved_model, x_path, out_dir = sys.argv[1:]
+    x = np.load(x_path)
+    loaded = tf.saved_model.load(saved_model)
+    probs = loaded.signatures["serving_default"](images=tf.constant(x))["probabilities"]
+    floats = loaded.signatures["serving_float"](images=tf.constant(x.astype(np.float32)))
+    np.save(out_dir + "/uint8.npy", probs.numpy())
+    np.save(out_dir + "/float.npy", floats["probabilities"].numpy())
+    np.savez(
+        out_dir + "/kernels.npz",
+        **{
+            v.name.split(":")[0].replace("/", "__"): v.numpy()
+            for v in loaded.model_variables
+            if v.name.split(":")[0].endswith("kernel")
+        },
+    )
+    banned = ("lth_tf", "tf_keras", "tensorflow_model_optimization")
+    print("IMPORTED", sorted(m for m in sys.modules if m.split(".")[0] in banned))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def reloaded(run, trained, tmp_path_factory):
+    """Outputs and kernels of the exported SavedModel as a fresh `import tensorflow` sees them."""
+    out = tmp_path_factory.mktemp("reloaded")
+    x = trained["data"].arrays.x_test
+    assert x.dtype == np.uint8
+    np.save(out / "x.npy", x)
+    script = out / "reload.py"
+    script.write_text(_RELOAD)
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            run["result"]["sparse"]["path"],
+            str(out / "x.npy"),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(out),  # not the repository: `import lth_tf` must not be what loads it
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kernels = dict(np.load(out / "kernels.npz"))
+    return {
+        "x": x,
+        "uint8": np.load(out / "uint8.npy"),
+        "float": np.load(out / "float.npy"),
+        "kernels": {k.replace("__", "/"): v for k, v in kernels.items()},
+        "stdout": proc.stdout,
+    }
+
+
+def _kernel_for(layer: str, kernels: dict) -> np.ndarray:
+    # Exported variable names carry the wrapper's scope, e.g. 'masked_layer_fc1/kernel'.
+    found = [k for k in kernels if k == f"{layer}/kernel" or k.endswith(f"_{layer}/kernel")]
+    assert len(found) == 1, (layer, sorted(kernels))
+    return kernels[found[0]]
+
+
+def test_savedmodel_loads_in_plain_tensorflow_and_matches_the_trained_model(reloaded, trained):
+    assert "IMPORTED []" in reloaded["stdout"], reloaded["stdout"]
+    data = trained["data"]
+    x = (reloaded["x"].astype(np.float32) / 255.0 - data.mean) / data.std
+    expected = tf.nn.softmax(trained["model"](x, training=False), axis=-1).numpy()
+    assert reloaded["uint8"].shape == (len(x), data.num_classes)
+    np.testing.assert_allclose(reloaded["uint8"], expected, rtol=1e-5, atol=1e-6)
+    # serving_float takes the same pixels as floats in [0, 255].
+    np.testing.assert_allclose(reloaded["float"], reloaded["uint8"], rtol=1e-6, atol=1e-7)
+
+
+def test_exported_kernels_are_zero_exactly_where_the_mask_is(run, reloaded, trained):
+    layers = run["result"]["layers"]
+    assert len(layers) == len(trained["masks"]) == len(reloaded["kernels"])
+    for name, mask in trained["masks"].items():
+        kernel = _kernel_for(name, reloaded["kernels"])
+        assert kernel.shape == mask.shape
+        np.testing.assert_array_equal(kernel == 0, mask == 0, err_msg=name)
+        # export.json's per-layer counts, measured from the reloaded model, agree.
+        entry = layers[[k for k in layers if k.endswith(f"{name}/kernel")][0]]
+        assert entry["size"] - entry["nonzero"] == int(np.sum(mask == 0))
+        assert entry["nonzero"] == int(np.sum(mask != 0))
+    summary = files.read_json(paths.summary_file(paths.round_dir(run["run_dir"], ROUND)))
+    assert run["result"]["density_all_kernels"] == pytest.approx(summary["density"], abs=1e-6)
+
+
+def test_exported_accuracy_is_the_recorded_one(run, reloaded, trained):
+    summary = files.read_json(paths.summary_file(paths.round_dir(run["run_dir"], ROUND)))
+    result = run["result"]
+    assert result["recorded_test_accuracy"] == summary["test_accuracy"]
+    assert result["exported_test_accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-6)
+    # And independently, from the fresh process's probabilities on the whole test split.
+    y = trained["data"].arrays.y_test
+    assert np.mean(reloaded["uint8"].argmax(-1) == y) == pytest.approx(
+        summary["test_accuracy"], abs=1e-6
+    )
+    on_disk = files.read_json(paths.export_report_file(run["run_dir"], ROUND))
+    assert on_disk["exported_test_accuracy"] == result["exported_test_accuracy"]
+
+
+def test_sparse_export_compresses_by_about_its_density(run):
+    result = run["result"]
+    density = result["density_all_kernels"]
+    ratio = result["zip_ratio_sparse_over_dense"]
+    assert density == pytest.approx(0.25, abs=0.01)
+    assert result["sparse"]["zip_bytes"] < result["dense"]["zip_bytes"]
+    # The surviving float32 weights are high-entropy and barely compress, the zeros
+    # compress to almost nothing, and the graph (saved_model.pb, ~76 KB raw) is the
+    # same in both: so the ratio is the density plus a little (the graph, the
+    # mask's positions). Measured: 0.37 at 25% density (0.61 at 50%). Below the
+    # density would mean surviving weights went missing; more than density + 0.2
+    # would mean the zeros are not stored as zeros.
+    assert density < ratio < density + 0.2, (ratio, density)
+    # Without compression a SavedModel stores every weight, zero or not.
+    assert result["raw_ratio_sparse_over_dense"] == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
+def test_tflite_runs_and_agrees_with_the_savedmodel(run, reloaded):
+    path = run["result"]["tflite"]["path"]
+    assert path == paths.tflite_file(run["run_dir"], ROUND) and files.exists(path)
+    interpreter = tf.lite.Interpreter(model_path=path)
+    runner = interpreter.get_signature_runner("serving_default")
+    x = reloaded["x"][:64]
+    probs = runner(images=x)["probabilities"]
+    np.testing.assert_array_equal(probs.argmax(-1), reloaded["uint8"][:64].argmax(-1))
+    np.testing.assert_allclose(probs, reloaded["uint8"][:64], atol=1e-5)
+
+
+def test_report_gets_an_export_line(run):
+    with open(paths.report_file(run["run_dir"])) as f:
+        text = f.read()
+    assert "## Sparse exports" in text
+    section = text.split("## Sparse exports")[1].split("##")[0]
+    rows = [line for line in section.splitlines() if line.startswith(f"| {ROUND} | 25.00 |")]
+    assert len(rows) == 1, section
+    assert rows[0].endswith(f"| {run['result']['zip_ratio_sparse_over_dense']:.3f} |")
+
+
+# ---- the default round --------------------------------------------------------------------
+
+
+def _fake_run(root, rounds_, branches=None) -> str:
+    """A run layout with only round_NN/summary.json files (all choose_round reads)."""
+    run_dir = str(root)
+    for r, (density, acc) in rounds_.items():
+        files.write_json(
+            paths.summary_file(paths.round_dir(run_dir, r)),
+            {"round": r, "density": density, "test_accuracy": acc},
+        )
+    for branch, items in (branches or {}).items():
+        for r, (density, acc) in items.items():
+            files.write_json(
+                paths.summary_file(paths.round_dir(run_dir, r, branch)),
+                {"round": r, "density": density, "test_accuracy": acc},
+            )
+    return run_dir
+
+
+def test_choose_round_takes_the_sparsest_round_within_0_2_points(tmp_path):
+    run_dir = _fake_run(
+        tmp_path / "a",
+        {
+            0: (1.0, 0.9800),
+            1: (0.8, 0.9790),  # 0.1 points below: matching
+            2: (0.64, 0.9850),  # above dense: matching
+            3: (0.512, 0.9770),  # 0.3 points below: not matching
+            4: (0.41, 0.9785),  # 0.15 below: matching, and the sparsest
+            5: (0.328, 0.9700),  # sparser, 1 point below
+        },
+        branches={"random_reinit": {4: (0.41, 0.99), 6: (0.2, 0.99)}},  # not IMP: ignored
+    )
+    os.makedirs(paths.round_dir(run_dir, 7))  # unfinished (no summary.json): ignored
+    best, why = export.choose_round(run_dir)
+    assert best == 4
+    assert "round 4" in why and "41.00%" in why and "98.00%" in why
+
+
+def test_choose_round_falls_back_to_dense_when_nothing_matches(tmp_path):
+    run_dir = _fake_run(tmp_path / "b", {0: (1.0, 0.90), 1: (0.8, 0.89), 2: (0.64, 0.85)})
+    assert export.choose_round(run_dir)[0] == 0
+
+
+def test_choose_round_needs_a_finished_dense_round(tmp_path):
+    run_dir = _fake_run(tmp_path / "c", {1: (0.8, 0.9)})
+    with pytest.raises(export.ExportError, match="no finished dense round"):
+        export.choose_round(run_dir)
+
+
+# ---- errors ---------------------------------------------------------------------------
+
+
+def _copy(run, tmp_path) -> str:
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(run["pristine"], run_dir)
+    return run_dir
+
+
+def test_export_of_a_missing_round_is_a_clear_error(run, tmp_path):
+    run_dir = _copy(run, tmp_path)
+    with pytest.raises(export.ExportError, match=r"Round 9 .* does not exist.*\[0, 1, 2\]"):
+        export.export(run_dir, round_index=9, log=_noop)
+    assert not os.path.exists(os.path.join(run_dir, "export"))
+
+
+def test_export_of_an_unfinished_round_is_a_clear_error(run, tmp_path):
+    run_dir = _copy(run, tmp_path)
+    rdir = paths.round_dir(run_dir, 3)
+    os.makedirs(rdir)
+    shutil.copy(paths.masks_file(paths.round_dir(run_dir, 2)), paths.masks_file(rdir))
+    with pytest.raises(export.ExportError, match=r"Round 3 .* is unfinished.*\[0, 1, 2\]"):
+        export.export(run_dir, round_index=3, log=_noop)
+    # A round whose summary.json is gone (killed before writing it) is unfinished too.
+    os.remove(paths.summary_file(paths.round_dir(run_dir, 2)))
+    with pytest.raises(export.ExportError, match=r"Round 2 .* is unfinished.*\[0, 1\]"):
+        export.export(run_dir, round_index=2, log=_noop)
+    assert not os.path.exists(os.path.join(run_dir, "export"))
+
+
+@pytest.mark.parametrize("kind", ["empty", "missing", "other"])
+def test_export_of_something_that_is_not_a_run_is_a_clear_error(tmp_path, kind):
+    target = tmp_path / "target"
+    if kind == "empty":
+        target.mkdir()
+    elif kind == "other":
+        target.mkdir()
+        (target / "notes.txt").write_text("hello")
+        os.makedirs(paths.round_dir(str(target), 0))
+    with pytest.raises(export.ExportError, match="is not an lth_tf run directory"):
+        export.export(str(target), round_index=0, log=_noop)
+    with pytest.raises(export.ExportError, match="is not an lth_tf run directory"):
+        export.export(str(target), log=_noop)  # the default round too
+    assert not os.path.exists(target / "export")
+
+
+def test_export_json_is_valid_and_complete(run):
+    with open(paths.export_report_file(run["run_dir"], ROUND)) as f:
+        on_disk = json.load(f)
+    for key in (
+        "round",
+        "layers",
+        "density_all_kernels",
+        "density_prunable",
+        "exported_test_accuracy",
+        "recorded_test_accuracy",
+        "dense",
+        "sparse",
+        "tflite",
+        "zip_ratio_sparse_over_dense",
+    ):
+        assert key in on_disk, key
+    assert on_disk["round"] == ROUND
