@@ -115,3 +115,43 @@ class PeriodEnd(_StepMapper):
             self.writer.flush()
         if self.on_period_end is not None:
             self.on_period_end(step)
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on SIGINT/SIGTERM after saving a resumable checkpoint."""
+
+
+class StopRequest:
+    """Set by the entry points' signal handlers; training stops at the next batch boundary."""
+
+    signal_name: str | None = None
+
+    @classmethod
+    def install(cls) -> None:
+        """SIGINT and SIGTERM request a clean stop; a second SIGINT stops at once."""
+        import signal
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if cls.signal_name is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            cls.signal_name = name
+            print(
+                f"\n{name} received: saving a checkpoint at the next step, then stopping. "
+                "Rerun the same command to resume.",
+                flush=True,
+            )
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+class BatchEnd(keras.callbacks.Callback):
+    """Calls `f(logs)` after every execution of steps_per_execution steps."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.f(logs or {})

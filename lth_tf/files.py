@@ -4,6 +4,8 @@ A reader never sees half a file: a file either has its final content or does
 not exist. Errors on read name the file and say what to do.
 """
 
+import errno
+import hashlib
 import io
 import json
 import os
@@ -19,9 +21,34 @@ def _atomic_write(path: str, data: bytes) -> None:
     if directory:
         tf.io.gfile.makedirs(directory)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-        f.write(data)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    try:
+        _failpoint("kill", path)
+        with tf.io.gfile.GFile(tmp, "wb") as f:
+            _failpoint("enospc", path)
+            f.write(data)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    except BaseException:
+        # A full disk or an exception leaves no temporary file behind; a kill can,
+        # and it is harmless: readers only ever open final names.
+        if tf.io.gfile.exists(tmp):
+            tf.io.gfile.remove(tmp)
+        raise
+
+
+def _failpoint(action: str, path: str) -> None:
+    """Fault injection for the crash-safety tests (LTH_TF_FAILPOINT).
+
+    'kill:<substring>' ends the process at once (as SIGKILL would) when a file
+    whose path contains <substring> is about to be written; 'enospc:<substring>'
+    raises the error of a full disk there instead.
+    """
+    spec = os.environ.get("LTH_TF_FAILPOINT", "")
+    wanted, _, pattern = spec.partition(":")
+    if wanted != action or not pattern or pattern not in path:
+        return
+    if action == "kill":
+        os._exit(137)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
 
 def exists(path: str) -> bool:
@@ -45,32 +72,63 @@ def read_json(path: str):
         with tf.io.gfile.GFile(path, "rb") as f:
             return json.loads(f.read())
     except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{path} is not valid JSON ({e}); the file is damaged. Delete it to "
-            "recompute that step, or restore it from a backup."
-        ) from e
+        raise DamagedFileError(path, f"is not valid JSON ({e})") from e
+
+
+_CHECKSUM_KEY = "__sha256__"
+
+
+def _checksum(arrays: dict) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def write_npz(path: str, arrays: dict, compress: bool = True) -> None:
-    """Writes arrays; `compress=False` for float weights, which barely compress."""
+    """Writes arrays with a sha256 of their contents; `compress=False` for float weights."""
     buffer = io.BytesIO()
-    (np.savez_compressed if compress else np.savez)(buffer, **arrays)
+    payload = {**arrays, _CHECKSUM_KEY: np.frombuffer(_checksum(arrays).encode(), np.uint8)}
+    (np.savez_compressed if compress else np.savez)(buffer, **payload)
     _atomic_write(path, buffer.getvalue())
 
 
 def read_npz(path: str) -> dict:
+    """Reads arrays written by write_npz and verifies their checksum.
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+      DamagedFileError: the file is truncated, corrupted or not ours.
+    """
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
             blob = f.read()
-        with np.load(io.BytesIO(blob), allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
     except tf.errors.NotFoundError:
         raise FileNotFoundError(f"{path} does not exist.") from None
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
     except Exception as e:
-        raise ValueError(
-            f"{path} cannot be read ({e}); the file is damaged. Delete it to "
-            "recompute that step, or restore it from a backup."
-        ) from e
+        raise DamagedFileError(path, f"cannot be read ({type(e).__name__}: {e})") from e
+    stored = arrays.pop(_CHECKSUM_KEY, None)
+    if stored is None:
+        raise DamagedFileError(path, "has no checksum: it was not written by lth_tf")
+    if stored.tobytes().decode() != _checksum(arrays):
+        raise DamagedFileError(path, "fails its sha256 checksum")
+    return arrays
+
+
+class DamagedFileError(ValueError):
+    """A run's file is truncated or corrupted."""
+
+    def __init__(self, path: str, what: str):
+        super().__init__(
+            f"{path} {what}; the file is damaged. Delete it (and, for a round's file, that "
+            "round's summary.json) and rerun the same command to recompute it."
+        )
+        self.path = path
 
 
 def read_jsonl(path: str) -> list:
@@ -85,7 +143,7 @@ def read_jsonl(path: str) -> list:
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # a line cut short by a kill; the round replays it
                 break
-            raise ValueError(f"{path}, line {i + 1}, is not valid JSON: {line[:80]!r}") from None
+            raise DamagedFileError(path, f"line {i + 1} is not valid JSON: {line[:80]!r}") from None
     return records
 
 

@@ -6,11 +6,14 @@ control, and prints the accuracy-vs-density table. `--flagfile=flags/...`
 runs a paper experiment. Rerunning the same command resumes the run.
 """
 
+import errno
+import os
 import sys
 
 from absl import app, flags, logging
 
-from lth_tf import distribute, flagdefs, paths, report, rounds
+from lth_tf import distribute, files, flagdefs, paths, report, rounds
+from lth_tf.callbacks import DivergedError, Interrupted, StopRequest
 from lth_tf.keras import keras, tf
 
 FLAGS = flags.FLAGS
@@ -27,6 +30,10 @@ def main(argv):
     if FLAGS.print_config:
         print(f"Run directory: {run_dir}\n{config.to_json()}")
         return 0
+    problem = _root_dir_problem(FLAGS.root_dir)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if FLAGS.deterministic:
         keras.utils.set_random_seed(config.seed)
         tf.config.experimental.enable_op_determinism()
@@ -51,20 +58,68 @@ def main(argv):
     log(f"Run directory: {run_dir} ({strategy.num_replicas_in_sync} replica(s))")
     if config.rounds == 0:
         log("No --rounds or --target_density given: training the dense network (round 0) only.")
-    experiment.run()
+    try:
+        experiment.run()
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130 if StopRequest.signal_name == "SIGINT" else 143
+    except DivergedError as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return 3
+    except (files.DamagedFileError, rounds.CorruptRunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            print(
+                f"error: the disk is full (writing {e.filename}). Free some space and rerun the "
+                "same command: finished rounds are kept and the unfinished one resumes from its "
+                "last checkpoint.",
+                file=sys.stderr,
+            )
+            return 2
+        raise
     if chief:
         print(report.write_report(run_dir))
         print(f"\nReport: {paths.report_file(run_dir)}\nPlot:   {paths.plot_file(run_dir)}")
     return 0
 
 
+def _root_dir_problem(root: str) -> str | None:
+    """Why runs cannot be written under `root` (checked before anything is written)."""
+    if "://" in root:  # gs:// and other remote file systems: checked on first write
+        return None
+    path = os.path.abspath(root)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return (
+            f"--root_dir={root}: {path} is a file, not a directory. Choose a directory for "
+            "the runs, e.g. --root_dir=runs."
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        return (
+            f"--root_dir={root}: {path} is not writable by this user. Choose a writable "
+            "directory, or fix its permissions."
+        )
+    return None
+
+
+def define_flags() -> None:
+    """Defines this entry point's flags (once per process)."""
+    if "print_config" not in FLAGS:
+        if "arch" not in FLAGS:
+            flagdefs.define_train_flags()
+            flagdefs.define_prune_flags()
+        flagdefs.define_distribute_flags()
+        flags.DEFINE_boolean(
+            "print_config", False, "Print the resolved config and run directory; train nothing."
+        )
+
+
 def run():
-    flagdefs.define_train_flags()
-    flagdefs.define_prune_flags()
-    flagdefs.define_distribute_flags()
-    flags.DEFINE_boolean(
-        "print_config", False, "Print the resolved config and run directory; train nothing."
-    )
+    StopRequest.install()
+    define_flags()
     logging.set_verbosity(logging.WARNING)
     app.run(main)
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from lth_tf import data as data_lib
 from lth_tf import files, masks, models, paths, presets, sparsity, train
+from lth_tf.callbacks import BatchEnd, Interrupted, StopRequest
 from lth_tf.config import RunConfig
 from lth_tf.keras import keras, tf
 
@@ -25,6 +26,10 @@ IMP = "imp"
 
 class RunDirError(ValueError):
     """The run directory does not fit this config."""
+
+
+class CorruptRunError(ValueError):
+    """A file of the run is damaged or inconsistent with the others."""
 
 
 def open_run_dir(config: RunConfig, run_dir: str, write: bool = True) -> None:
@@ -177,10 +182,8 @@ class Experiment:
 
     def imp_masks(self, r: int) -> dict:
         """Masks of IMP round r: round r-1's masks pruned by magnitude of its final weights."""
-        rdir = paths.round_dir(self.run_dir, r)
-        path = paths.masks_file(rdir)
-        if files.exists(path):
-            return files.read_npz(path)
+        # Always recomputed (cheap): _train_round checks a saved masks.npz against it,
+        # so a mask file that does not follow from the previous round is detected.
         prev = paths.round_dir(self.run_dir, r - 1)
         prev_masks = files.read_npz(paths.masks_file(prev))
         final = files.read_npz(paths.checkpoint_file(prev, "final"))
@@ -239,7 +242,11 @@ class Experiment:
             if set(saved) != set(round_masks) or any(
                 not np.array_equal(saved[n], round_masks[n]) for n in saved
             ):
-                raise RuntimeError(f"{masks_path} does not match the masks computed for {label}.")
+                raise CorruptRunError(
+                    f"{masks_path} does not match the masks that follow from the previous round "
+                    f"for {label}: the file was changed or the run is damaged. Delete "
+                    f"{rdir} to recompute the round."
+                )
         elif self.write:
             files.write_npz(masks_path, round_masks)
             files.write_json(paths.sparsity_file(rdir), masks.report(round_masks))
@@ -248,7 +255,13 @@ class Experiment:
         resume = paths.resume_dir(rdir)
         latest = tf.train.latest_checkpoint(resume) if files.exists(resume) else None
         if latest:
-            self.checkpoint.read(latest).assert_existing_objects_matched()
+            try:
+                self.checkpoint.restore(latest).assert_existing_objects_matched()
+            except (tf.errors.OpError, ValueError, AssertionError) as e:
+                raise CorruptRunError(
+                    f"The mid-round checkpoint {latest} cannot be restored ({type(e).__name__}: "
+                    f"{str(e)[:200]}). Delete {resume} to restart {label} from its start."
+                ) from e
             start = int(self.model.optimizer.iterations.numpy())
             self.log(f"   resuming {label} from its checkpoint at step {start}")
         else:
@@ -282,6 +295,23 @@ class Experiment:
                 self._save_checkpoint(resume)
                 last_save[0] = time.time()
 
+        def on_batch_end(logs):
+            # Mid-period checkpoints (preemptible machines) and clean stops on signals;
+            # never a checkpoint of weights that already diverged.
+            loss = logs.get("loss")
+            healthy = loss is None or np.isfinite(float(loss))
+            if StopRequest.signal_name is not None:
+                if healthy:
+                    self._save_checkpoint(resume)
+                self.model.stop_training = True
+            elif (
+                self.checkpoint_seconds > 0
+                and healthy
+                and time.time() - last_save[0] >= self.checkpoint_seconds
+            ):
+                self._save_checkpoint(resume)
+                last_save[0] = time.time()
+
         writer = tf.summary.create_file_writer(paths.tensorboard_dir(rdir)) if self.write else None
         train.fit_segment(
             self.model,
@@ -298,7 +328,15 @@ class Experiment:
             write=self.write,
             elapsed=clock,
             data_seed=data_seed,
+            extra_callbacks=[BatchEnd(on_batch_end)],
+            should_stop=lambda: StopRequest.signal_name is not None,
         )
+        if StopRequest.signal_name is not None:
+            step = int(self.model.optimizer.iterations.numpy())
+            raise Interrupted(
+                f"Stopped by {StopRequest.signal_name} in {label} at step {step}, after saving a "
+                "checkpoint. Rerun the same command to resume from it."
+            )
         self.trained.append((branch, r))
         test = train.evaluate(self.model, self.data, "test", train.eval_batch_size(self.config))
         final = sparsity.get_weights(self.model)

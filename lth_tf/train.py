@@ -164,6 +164,7 @@ def fit_segment(
     data_seed=None,
     elapsed=None,
     extra_callbacks=(),
+    should_stop=None,
 ):
     """Trains `model` from step `start` to step `end` of the schedule.
 
@@ -176,6 +177,9 @@ def fit_segment(
       write: False on non-chief workers.
       data_seed: overrides config.data_seed (stability analyses).
       elapsed: `f()` -> seconds the round has run, for the metrics lines.
+      extra_callbacks: more Keras callbacks for every fit call.
+      should_stop: `f()` -> True once a callback stopped training for good (a
+        signal): the remaining fit calls are skipped.
     """
     if int(model.optimizer.iterations.numpy()) != start:
         raise RuntimeError(
@@ -185,6 +189,8 @@ def fit_segment(
     validation = data.eval("validation", eval_batch_size(config))
     recorded = record_at is None
     for first, length, count in pieces(start, end, schedule.eval_every):
+        if should_stop is not None and should_stop():
+            return
         callbacks = [
             PeriodEnd(first, length, metrics_path, summary_writer, on_period_end, write, elapsed),
             *extra_callbacks,
@@ -200,6 +206,8 @@ def fit_segment(
             callbacks=callbacks,
             verbose=config.verbose if count > 1 or length > 1 else 0,
         )
+    if should_stop is not None and should_stop():
+        return
     if not recorded and record_at == end:
         on_record(end)
 
