@@ -172,6 +172,7 @@ class Stability:
         start = self.weights_at(k)
         kernels = [f"{n}/kernel" for n in round_masks]
         repeats = []
+        accuracies = []  # test accuracy of every trained copy (accuracy against k)
         for j in range(self.repeats):
             finals = []
             for c in (1, 2):
@@ -181,6 +182,7 @@ class Stability:
                     rdir, r, f"k{k}_r{j}_c{c}", round_masks, start, k, data_seed=seed
                 )
                 finals.append(files.read_npz(paths.checkpoint_file(rdir, "final")))
+                accuracies.append(files.read_json(paths.summary_file(rdir))["test_accuracy"])
             alphas = np.linspace(0.0, 1.0, self.num_alphas)
             path = error_along_path(
                 self.experiment,
@@ -216,6 +218,8 @@ class Stability:
             result[f"{key}_mean"] = float(np.mean(values))
             result[f"{key}_std"] = float(np.std(values))
         result["stable"] = result["test_barrier_mean"] < STABLE_BARRIER
+        result["test_accuracy_mean"] = float(np.mean(accuracies))
+        result["test_accuracy_std"] = float(np.std(accuracies))
         if r > 0 and k == self.schedule.rewind:
             sub = paths.checkpoint_file(paths.round_dir(self.run_dir, r), "final")
             full = paths.checkpoint_file(paths.round_dir(self.run_dir, 0), "final")
@@ -276,9 +280,21 @@ def _plot_path(result) -> bytes:
 
 
 def _plot_sweep(results) -> bytes:
+    """Instability and accuracy against the rewind step k (the papers' figures)."""
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, (ax, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
     ks = [r["rewind_step"] for r in results]
+    linthresh = max(1, min([k for k in ks if k > 0], default=1))
+    ax_acc.errorbar(
+        ks,
+        [100 * r.get("test_accuracy_mean", float("nan")) for r in results],
+        yerr=[100 * r.get("test_accuracy_std", 0.0) for r in results],
+        fmt="o-",
+    )
+    ax_acc.set_xlabel("rewind step k")
+    ax_acc.set_ylabel("test accuracy of the trained copies (%)")
+    ax_acc.set_xscale("symlog", linthresh=linthresh)
+    ax_acc.grid(alpha=0.3)
     ax.errorbar(
         ks,
         [100 * r["test_barrier_mean"] for r in results],
@@ -296,7 +312,7 @@ def _plot_sweep(results) -> bytes:
     ax.axhline(100 * STABLE_BARRIER, color="gray", ls=":", label="2% (stable)")
     ax.set_xlabel("rewind step k")
     ax.set_ylabel("instability: error barrier (%)")
-    ax.set_xscale("symlog", linthresh=max(1, min([k for k in ks if k > 0], default=1)))
+    ax.set_xscale("symlog", linthresh=linthresh)
     ax.legend()
     ax.grid(alpha=0.3)
     return _png(plt, fig)
@@ -309,8 +325,8 @@ def table(run_dir: str) -> str:
         return ""
     rows = [
         "| round | density % | k | test barrier % | train barrier % | stable | "
-        "data-order dist. | pruning dist. | BN |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "copies' test acc % | data-order dist. | pruning dist. | BN |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rname in sorted(tf.io.gfile.listdir(root)):
         rname = rname.rstrip("/")
@@ -325,7 +341,9 @@ def table(run_dir: str) -> str:
                 f"| {p['round']} | {100 * p['density']:.2f} | {p['rewind_step']} | "
                 f"{100 * p['test_barrier_mean']:.2f} ± {100 * p['test_barrier_std']:.2f} | "
                 f"{100 * p['train_barrier_mean']:.2f} ± {100 * p['train_barrier_std']:.2f} | "
-                f"{'yes' if p['stable'] else 'no'} | {p['data_order_distance_mean']:.3f} | "
+                f"{'yes' if p['stable'] else 'no'} | "
+                f"{100 * p.get('test_accuracy_mean', float('nan')):.2f} | "
+                f"{p['data_order_distance_mean']:.3f} | "
                 f"{p.get('pruning_distance', float('nan')):.3f} | {p['batchnorm']} |"
             )
     return "\n".join(rows) if len(rows) > 2 else ""

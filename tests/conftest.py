@@ -4,7 +4,16 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import io  # noqa: E402
+import tarfile  # noqa: E402
+
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+TRAIN_SYNSETS = ("n01440764", "n01443537", "n01484850")  # Labels 0, 1, 2.
+TRAIN_PER_CLASS = 8
+NUM_TRAIN = len(TRAIN_SYNSETS) * TRAIN_PER_CLASS  # 24
+NUM_VALIDATION = 6
 
 TINY = dict(
     dataset="synthetic:8x8x1:4",
@@ -30,3 +39,44 @@ def tiny_config():
         return make_config("lenet_300_100", **{**TINY, **overrides})
 
     return make
+
+
+def _jpeg(rng, height, width):
+    pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    from lth_tf.keras import tf
+
+    return tf.io.encode_jpeg(pixels).numpy()
+
+
+def _add_to_tar(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="session")
+def imagenet_dir(tmp_path_factory):
+    """A data_dir with a real tfds preparation of a 24 + 6 image fake ImageNet."""
+    data_dir = tmp_path_factory.mktemp("tfds")
+    manual_dir = data_dir / "downloads" / "manual"
+    manual_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with tarfile.open(manual_dir / "ILSVRC2012_img_train.tar", "w") as outer:
+        for synset in TRAIN_SYNSETS:
+            inner_bytes = io.BytesIO()
+            with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
+                for i in range(TRAIN_PER_CLASS):
+                    height, width = rng.integers(20, 60, size=2)
+                    _add_to_tar(inner, f"{synset}_{i}.JPEG", _jpeg(rng, height, width))
+            _add_to_tar(outer, f"{synset}.tar", inner_bytes.getvalue())
+    with tarfile.open(manual_dir / "ILSVRC2012_img_val.tar", "w") as tar:
+        for i in range(1, NUM_VALIDATION + 1):
+            _add_to_tar(tar, f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg(rng, 30, 45))
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("imagenet2012", data_dir=os.fspath(data_dir))
+    # Several files per split, so that the per-epoch file order is exercised.
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, num_shards=3)
+    )
+    return os.fspath(data_dir)
