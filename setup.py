@@ -48,6 +48,8 @@ setup(
         "console_scripts": [
             "lth-imp=lth_tf.imp:run",
             "lth-report=lth_tf.report:run",
+            "lth-stability=lth_tf.stability:run",
+            "lth-export=lth_tf.export:run",
         ]
     },
 )

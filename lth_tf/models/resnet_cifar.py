@@ -32,17 +32,26 @@ def basic_block(x, filters: int, stride: int, prefix: str, layers: LayerFactory)
     _shortcut_bn], _add, _out (and _pad1 before a strided conv1).
     """
     shortcut = x
-    if stride > 1:
-        x = strided_pad(f"{prefix}_pad1")(x)
-        x = layers.conv(
-            filters, 3, f"{prefix}_conv1", strides=stride, padding="valid", use_bias=False
-        )(x)
-    else:
-        x = layers.conv(filters, 3, f"{prefix}_conv1", use_bias=False)(x)
+    x = conv3x3(x, filters, stride, prefix, 1, layers)
     x = layers.batch_norm(f"{prefix}_bn1")(x)
     x = keras.layers.ReLU(name=f"{prefix}_relu1")(x)
     x = layers.conv(filters, 3, f"{prefix}_conv2", use_bias=False)(x)
     x = layers.batch_norm(f"{prefix}_bn2")(x)
+    return add_shortcut(x, shortcut, filters, stride, prefix, layers)
+
+
+def conv3x3(x, filters: int, stride: int, prefix: str, index: int, layers: LayerFactory):
+    """{prefix}_conv{index}: a 3x3 conv; strided ones pad symmetrically first (as PyTorch)."""
+    if stride == 1:
+        return layers.conv(filters, 3, f"{prefix}_conv{index}", use_bias=False)(x)
+    x = strided_pad(f"{prefix}_pad{index}")(x)
+    return layers.conv(
+        filters, 3, f"{prefix}_conv{index}", strides=stride, padding="valid", use_bias=False
+    )(x)
+
+
+def add_shortcut(x, shortcut, filters: int, stride: int, prefix: str, layers: LayerFactory):
+    """Adds the (projected, where the shape changes) shortcut and applies the final ReLU."""
     if stride > 1 or shortcut.shape[-1] != filters:
         shortcut = layers.conv(
             filters, 1, f"{prefix}_shortcut_conv", strides=stride, padding="valid", use_bias=False

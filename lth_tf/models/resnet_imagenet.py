@@ -9,7 +9,7 @@ numbered 2 to 5 after the paper's conv2_x..conv5_x.
 
 from lth_tf.keras import keras
 from lth_tf.models._layers import LayerFactory
-from lth_tf.models.resnet_cifar import strided_pad
+from lth_tf.models.resnet_cifar import add_shortcut, conv3x3
 
 STAGES = (3, 4, 6, 3)
 WIDTHS = (64, 128, 256, 512)
@@ -27,24 +27,12 @@ def bottleneck_block(x, width: int, stride: int, prefix: str, layers: LayerFacto
     x = layers.conv(width, 1, f"{prefix}_conv1", use_bias=False)(x)
     x = layers.batch_norm(f"{prefix}_bn1")(x)
     x = keras.layers.ReLU(name=f"{prefix}_relu1")(x)
-    if stride > 1:
-        x = strided_pad(f"{prefix}_pad2")(x)
-        x = layers.conv(
-            width, 3, f"{prefix}_conv2", strides=stride, padding="valid", use_bias=False
-        )(x)
-    else:
-        x = layers.conv(width, 3, f"{prefix}_conv2", use_bias=False)(x)
+    x = conv3x3(x, width, stride, prefix, 2, layers)
     x = layers.batch_norm(f"{prefix}_bn2")(x)
     x = keras.layers.ReLU(name=f"{prefix}_relu2")(x)
     x = layers.conv(filters, 1, f"{prefix}_conv3", use_bias=False)(x)
     x = layers.batch_norm(f"{prefix}_bn3")(x)
-    if stride > 1 or shortcut.shape[-1] != filters:
-        shortcut = layers.conv(
-            filters, 1, f"{prefix}_shortcut_conv", strides=stride, padding="valid", use_bias=False
-        )(shortcut)
-        shortcut = layers.batch_norm(f"{prefix}_shortcut_bn")(shortcut)
-    x = keras.layers.Add(name=f"{prefix}_add")([x, shortcut])
-    return keras.layers.ReLU(name=f"{prefix}_out")(x)
+    return add_shortcut(x, shortcut, filters, stride, prefix, layers)
 
 
 def resnet50(x, num_classes: int, layers: LayerFactory):
