@@ -67,6 +67,9 @@ class PeriodEnd(_StepMapper):
       metrics_path: JSON lines file, appended to (one line per period).
       summary_writer: a tf.summary writer or None.
       on_period_end: optional `f(step)` run after logging (e.g. a checkpoint save).
+      write: False on non-chief workers.
+      elapsed: `f()` -> seconds the round has run (across resumptions).
+      test_data: a dataset evaluated each period too (test_loss, test_accuracy).
     """
 
     def __init__(
@@ -78,13 +81,15 @@ class PeriodEnd(_StepMapper):
         on_period_end=None,
         write=True,
         elapsed=None,
+        test_data=None,
     ):
         super().__init__(first_step, period)
-        self.elapsed = elapsed
         self.metrics_path = metrics_path
         self.writer = summary_writer
         self.on_period_end = on_period_end
         self.write = write
+        self.elapsed = elapsed
+        self.test_data = test_data
         self._t0 = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -104,6 +109,9 @@ class PeriodEnd(_StepMapper):
             lr = lr(max(step - 1, 0))
         record["lr"] = float(lr.numpy() if hasattr(lr, "numpy") else lr)
         record.update({k: float(v) for k, v in logs.items()})
+        if self.test_data is not None:
+            test = self.model.evaluate(self.test_data, verbose=0, return_dict=True)
+            record.update({f"test_{k}": float(v) for k, v in test.items()})
         if self.write and self.metrics_path:
             with tf.io.gfile.GFile(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -84,14 +84,23 @@ def _serving_module(model, mean, std, input_shape):
 
 
 def _save(model, data, directory):
-    if files.exists(directory):
-        tf.io.gfile.rmtree(directory)
+    # Written beside its final name and renamed into place: a killed export never
+    # leaves a half-written SavedModel where a reader (or TF Serving) looks.
+    tmp = f"{directory}.tmp"
+    for path in (tmp, f"{directory}.old"):
+        if files.exists(path):
+            tf.io.gfile.rmtree(path)
     module = _serving_module(model, data.mean, data.std, data.input_shape)
     tf.saved_model.save(
         module,
-        directory,
+        tmp,
         signatures={"serving_default": module.serve_uint8, "serving_float": module.serve_float},
     )
+    if files.exists(directory):
+        tf.io.gfile.rename(directory, f"{directory}.old")
+    tf.io.gfile.rename(tmp, directory)
+    if files.exists(f"{directory}.old"):
+        tf.io.gfile.rmtree(f"{directory}.old")
 
 
 def _sizes(directory: str) -> dict:

@@ -146,7 +146,9 @@ def define_prune_flags() -> None:
     flags.DEFINE_float(
         "target_density",
         None,
-        "Prune to this density in --rounds rounds (one round by default: one-shot pruning).",
+        "Prune to this density in --rounds rounds (one round by default: one-shot pruning). "
+        "The layers at rate 1 reach it exactly; with --output_rate=0 the output layer stays "
+        "dense, at another rate it prunes at that multiple of each round's fraction.",
     )
     flags.DEFINE_float(
         "output_rate",
@@ -183,19 +185,20 @@ _CONFIG_FLAGS = (
     "target_density",
     "output_rate",
     "controls",
+    "mixed_precision",
 )
 
 
 def config_from_flags() -> config_lib.RunConfig:
     """The run's config: the recipe of --arch with every flag the user set on top."""
     values = {name: getattr(FLAGS, name) for name in _CONFIG_FLAGS if name in FLAGS}
+    if values.get("target_density") is not None and values.get("rounds") is None:
+        values["rounds"] = 1  # one-shot
     if FLAGS.arch is None:
         for key, value in MAIN_JOB.items():
             if values.get(key) is None:
                 values[key] = value
     arch = values.pop("arch", None) or FLAGS.arch or MAIN_JOB["arch"]
-    if values.get("target_density") is not None and values.get("rounds") is None:
-        values["rounds"] = 1  # one-shot
     if values.get("rounds") is None:
         values["rounds"] = 0
     for name in ("lr_drops", "controls"):

@@ -66,7 +66,7 @@ def main(argv):
     except DivergedError as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 3
-    except (files.DamagedFileError, rounds.CorruptRunError) as e:
+    except (files.DamagedFileError, rounds.CorruptRunError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -27,6 +27,8 @@ import types
 #                   (open_lth for LeNet and VGG), 0.5 is the 2019 paper's half rate,
 #                   1 prunes it like any other layer (ResNets)
 #   augment         random flip and pad-and-crop (CIFAR) / random-resized-crop (ImageNet)
+#   test_every_period  also evaluate the test set each period (test accuracy at
+#                   the early-stopping iteration, as the 2019 paper reports it)
 _CIFAR_SGD = dict(
     dataset="cifar10",
     batch_size=128,
@@ -55,6 +57,7 @@ _CONV_ADAM = dict(
     eval_every="500it",
     output_rate=0.5,
     augment=False,
+    test_every_period=True,
 )
 
 RECIPES = types.MappingProxyType(
@@ -74,6 +77,7 @@ RECIPES = types.MappingProxyType(
             eval_every="100it",
             output_rate=0.0,
             augment=False,
+            test_every_period=True,
         ),
         "conv2": dict(_CONV_ADAM, lr=2e-4, training_steps="20000it"),
         "conv4": dict(_CONV_ADAM, lr=3e-4, training_steps="25000it"),

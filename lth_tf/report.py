@@ -6,6 +6,7 @@ table.
 """
 
 import io
+import sys
 
 from absl import app, flags
 
@@ -195,7 +196,11 @@ def write_report(run_dir: str, extra_sections=()) -> str:
 
 def main(argv):
     del argv
-    print(write_report(flags.FLAGS.run_dir))
+    try:
+        print(write_report(flags.FLAGS.run_dir))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(
         f"\nWrote {paths.report_file(flags.FLAGS.run_dir)} and {paths.plot_file(flags.FLAGS.run_dir)}"
     )

@@ -233,6 +233,11 @@ class Experiment:
         summary_path = paths.summary_file(rdir)
         if files.exists(summary_path):
             return files.read_json(summary_path)
+        if StopRequest.signal_name is not None:
+            raise Interrupted(
+                f"Stopped by {StopRequest.signal_name} before round {r} ({branch}); every "
+                "earlier round is finished. Rerun the same command to go on."
+            )
         label = f"round {r}" if branch == IMP else f"round {r} ({branch})"
         density = masks.density(round_masks)
         self.log(f"== {label}: density {density:.4f}, steps {start_step}..{self.schedule.total}")
@@ -277,38 +282,56 @@ class Experiment:
 
         rewind_path = paths.checkpoint_file(rdir, "rewind")
         record_at = None
-        if record_rewind and not files.exists(rewind_path):
+        if record_rewind:
             record_at = self.schedule.rewind
-            if record_at < start:
-                raise RuntimeError(
-                    f"{rewind_path} is missing but round 0 resumed past step {record_at}."
-                )
+            if start > record_at:
+                if not files.exists(rewind_path):
+                    raise CorruptRunError(
+                        f"{rewind_path} is missing but round 0 resumed past step {record_at}. "
+                        f"Delete {rdir} to retrain the dense network."
+                    )
+                record_at = None  # recorded before the checkpoint we resumed from
+            # else: (re)record W_k in this very trajectory, even if a file exists from an
+            # attempt that was killed before its first checkpoint.
 
         def save_rewind(step):
             if self.write:
                 files.write_npz(rewind_path, sparsity.get_weights(self.model), compress=False)
 
+        total = self.schedule.total
+        # Workers of a multi-worker run must take the same checkpoints: they decide by
+        # step (every period end), never by their own clocks.
+        by_clock = not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
         last_save = [time.time()]
 
+        def due():
+            return not by_clock or time.time() - last_save[0] >= self.checkpoint_seconds
+
         def on_period_end(step):
-            if step < self.schedule.total and time.time() - last_save[0] >= self.checkpoint_seconds:
+            if step < total and due():
                 self._save_checkpoint(resume)
                 last_save[0] = time.time()
 
+        def stop(step):
+            raise Interrupted(
+                f"Stopped by {StopRequest.signal_name} in {label} at step {step}, after saving a "
+                "checkpoint there. Rerun the same command to resume from it."
+            )
+
         def on_batch_end(logs):
-            # Mid-period checkpoints (preemptible machines) and clean stops on signals;
-            # never a checkpoint of weights that already diverged.
+            # Clean stops on signals (straight out of fit: no validation pass first) and
+            # mid-period checkpoints for preemptible machines; never a checkpoint of
+            # weights that already diverged.
             loss = logs.get("loss")
-            healthy = loss is None or np.isfinite(float(loss))
+            if loss is not None and not np.isfinite(float(loss)):
+                return
             if StopRequest.signal_name is not None:
-                if healthy:
-                    self._save_checkpoint(resume)
-                self.model.stop_training = True
-            elif (
-                self.checkpoint_seconds > 0
-                and healthy
-                and time.time() - last_save[0] >= self.checkpoint_seconds
-            ):
+                self._save_checkpoint(resume)
+                stop(int(self.model.optimizer.iterations.numpy()))
+            if not by_clock or self.checkpoint_seconds <= 0 or not due():
+                return
+            step = int(self.model.optimizer.iterations.numpy())
+            if step % self.schedule.eval_every and step < total:  # period ends: on_period_end
                 self._save_checkpoint(resume)
                 last_save[0] = time.time()
 
@@ -319,7 +342,7 @@ class Experiment:
             self.config,
             self.schedule,
             start,
-            self.schedule.total,
+            total,
             record_at=record_at,
             on_record=save_rewind,
             metrics_path=metrics_path,
@@ -331,12 +354,11 @@ class Experiment:
             extra_callbacks=[BatchEnd(on_batch_end)],
             should_stop=lambda: StopRequest.signal_name is not None,
         )
-        if StopRequest.signal_name is not None:
-            step = int(self.model.optimizer.iterations.numpy())
-            raise Interrupted(
-                f"Stopped by {StopRequest.signal_name} in {label} at step {step}, after saving a "
-                "checkpoint. Rerun the same command to resume from it."
-            )
+        step = int(self.model.optimizer.iterations.numpy())
+        if StopRequest.signal_name is not None and step < total:
+            # The signal came during an evaluation, after the last batch of a fit call.
+            self._save_checkpoint(resume)
+            stop(step)
         self.trained.append((branch, r))
         test = train.evaluate(self.model, self.data, "test", train.eval_batch_size(self.config))
         final = sparsity.get_weights(self.model)
@@ -406,6 +428,9 @@ def _summary(r, branch, density, start, end, test, metrics, seconds) -> dict:
         "best_validation_accuracy": best.get("val_accuracy"),
         "best_validation_step": best.get("step"),
         "early_stopping_step": lowest.get("step"),  # minimum validation loss, as in the paper
+        # With test_every_period: test accuracy at those iterations (the 2019 paper's figures).
+        "test_accuracy_at_early_stopping": lowest.get("test_accuracy"),
+        "test_accuracy_at_best_validation": best.get("test_accuracy"),
         "min_validation_loss": lowest.get("val_loss"),
         "train_accuracy": last.get("accuracy"),
         "start_step": start,

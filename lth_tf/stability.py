@@ -25,6 +25,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from lth_tf import files, masks, paths, report, rounds, sparsity, steps, train
+from lth_tf.callbacks import Interrupted, StopRequest
 from lth_tf.export import load_run
 from lth_tf.keras import keras, tf
 
@@ -363,11 +364,20 @@ def main(argv):
         spe = analysis.schedule.steps_per_epoch
         texts = f.rewind_steps or [analysis.config.rewind_step]
         ks = [steps.to_steps(t, spe, "rewind_steps") for t in texts]
+        for k in ks:
+            if not 0 <= k < analysis.schedule.total:
+                raise ValueError(
+                    f"--rewind_steps: step {k} is outside the run's schedule [0, "
+                    f"{analysis.schedule.total}) (--training_steps={analysis.config.training_steps})."
+                )
         analysis.masks_of(f.round)
+        analysis.sweep(f.round, ks)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    analysis.sweep(f.round, ks)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130 if StopRequest.signal_name == "SIGINT" else 143
     report.write_report(f.run_dir)
     print(table(f.run_dir))
     print(f"\nPlots: {paths.stability_dir(f.run_dir, f.round)}")
@@ -398,6 +408,7 @@ def run():
         "Evaluate each point on at most this many examples per split (default: all).",
     )
     logging.set_verbosity(logging.WARNING)
+    StopRequest.install()
     app.run(main)
 
 

@@ -187,12 +187,22 @@ def fit_segment(
         )
     seed = config.data_seed if data_seed is None else data_seed
     validation = data.eval("validation", eval_batch_size(config))
+    test_data = data.eval("test", eval_batch_size(config)) if config.test_every_period else None
     recorded = record_at is None
     for first, length, count in pieces(start, end, schedule.eval_every):
         if should_stop is not None and should_stop():
             return
         callbacks = [
-            PeriodEnd(first, length, metrics_path, summary_writer, on_period_end, write, elapsed),
+            PeriodEnd(
+                first,
+                length,
+                metrics_path,
+                summary_writer,
+                on_period_end,
+                write,
+                elapsed,
+                test_data,
+            ),
             *extra_callbacks,
         ]
         if not recorded and first <= record_at <= first + length * count:

@@ -134,3 +134,17 @@ def test_the_entry_point_reports_bad_input_without_a_traceback(tmp_path):
     assert result.returncode != 0
     assert "prune_fraction" in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_mixed_precision_and_distribution_flags_reach_the_config(parse):
+    from lth_tf import imp
+
+    imp.define_flags()
+    c = parse("--arch=resnet50", "--mixed_precision=bfloat16", "--strategy=mirrored")
+    assert c.mixed_precision == "bfloat16"
+    assert FLAGS.strategy == "mirrored"
+
+
+def test_target_density_without_arch_is_still_one_shot(parse):
+    c = parse("--target_density=0.3")
+    assert c.rounds == 1 and c.arch == "lenet_300_100"

@@ -123,3 +123,10 @@ def test_segments_split_at_evaluation_periods():
     assert train.pieces(0, 300, 100) == [(0, 100, 3)]
     assert train.pieces(50, 300, 100) == [(50, 50, 1), (100, 100, 2)]
     assert train.pieces(0, 250, 100) == [(0, 100, 2), (200, 50, 1)]
+
+
+def test_with_a_target_density_the_number_of_rounds_is_part_of_the_run():
+    one_shot = config_lib.make_config("resnet20", target_density=0.3, rounds=1)
+    iterative = config_lib.make_config("resnet20", target_density=0.3, rounds=4)
+    assert one_shot.hash8() != iterative.hash8()
+    assert "rounds" in one_shot.differences(iterative)

@@ -171,3 +171,21 @@ def test_synthetic_data_copies_the_architecture_shape():
     assert data.load("synthetic", arch_dataset="cifar10").input_shape == (32, 32, 3)
     ds = data.load("synthetic:16x16x3:5")
     assert ds.input_shape == (16, 16, 3) and ds.num_classes == 5
+
+
+def test_cifar10_trains_on_all_50000_images_and_validates_on_test(monkeypatch):
+    from lth_tf import tfds_data
+
+    rng = np.random.default_rng(0)
+    fake = dict(
+        x_train=rng.integers(0, 256, (500, 32, 32, 3), dtype=np.uint8),
+        y_train=rng.integers(0, 10, 500),
+        x_test=rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8),
+        y_test=rng.integers(0, 10, 100),
+    )
+    monkeypatch.setattr(tfds_data, "load_arrays", lambda name, data_dir: fake)
+    cifar = data.load("cifar10", augment=True)
+    assert cifar.num_train == 500  # nothing held out: epochs have the paper's length
+    np.testing.assert_array_equal(cifar.arrays.y_val, fake["y_test"])
+    mnist = data.load("tfds:mnist")
+    assert mnist.num_train == 450  # MNIST-like data holds out validation images

@@ -215,3 +215,29 @@ def test_resnet50_wraps_and_trains_under_mirrored_on_fake_imagenet(tmp_path, ima
     assert result["wrapped"] == 54  # 53 convolutions + the output layer
     assert result["densities"][0] == 1.0 and abs(result["densities"][1] - 0.8) < 1e-3
     assert result["nonzero_pruned"] == 0
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_mixed_precision_keeps_float32_masks_and_exact_zeros(tmp_path, tiny_config, precision):
+    from lth_tf import rounds, sparsity
+    from lth_tf.keras import keras, tf
+
+    cfg = tiny_config(mixed_precision=precision, rounds=1, output_rate=1.0)
+    rounds.open_run_dir(cfg, str(tmp_path))
+    e = rounds.Experiment(cfg, str(tmp_path), checkpoint_seconds=0, log=lambda *a: None)
+    try:
+        summaries = e.run()
+        assert keras.mixed_precision.global_policy().name == "float32"  # restored after the build
+        assert e.model.output.dtype == tf.float32
+        for wrapper in sparsity.wrappers(e.model).values():
+            kernel, mask, _ = wrapper.pruning_vars[0]
+            assert wrapper.compute_dtype == (
+                precision if wrapper.layer.name != "output" else "float32"
+            )
+            assert mask.dtype == tf.float32 and kernel.dtype == tf.float32
+            assert np.count_nonzero(kernel.numpy()[mask.numpy() == 0]) == 0
+        assert abs(summaries[1]["density"] - 0.8) < 1e-3
+        if precision == "float16":  # the loss scale survives the optimizer reset between rounds
+            assert float(e.model.optimizer.loss_scale) > 1.0
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

@@ -115,6 +115,12 @@ def test_summary_json_has_the_documented_keys(main_run):
         assert 0 <= summary["best_validation_accuracy"] <= 1
         assert summary["best_validation_step"] in (20, 40)
         assert summary["wall_seconds"] >= 0
+        # LeNet's recipe evaluates the test set every period: the paper's figure of merit
+        # (test accuracy at the early-stopping iteration) is in the summary.
+        metrics = files.read_jsonl(paths.metrics_file(_rdir(run_dir, r, branch)))
+        at = {m["step"]: m["test_accuracy"] for m in metrics}
+        assert summary["test_accuracy_at_early_stopping"] == at[summary["early_stopping_step"]]
+        assert at[max(at)] == pytest.approx(summary["test_accuracy"], abs=1e-6)
 
 
 def test_imp_mask_of_round_r_plus_1_prunes_the_smallest_surviving_final_weights_of_round_r(
