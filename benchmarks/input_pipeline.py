@@ -57,7 +57,7 @@ def main():
         )
         real = dataset.train(batch, data_seed=0)
         x, y = next(iter(real))
-        cached = tf.data.Dataset.from_tensors((x, y)).repeat()
+        cached = tf.data.Dataset.from_tensors((x, y)).repeat().with_options(data.no_autotune())
         row = {
             "model": arch,
             "dataset": dataset.name,

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 from common import median, write  # noqa: E402
 
-from lth_tf import masks, models, sparsity  # noqa: E402
+from lth_tf import data, masks, models, sparsity  # noqa: E402
 from lth_tf.keras import keras, tf, tfmot  # noqa: E402
 
 SETTINGS = {"lenet_300_100": ((28, 28, 1), 60), "resnet20": ((32, 32, 3), 128)}
@@ -54,45 +54,58 @@ def time_steps(model, ds, steps, stock):
     return (time.perf_counter() - start) / steps
 
 
+PLAN = {  # arch: (steps per timing, repeats); LeNet steps are short, so it gets many repeats
+    "lenet_300_100": (500, 15),
+    "resnet20": (20, 3),
+}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="lenet_300_100,resnet20")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=0, help="timings per kind (0: per model)")
     parser.add_argument("--steps", type=int, default=0, help="steps per timing (0: per model)")
     args = parser.parse_args()
     results = []
     for arch in args.models.split(","):
         shape, batch = SETTINGS[arch]
-        steps = args.steps or (300 if arch == "lenet_300_100" else 30)
+        steps = args.steps or PLAN[arch][0]
+        repeats = args.repeats or PLAN[arch][1]
         rng = np.random.default_rng(0)
         x = rng.standard_normal((batch, *shape)).astype(np.float32)
         y = rng.integers(0, 10, batch)
-        ds = tf.data.Dataset.from_tensors((x, y)).repeat()
+        ds = tf.data.Dataset.from_tensors((x, y)).repeat().with_options(data.no_autotune())
         for jit in (False, True):
             built = {k: build(arch, k, jit, shape) for k in ("dense", "masked", "stock")}
             for kind, model in built.items():  # warm-up: trace and compile
                 time_steps(model, ds, 20, kind == "stock")
             times = {k: [] for k in built}
-            for _ in range(args.repeats):
-                for kind, model in built.items():
-                    times[kind].append(time_steps(model, ds, steps, kind == "stock"))
+            for i in range(repeats):
+                # Alternate the order so that drifts of this shared machine cancel.
+                order = list(built) if i % 2 == 0 else list(reversed(built))
+                for kind in order:
+                    times[kind].append(time_steps(built[kind], ds, steps, kind == "stock"))
+            ratio = {
+                k: median([a / b for a, b in zip(times[k], times["dense"], strict=True)])
+                for k in ("masked", "stock")
+            }
             row = {
                 "model": arch,
                 "batch": batch,
                 "jit_compile": jit,
+                "steps_per_timing": steps,
+                "repeats": repeats,
                 **{f"{k}_s_per_step": median(v) for k, v in times.items()},
-                "masked_over_dense": median(
-                    [m / d for m, d in zip(times["masked"], times["dense"], strict=True)]
-                ),
-                "stock_over_dense": median(
-                    [s / d for s, d in zip(times["stock"], times["dense"], strict=True)]
-                ),
+                "masked_over_dense": ratio["masked"],
+                "stock_over_dense": ratio["stock"],
             }
             results.append(row)
             print(
-                f"{arch:14s} batch {batch:4d} xla={jit!s:5s} dense {1e3 * row['dense_s_per_step']:.2f} ms  "
-                f"masked {1e3 * row['masked_s_per_step']:.2f} ms ({row['masked_over_dense']:.3f}x)  "
-                f"tfmot stock {1e3 * row['stock_s_per_step']:.2f} ms ({row['stock_over_dense']:.3f}x)"
+                f"{arch:14s} batch {batch:4d} xla={jit!s:5s} dense "
+                f"{1e3 * row['dense_s_per_step']:.2f} ms  masked {1e3 * row['masked_s_per_step']:.2f}"
+                f" ms ({row['masked_over_dense']:.3f}x)  tfmot stock "
+                f"{1e3 * row['stock_s_per_step']:.2f} ms ({row['stock_over_dense']:.3f}x)"
+                "  [ratios: median over interleaved repeats]"
             )
     write("step_overhead", {"target_masked_over_dense": 1.05, "results": results})
 

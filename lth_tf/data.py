@@ -202,12 +202,20 @@ class ImageNetData:
         return self.num_train if split == "train" else self._num_eval
 
 
-def _options() -> tf.data.Options:
+def no_autotune() -> tf.data.Options:
+    """Options that turn tf.data autotuning off.
+
+    With it on, many short fit() calls on small CPUs sometimes stalled 5-40 s after
+    training ended (autotune's background thread); fixed parallelism avoids it.
+    """
     options = tf.data.Options()
-    options.deterministic = True
-    # Autotune's background thread made many short fit() calls stall for seconds
-    # after training ended on small CPUs; fixed parallelism avoids it.
     options.autotune.enabled = False
+    return options
+
+
+def _options() -> tf.data.Options:
+    options = no_autotune()
+    options.deterministic = True
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return options
 
