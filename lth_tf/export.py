@@ -122,8 +122,12 @@ def measure(saved_model_path: str, data, batch_size: int) -> dict:
     loaded = tf.saved_model.load(saved_model_path)
     kernels = {}
     for var in loaded.model_variables:
-        # 'prune_fc1/fc1/kernel:0' (names keep the training wrapper's scope) -> 'fc1/kernel'
-        name = "/".join(var.name.split(":")[0].split("/")[-2:])
+        # Variables keep the name scope of the training wrapper, which tfmot names after
+        # its class ('masked_layer_fc1/kernel:0'): report 'fc1/kernel'.
+        *_, layer, weight = var.name.split(":")[0].split("/")
+        for prefix in ("masked_layer_", "prune_low_magnitude_"):
+            layer = layer.removeprefix(prefix)
+        name = f"{layer}/{weight}"
         if name.endswith("/kernel"):
             kernels[name] = var.numpy()
     layers = {

@@ -153,7 +153,7 @@ def test_exported_kernels_are_zero_exactly_where_the_mask_is(run, reloaded, trai
         assert kernel.shape == mask.shape
         np.testing.assert_array_equal(kernel == 0, mask == 0, err_msg=name)
         # export.json's per-layer counts, measured from the reloaded model, agree.
-        entry = layers[[k for k in layers if k.endswith(f"{name}/kernel")][0]]
+        entry = layers[f"{name}/kernel"]  # keyed by the layer's own name
         assert entry["size"] - entry["nonzero"] == int(np.sum(mask == 0))
         assert entry["nonzero"] == int(np.sum(mask != 0))
     summary = files.read_json(paths.summary_file(paths.round_dir(run["run_dir"], ROUND)))
