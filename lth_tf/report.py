@@ -85,13 +85,30 @@ def layer_table(run_dir: str, results: dict) -> str:
     return "\n".join(rows)
 
 
-def plot(run_dir: str, results: dict) -> bytes:
-    """PNG: test accuracy against density per branch, and per-layer densities."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def png(plt, fig) -> bytes:
+    """The figure as PNG bytes (then closed)."""
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def plot(run_dir: str, results: dict) -> bytes:
+    """PNG: test accuracy against density per branch, and per-layer densities."""
     import matplotlib.ticker
+
+    plt = pyplot()
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for branch, rounds in results.items():
@@ -122,11 +139,7 @@ def plot(run_dir: str, results: dict) -> bytes:
     ax2.legend(fontsize=7, ncol=2)
     ax2.set_ylabel("layer density (%)")
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png(plt, fig)
 
 
 def export_table(run_dir: str) -> str:

@@ -18,7 +18,6 @@ Outputs: <run_dir>/stability/round_NN/k_XXXXXXX/{interpolation.json, path.png},
 the run's report.md. Every trained copy is a resumable round directory.
 """
 
-import io
 import sys
 
 import numpy as np
@@ -244,25 +243,8 @@ class Stability:
         return results
 
 
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(plt, fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def _plot_path(result) -> bytes:
-    plt = _figure()
+    plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for rep in result["repeats"]:
         ax.plot(rep["alpha"], [100 * e for e in rep["test_error"]], "C0-", alpha=0.8)
@@ -277,12 +259,12 @@ def _plot_path(result) -> bytes:
     )
     ax.legend()
     ax.grid(alpha=0.3)
-    return _png(plt, fig)
+    return report.png(plt, fig)
 
 
 def _plot_sweep(results) -> bytes:
     """Instability and accuracy against the rewind step k (the papers' figures)."""
-    plt = _figure()
+    plt = report.pyplot()
     fig, (ax, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
     ks = [r["rewind_step"] for r in results]
     linthresh = max(1, min([k for k in ks if k > 0], default=1))
@@ -316,7 +298,7 @@ def _plot_sweep(results) -> bytes:
     ax.set_xscale("symlog", linthresh=linthresh)
     ax.legend()
     ax.grid(alpha=0.3)
-    return _png(plt, fig)
+    return report.png(plt, fig)
 
 
 def table(run_dir: str) -> str:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import conftest
 import numpy as np
 import pytest
 
@@ -20,16 +21,7 @@ from lth_tf import config as config_lib
 from lth_tf import distribute, files, paths
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
-TINY = dict(
-    dataset="synthetic:8x8x1:4",
-    batch_size=32,
-    training_steps="40it",
-    eval_every="20it",
-    rewind_step="20it",
-    rounds=2,
-    verbose=0,
-    output_rate=1.0,
-)
+TINY = {**conftest.TINY, "rounds": 2, "output_rate": 1.0}
 
 MIRRORED = textwrap.dedent(
     """
