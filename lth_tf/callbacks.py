@@ -160,6 +160,8 @@ class BatchEnd(keras.callbacks.Callback):
     def __init__(self, f):
         super().__init__()
         self.f = f
+        # Logs stay tensors: Keras then does not copy them to the host every step.
+        self._supports_tf_logs = True
 
     def on_train_batch_end(self, batch, logs=None):
         self.f(logs or {})

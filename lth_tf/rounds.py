@@ -322,15 +322,17 @@ class Experiment:
             # Clean stops on signals (straight out of fit: no validation pass first) and
             # mid-period checkpoints for preemptible machines; never a checkpoint of
             # weights that already diverged.
+            # The loss is read (a host sync) only when a checkpoint is about to be saved.
+            stopping = StopRequest.signal_name is not None
+            if not stopping and (not by_clock or self.checkpoint_seconds <= 0 or not due()):
+                return
             loss = logs.get("loss")
             if loss is not None and not np.isfinite(float(loss)):
                 return
-            if StopRequest.signal_name is not None:
-                self._save_checkpoint(resume)
-                stop(int(self.model.optimizer.iterations.numpy()))
-            if not by_clock or self.checkpoint_seconds <= 0 or not due():
-                return
             step = int(self.model.optimizer.iterations.numpy())
+            if stopping:
+                self._save_checkpoint(resume)
+                stop(step)
             if step % self.schedule.eval_every and step < total:  # period ends: on_period_end
                 self._save_checkpoint(resume)
                 last_save[0] = time.time()
