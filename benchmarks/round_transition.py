@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import write  # noqa: E402
 
-from lth_tf import config, rounds, train  # noqa: E402
+from lth_tf import config, rounds, rundir, train  # noqa: E402
 
 
 def main():
@@ -47,7 +47,7 @@ def main():
 
     train.fit_segment = timed_fit
     with tempfile.TemporaryDirectory() as tmp:
-        rounds.open_run_dir(cfg, tmp)
+        rundir.open_run_dir(cfg, tmp)
         e = rounds.Experiment(cfg, tmp, log=lambda *a: None)
         rows = []
         traces_after_round0 = None

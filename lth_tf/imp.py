@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags, logging
 
-from lth_tf import distribute, files, flagdefs, paths, report, rounds
+from lth_tf import distribute, files, flagdefs, paths, reporting, rounds, rundir
 from lth_tf.callbacks import DivergedError, Interrupted, StopRequest
 from lth_tf.keras import keras, tf
 
@@ -51,7 +51,7 @@ def main(argv):
         experiment = rounds.Experiment(
             config, my_dir, strategy=strategy, checkpoint_seconds=FLAGS.checkpoint_seconds, log=log
         )
-        rounds.open_run_dir(config, my_dir)
+        rundir.open_run_dir(config, my_dir)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -66,7 +66,7 @@ def main(argv):
     except DivergedError as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 3
-    except (files.DamagedFileError, rounds.CorruptRunError, FileNotFoundError) as e:
+    except (files.DamagedFileError, rundir.CorruptRunError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -80,7 +80,7 @@ def main(argv):
             return 2
         raise
     if chief:
-        print(report.write_report(run_dir))
+        print(reporting.write_report(run_dir))
         print(f"\nReport: {paths.report_file(run_dir)}\nPlot:   {paths.plot_file(run_dir)}")
     return 0
 

@@ -20,54 +20,9 @@ from lth_tf import files, masks, models, paths, presets, sparsity, train
 from lth_tf.callbacks import BatchEnd, Interrupted, StopRequest
 from lth_tf.config import RunConfig
 from lth_tf.keras import keras, tf
+from lth_tf.rundir import CorruptRunError
 
 IMP = "imp"
-
-
-class RunDirError(ValueError):
-    """The run directory does not fit this config."""
-
-
-class CorruptRunError(ValueError):
-    """A file of the run is damaged or inconsistent with the others."""
-
-
-def open_run_dir(config: RunConfig, run_dir: str, write: bool = True) -> None:
-    """Creates run_dir with config.json, or checks that the existing one is this config's.
-
-    Raises:
-      RunDirError: if run_dir is a file, or holds a run with a different config
-        (nothing in it is touched).
-    """
-    if files.exists(run_dir) and not tf.io.gfile.isdir(run_dir):
-        raise RunDirError(f"{run_dir} is a file, not a directory. Choose another --root_dir.")
-    path = paths.config_file(run_dir)
-    if files.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            text = f.read()
-        try:
-            existing = RunConfig.from_json(text)
-        except (ValueError, TypeError) as e:
-            raise RunDirError(f"{run_dir} holds a run this lth_tf cannot continue: {e}") from e
-        diff = existing.differences(config)
-        if diff:
-            lines = "\n".join(
-                f"  {k}: run has {a!r}, you asked for {b!r}" for k, (a, b) in diff.items()
-            )
-            raise RunDirError(
-                f"{run_dir} holds a run with a different configuration:\n{lines}\n"
-                "Nothing was changed. Use the run's own settings to resume it, or another "
-                "--root_dir / --run_name for a new run."
-            )
-        return
-    if tf.io.gfile.isdir(run_dir) and tf.io.gfile.listdir(run_dir):
-        raise RunDirError(
-            f"{run_dir} is not empty but has no config.json: it is not an lth_tf run. "
-            "Nothing was changed; choose another --root_dir or --run_name."
-        )
-    if write:
-        tf.io.gfile.makedirs(run_dir)
-        files.write_text(path, config.to_json())
 
 
 def round_fraction(config: RunConfig) -> float:

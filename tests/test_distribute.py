@@ -30,11 +30,11 @@ MIRRORED = textwrap.dedent(
     from lth_tf.keras import tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from lth_tf import config, distribute, rounds, sparsity
+    from lth_tf import config, distribute, rounds, rundir, sparsity
     cfg = config.make_config("lenet_300_100", **json.loads(sys.argv[1]))
     strategy = {"one": distribute.get_strategy("default"),
                 "two": distribute.get_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])}[sys.argv[3]]
-    rounds.open_run_dir(cfg, sys.argv[2])
+    rundir.open_run_dir(cfg, sys.argv[2])
     e = rounds.Experiment(cfg, sys.argv[2], strategy=strategy, checkpoint_seconds=0,
                           log=lambda *a: None)
     e.run()
@@ -168,13 +168,13 @@ RESNET50 = textwrap.dedent(
     from lth_tf.keras import tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from lth_tf import config, data, distribute, rounds, sparsity
+    from lth_tf import config, data, distribute, rounds, rundir, sparsity
     cfg = config.make_config("resnet50", batch_size=8, training_steps="4it", eval_every="2it",
                              rewind_step="2it", warmup="0", lr_drops=(), rounds=1, verbose=0,
                              data_dir=sys.argv[1])
     imagenet = data.ImageNetData(sys.argv[1], augment=True, image_size=32)
     strategy = distribute.get_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
-    rounds.open_run_dir(cfg, sys.argv[2])
+    rundir.open_run_dir(cfg, sys.argv[2])
     e = rounds.Experiment(cfg, sys.argv[2], strategy=strategy, checkpoint_seconds=0,
                           log=lambda *a: None, data=imagenet)
     summaries = e.run()
@@ -211,11 +211,11 @@ def test_resnet50_wraps_and_trains_under_mirrored_on_fake_imagenet(tmp_path, ima
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_mixed_precision_keeps_float32_masks_and_exact_zeros(tmp_path, tiny_config, precision):
-    from lth_tf import rounds, sparsity
+    from lth_tf import rounds, rundir, sparsity
     from lth_tf.keras import keras, tf
 
     cfg = tiny_config(mixed_precision=precision, rounds=1, output_rate=1.0)
-    rounds.open_run_dir(cfg, str(tmp_path))
+    rundir.open_run_dir(cfg, str(tmp_path))
     e = rounds.Experiment(cfg, str(tmp_path), checkpoint_seconds=0, log=lambda *a: None)
     try:
         summaries = e.run()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from lth_tf import config as C
-from lth_tf import export, files, paths, rounds, sparsity
+from lth_tf import files, paths, rounds, rundir, sparse_export, sparsity
 from lth_tf.keras import tf
 
 ROUND = 2
@@ -44,11 +44,11 @@ def run(tmp_path_factory):
     )
     base = tmp_path_factory.mktemp("export")
     run_dir = str(base / "run")
-    rounds.open_run_dir(cfg, run_dir)
+    rundir.open_run_dir(cfg, run_dir)
     rounds.Experiment(cfg, run_dir, checkpoint_seconds=0, log=_noop).run()
     pristine = str(base / "pristine")  # never exported: for the error cases
     shutil.copytree(run_dir, pristine)
-    result = export.export(run_dir, round_index=ROUND, tflite=True, log=_noop)
+    result = sparse_export.export(run_dir, round_index=ROUND, tflite=True, log=_noop)
     return {"cfg": cfg, "run_dir": run_dir, "pristine": pristine, "result": result}
 
 
@@ -247,20 +247,20 @@ def test_choose_round_takes_the_sparsest_round_within_0_2_points(tmp_path):
         branches={"random_reinit": {4: (0.41, 0.99), 6: (0.2, 0.99)}},  # not IMP: ignored
     )
     os.makedirs(paths.round_dir(run_dir, 7))  # unfinished (no summary.json): ignored
-    best, why = export.choose_round(run_dir)
+    best, why = rundir.choose_round(run_dir)
     assert best == 4
     assert "round 4" in why and "41.00%" in why and "98.00%" in why
 
 
 def test_choose_round_falls_back_to_dense_when_nothing_matches(tmp_path):
     run_dir = _fake_run(tmp_path / "b", {0: (1.0, 0.90), 1: (0.8, 0.89), 2: (0.64, 0.85)})
-    assert export.choose_round(run_dir)[0] == 0
+    assert rundir.choose_round(run_dir)[0] == 0
 
 
 def test_choose_round_needs_a_finished_dense_round(tmp_path):
     run_dir = _fake_run(tmp_path / "c", {1: (0.8, 0.9)})
-    with pytest.raises(export.ExportError, match="no finished dense round"):
-        export.choose_round(run_dir)
+    with pytest.raises(rundir.RunDirError, match="no finished dense round"):
+        rundir.choose_round(run_dir)
 
 
 # ---- errors ---------------------------------------------------------------------------
@@ -274,8 +274,8 @@ def _copy(run, tmp_path) -> str:
 
 def test_export_of_a_missing_round_is_a_clear_error(run, tmp_path):
     run_dir = _copy(run, tmp_path)
-    with pytest.raises(export.ExportError, match=r"Round 9 .* does not exist.*\[0, 1, 2\]"):
-        export.export(run_dir, round_index=9, log=_noop)
+    with pytest.raises(sparse_export.ExportError, match=r"Round 9 .* does not exist.*\[0, 1, 2\]"):
+        sparse_export.export(run_dir, round_index=9, log=_noop)
     assert not os.path.exists(os.path.join(run_dir, "export"))
 
 
@@ -284,12 +284,12 @@ def test_export_of_an_unfinished_round_is_a_clear_error(run, tmp_path):
     rdir = paths.round_dir(run_dir, 3)
     os.makedirs(rdir)
     shutil.copy(paths.masks_file(paths.round_dir(run_dir, 2)), paths.masks_file(rdir))
-    with pytest.raises(export.ExportError, match=r"Round 3 .* is unfinished.*\[0, 1, 2\]"):
-        export.export(run_dir, round_index=3, log=_noop)
+    with pytest.raises(sparse_export.ExportError, match=r"Round 3 .* is unfinished.*\[0, 1, 2\]"):
+        sparse_export.export(run_dir, round_index=3, log=_noop)
     # A round whose summary.json is gone (killed before writing it) is unfinished too.
     os.remove(paths.summary_file(paths.round_dir(run_dir, 2)))
-    with pytest.raises(export.ExportError, match=r"Round 2 .* is unfinished.*\[0, 1\]"):
-        export.export(run_dir, round_index=2, log=_noop)
+    with pytest.raises(sparse_export.ExportError, match=r"Round 2 .* is unfinished.*\[0, 1\]"):
+        sparse_export.export(run_dir, round_index=2, log=_noop)
     assert not os.path.exists(os.path.join(run_dir, "export"))
 
 
@@ -302,10 +302,10 @@ def test_export_of_something_that_is_not_a_run_is_a_clear_error(tmp_path, kind):
         target.mkdir()
         (target / "notes.txt").write_text("hello")
         os.makedirs(paths.round_dir(str(target), 0))
-    with pytest.raises(export.ExportError, match="is not an lth_tf run directory"):
-        export.export(str(target), round_index=0, log=_noop)
-    with pytest.raises(export.ExportError, match="is not an lth_tf run directory"):
-        export.export(str(target), log=_noop)  # the default round too
+    with pytest.raises(rundir.RunDirError, match="is not an lth_tf run directory"):
+        sparse_export.export(str(target), round_index=0, log=_noop)
+    with pytest.raises(rundir.RunDirError, match="is not an lth_tf run directory"):
+        sparse_export.export(str(target), log=_noop)  # the default round too
     assert not os.path.exists(target / "export")
 
 

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from lth_tf import files, masks, paths, rounds, sparsity, train
+from lth_tf import files, masks, paths, rounds, rundir, sparsity, train
 from lth_tf.keras import tf
 
 ROUNDS = 3
@@ -32,7 +32,7 @@ def _quiet(*args):
 
 
 def _experiment(config, run_dir):
-    rounds.open_run_dir(config, str(run_dir))
+    rundir.open_run_dir(config, str(run_dir))
     return rounds.Experiment(config, str(run_dir), checkpoint_seconds=0, log=_quiet)
 
 
@@ -320,8 +320,8 @@ def test_a_different_config_is_refused_naming_the_differing_field(
     with open(path, "rb") as f:
         before = f.read()
     other = tiny_config(controls=CONTROLS, **{field: value})
-    with pytest.raises(rounds.RunDirError, match=rf"(?s)different configuration.*{field}"):
-        rounds.open_run_dir(other, str(run_dir))
+    with pytest.raises(rundir.RunDirError, match=rf"(?s)different configuration.*{field}"):
+        rundir.open_run_dir(other, str(run_dir))
     with open(path, "rb") as f:
         assert f.read() == before
 
@@ -336,7 +336,7 @@ def test_changing_only_rounds_and_controls_is_allowed(main_run, tiny_config):
         dict(controls=()),
         dict(rounds=1, controls=("random_prune",)),
     ):
-        rounds.open_run_dir(tiny_config(**overrides), str(run_dir))
+        rundir.open_run_dir(tiny_config(**overrides), str(run_dir))
     with open(path, "rb") as f:
         assert f.read() == before
 
@@ -346,13 +346,13 @@ def test_open_run_dir_refuses_a_file_and_a_non_empty_directory_without_config(
 ):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    with pytest.raises(rounds.RunDirError, match="is a file"):
-        rounds.open_run_dir(tiny_config(), str(a_file))
+    with pytest.raises(rundir.RunDirError, match="is a file"):
+        rundir.open_run_dir(tiny_config(), str(a_file))
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(rounds.RunDirError, match="not an lth_tf run"):
-        rounds.open_run_dir(tiny_config(), str(other))
+    with pytest.raises(rundir.RunDirError, match="not an lth_tf run"):
+        rundir.open_run_dir(tiny_config(), str(other))
     assert sorted(os.listdir(other)) == ["notes.txt"]
 
 

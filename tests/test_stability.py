@@ -1,4 +1,5 @@
-"""Contracts of `lth_tf.stability`: interpolation, barriers, distances, resuming, the CLI.
+"""Contracts of `lth_tf.linear_mode` and `python -m lth_tf.stability`: interpolation, barriers,
+distances, resuming, the CLI.
 
 A tiny LeNet learns an easy rule (class = the bright quadrant of an 8x8 image,
 with 10% of labels flipped so errors are not all zero) for one IMP round; the
@@ -15,7 +16,7 @@ import pytest
 
 from lth_tf import config as C
 from lth_tf import data as data_lib
-from lth_tf import files, paths, rounds, sparsity, stability
+from lth_tf import files, linear_mode, paths, rounds, rundir, sparsity
 from lth_tf.keras import keras
 
 K = 20  # the run's rewind step
@@ -60,7 +61,7 @@ def run(tmp_path_factory):
         output_rate=1.0,
     )
     run_dir = str(base / "run")
-    rounds.open_run_dir(cfg, run_dir)
+    rundir.open_run_dir(cfg, run_dir)
     rounds.Experiment(cfg, run_dir, checkpoint_seconds=0, log=_noop).run()
     return {"cfg": cfg, "run_dir": run_dir, "base": base}
 
@@ -68,7 +69,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def analysis(run):
     """Round 0 at k = 0 and k = K (a sweep), and round 1 at k = K."""
-    a = stability.Stability(run["run_dir"], num_alphas=5, log=_noop)
+    a = linear_mode.Stability(run["run_dir"], num_alphas=5, log=_noop)
     sweep = a.sweep(0, [0, K])
     pruned = a.point(1, K)
     pristine = str(run["base"] / "analysed")  # for tests that change files
@@ -99,32 +100,32 @@ def _weights(seed):
 
 def test_interpolate_endpoints_are_exact():
     a, b = _weights(1), _weights(2)
-    at0, at1 = stability.interpolate(a, b, 0.0), stability.interpolate(a, b, 1.0)
+    at0, at1 = linear_mode.interpolate(a, b, 0.0), linear_mode.interpolate(a, b, 1.0)
     for key in a:
         np.testing.assert_array_equal(at0[key], b[key])
         np.testing.assert_array_equal(at1[key], a[key])
         assert at0[key].dtype == a[key].dtype
-    mid = stability.interpolate(a, b, 0.5)
+    mid = linear_mode.interpolate(a, b, 0.5)
     np.testing.assert_allclose(mid["fc/kernel"], (a["fc/kernel"] + b["fc/kernel"]) / 2, rtol=1e-6)
 
 
 def test_l2_distance():
     a, b = _weights(1), _weights(2)
     keys = ["fc/kernel", "fc/bias"]
-    assert stability.l2_distance(a, a, keys) == 0.0
+    assert linear_mode.l2_distance(a, a, keys) == 0.0
     expected = np.sqrt(sum(np.sum((a[k].astype(np.float64) - b[k]) ** 2) for k in keys))
-    assert stability.l2_distance(a, b, keys) == pytest.approx(expected, rel=1e-9)
+    assert linear_mode.l2_distance(a, b, keys) == pytest.approx(expected, rel=1e-9)
     # Restricted to the nonzero entries of `weights` (a subnetwork's survivors).
     only = {"fc/kernel": np.zeros((5, 3), np.float32)}
     only["fc/kernel"][0, 0] = 1.0
     d = abs(float(a["fc/kernel"][0, 0]) - float(b["fc/kernel"][0, 0]))
-    assert stability.l2_distance(a, b, ["fc/kernel"], only) == pytest.approx(d, rel=1e-6)
+    assert linear_mode.l2_distance(a, b, ["fc/kernel"], only) == pytest.approx(d, rel=1e-6)
 
 
 def test_barrier():
-    assert stability.barrier([0.1, 0.1, 0.1]) == 0.0
-    assert stability.barrier([0.1, 0.5, 0.3]) == pytest.approx(0.3)
-    assert stability.barrier([0.2, 0.1, 0.0]) == pytest.approx(0.1)  # an endpoint is the max
+    assert linear_mode.barrier([0.1, 0.1, 0.1]) == 0.0
+    assert linear_mode.barrier([0.1, 0.5, 0.3]) == pytest.approx(0.3)
+    assert linear_mode.barrier([0.2, 0.1, 0.0]) == pytest.approx(0.1)  # an endpoint is the max
 
 
 # ---- the error along the path -------------------------------------------------------------
@@ -137,7 +138,7 @@ def test_error_along_path_ends_are_the_endpoints_errors(run, analysis):
     masks = files.read_npz(paths.masks_file(r0))
     w1 = _finals(run["run_dir"], 0, 0)[0]
     w2 = files.read_npz(paths.checkpoint_file(r0, "start"))
-    path = stability.error_along_path(experiment, w1, w2, masks, [0.0, 0.5, 1.0])
+    path = linear_mode.error_along_path(experiment, w1, w2, masks, [0.0, 0.5, 1.0])
     assert path["alpha"] == [0.0, 0.5, 1.0]
     model, data, bs = experiment.model, experiment.data, run["cfg"].batch_size
     for alpha, w in ((0.0, w2), (1.0, w1)):
@@ -156,10 +157,10 @@ def test_a_network_has_no_barrier_with_itself(run, analysis):
     experiment = analysis["analysis"].experiment
     masks = files.read_npz(paths.masks_file(paths.round_dir(run["run_dir"], 0)))
     w, _ = _finals(run["run_dir"], 0, K)
-    path = stability.error_along_path(experiment, w, w, masks, np.linspace(0, 1, 4))
+    path = linear_mode.error_along_path(experiment, w, w, masks, np.linspace(0, 1, 4))
     for key in ("test_error", "train_error"):
         assert len(set(path[key])) == 1, path[key]
-        assert stability.barrier(path[key]) == 0.0
+        assert linear_mode.barrier(path[key]) == 0.0
 
 
 # ---- the analysis of a point --------------------------------------------------------------
@@ -172,11 +173,11 @@ def test_point_writes_its_results(run, analysis):
         assert files.read_json(out) == result
         for key in ("test_barrier_mean", "train_barrier_mean", "data_order_distance_mean"):
             assert isinstance(result[key], float) and result[key] >= 0.0, key
-        assert result["stable"] == (result["test_barrier_mean"] < stability.STABLE_BARRIER)
+        assert result["stable"] == (result["test_barrier_mean"] < linear_mode.STABLE_BARRIER)
         assert result["batchnorm"] == "interpolated"
         (rep,) = result["repeats"]
         assert len(rep["alpha"]) == len(rep["test_error"]) == 5
-        assert result["test_barrier_mean"] == stability.barrier(rep["test_error"])
+        assert result["test_barrier_mean"] == linear_mode.barrier(rep["test_error"])
         assert files.exists(paths.join(paths.stability_point_dir(run["run_dir"], r, k), "path.png"))
     assert [p["rewind_step"] for p in analysis["sweep"]] == [0, K]
     sweep_dir = paths.stability_dir(run["run_dir"], 0)
@@ -193,7 +194,7 @@ def test_the_two_copies_see_different_data_orders(run, analysis):
     assert result["data_order_distance_mean"] > 0
     kernels = [key for key in w1 if key.endswith("/kernel")]
     assert result["data_order_distance_mean"] == pytest.approx(
-        stability.l2_distance(w1, w2, kernels), rel=1e-6
+        linear_mode.l2_distance(w1, w2, kernels), rel=1e-6
     )
     # lth_tf.data: other data seeds, other batches; the same seed, the same batches.
     data = analysis["analysis"].experiment.data
@@ -214,7 +215,7 @@ def test_pruning_distance_is_there_for_pruned_rounds_at_the_rewind_step(run, ana
     full = files.read_npz(paths.checkpoint_file(paths.round_dir(run["run_dir"], 0), "final"))
     kernels = [f"{n}/kernel" for n in masks]
     survivors = {f"{n}/kernel": m for n, m in masks.items()}
-    expected = stability.l2_distance(sub, full, kernels, survivors)
+    expected = linear_mode.l2_distance(sub, full, kernels, survivors)
     assert pruned["pruning_distance"] == pytest.approx(expected, rel=1e-9)
     assert pruned["pruning_distance"] > 0 and pruned["pruning_distance_normalized"] > 0
     # Round 0 has nothing pruned to compare with.
@@ -237,7 +238,7 @@ def test_recompute_batchnorm_averages_the_batch_statistics():
     data = data_lib.ArrayData(
         "toy", data_lib.synthetic_arrays((8, 8, 1), 4, num_train=400, num_test=32)
     )
-    stability.recompute_batchnorm(model, data, batch_size=32, num_batches=5, data_seed=3)
+    linear_mode.recompute_batchnorm(model, data, batch_size=32, num_batches=5, data_seed=3)
     means, variances = [], []
     for x, _ in data.train(32, 3).take(5):
         f = features_of(x).numpy().reshape(-1, 4)
@@ -254,7 +255,7 @@ def test_recompute_bn_is_recorded_and_reuses_the_trained_copies(analysis, tmp_pa
     run_dir = str(tmp_path / "run")
     shutil.copytree(analysis["copy_of_run"], run_dir)
     before = analysis["sweep"][1]
-    recomputed = stability.Stability(run_dir, num_alphas=3, recompute_bn=True, log=_noop)
+    recomputed = linear_mode.Stability(run_dir, num_alphas=3, recompute_bn=True, log=_noop)
     result = recomputed.point(0, K)
     assert result["batchnorm"] == "recomputed"
     assert recomputed.experiment.trained == []  # the copies were already trained
@@ -262,7 +263,7 @@ def test_recompute_bn_is_recorded_and_reuses_the_trained_copies(analysis, tmp_pa
     assert result["repeats"][0]["test_error"][0] == before["repeats"][0]["test_error"][0]
     assert result["repeats"][0]["test_error"][-1] == before["repeats"][0]["test_error"][-1]
     # Back to the first settings: the path is evaluated again, to the same result.
-    again = stability.Stability(run_dir, num_alphas=5, log=_noop)
+    again = linear_mode.Stability(run_dir, num_alphas=5, log=_noop)
     assert again.point(0, K) == before and again.experiment.trained == []
 
 
@@ -278,7 +279,7 @@ def test_a_killed_sweep_resumes_where_it_stopped(analysis, tmp_path):
     os.remove(paths.checkpoint_file(copy2, "final"))
     os.remove(paths.summary_file(copy2))
 
-    resumed = stability.Stability(run_dir, num_alphas=5, log=_noop)
+    resumed = linear_mode.Stability(run_dir, num_alphas=5, log=_noop)
     results = resumed.sweep(0, [0, K])
     assert resumed.experiment.trained == [("k0_r0_c2", 0)]
     assert results[1] == analysis["sweep"][1]  # the untouched point
@@ -292,7 +293,7 @@ def test_a_killed_sweep_resumes_where_it_stopped(analysis, tmp_path):
         before["data_order_distance_mean"], rel=1e-3
     )
     # A second sweep has nothing left to do.
-    again = stability.Stability(run_dir, num_alphas=5, log=_noop)
+    again = linear_mode.Stability(run_dir, num_alphas=5, log=_noop)
     assert again.sweep(0, [0, K]) == results and again.experiment.trained == []
 
 

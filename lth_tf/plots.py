@@ -1,0 +1,134 @@
+"""The figures of a run, as PNG bytes. Drawing only: callers read the run's files.
+
+matplotlib is imported inside the functions (on the Agg backend, no display
+needed): importing this module costs nothing, and a run that never draws does
+not need matplotlib loaded.
+"""
+
+import io
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def png(fig) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
+    plt = pyplot()
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def accuracy_vs_density(results: dict, layer_densities: dict) -> bytes:
+    """Test accuracy against density per branch (left) and per-layer densities (right).
+
+    Args:
+      results: {branch: {round: summary}} (lth_tf.rundir.finished_rounds).
+      layer_densities: {round: {layer: density}} of the IMP rounds, in round order.
+
+    Returns:
+      The figure as PNG bytes.
+    """
+    import matplotlib.ticker
+
+    plt = pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for branch, rounds in results.items():
+        pts = sorted((s["density"], s["test_accuracy"]) for s in rounds.values())
+        ax.plot([100 * d for d, _ in pts], [100 * a for _, a in pts], "o-", label=branch)
+    dense = results.get("imp", {}).get(0)
+    if dense:
+        ax.axhline(100 * dense["test_accuracy"], color="gray", ls="--", label="dense")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.invert_xaxis()
+    ax.set_xlabel("weights remaining (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    for r, layers in layer_densities.items():
+        ax2.plot(range(len(layers)), [100 * d for d in layers.values()], "o-", label=f"r{r}")
+        ax2.set_xticks(range(len(layers)), list(layers), rotation=60, ha="right", fontsize=7)
+    ax2.set_yscale("log")
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax2.legend(fontsize=7, ncol=2)
+    ax2.set_ylabel("layer density (%)")
+    ax2.grid(alpha=0.3)
+    return png(fig)
+
+
+def interpolation_path(result: dict) -> bytes:
+    """Test and train error along the linear path between two copies (one point's result)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for rep in result["repeats"]:
+        ax.plot(rep["alpha"], [100 * e for e in rep["test_error"]], "C0-", alpha=0.8)
+        ax.plot(rep["alpha"], [100 * e for e in rep["train_error"]], "C1--", alpha=0.8)
+    ax.plot([], [], "C0-", label="test")
+    ax.plot([], [], "C1--", label="train")
+    ax.set_xlabel("alpha (W = alpha W1 + (1 - alpha) W2)")
+    ax.set_ylabel("error (%)")
+    ax.set_title(
+        f"round {result['round']}, k = {result['rewind_step']}: "
+        f"barrier {100 * result['test_barrier_mean']:.2f}%"
+    )
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return png(fig)
+
+
+def barrier_vs_k(results: list, stable_barrier: float) -> bytes:
+    """Instability and accuracy against the rewind step k (the papers' figures).
+
+    Args:
+      results: the points of a sweep, in k order (interpolation.json contents).
+      stable_barrier: the barrier under which a point counts as stable (a line).
+    """
+    plt = pyplot()
+    fig, (ax, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ks = [r["rewind_step"] for r in results]
+    linthresh = max(1, min([k for k in ks if k > 0], default=1))
+    ax_acc.errorbar(
+        ks,
+        [100 * r.get("test_accuracy_mean", float("nan")) for r in results],
+        yerr=[100 * r.get("test_accuracy_std", 0.0) for r in results],
+        fmt="o-",
+    )
+    ax_acc.set_xlabel("rewind step k")
+    ax_acc.set_ylabel("test accuracy of the trained copies (%)")
+    ax_acc.set_xscale("symlog", linthresh=linthresh)
+    ax_acc.grid(alpha=0.3)
+    ax.errorbar(
+        ks,
+        [100 * r["test_barrier_mean"] for r in results],
+        yerr=[100 * r["test_barrier_std"] for r in results],
+        fmt="o-",
+        label="test",
+    )
+    ax.errorbar(
+        ks,
+        [100 * r["train_barrier_mean"] for r in results],
+        yerr=[100 * r["train_barrier_std"] for r in results],
+        fmt="s--",
+        label="train",
+    )
+    ax.axhline(
+        100 * stable_barrier, color="gray", ls=":", label=f"{100 * stable_barrier:g}% (stable)"
+    )
+    ax.set_xlabel("rewind step k")
+    ax.set_ylabel("instability: error barrier (%)")
+    ax.set_xscale("symlog", linthresh=linthresh)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return png(fig)

@@ -1,0 +1,157 @@
+"""What is in a run directory: open or verify one, read its config, list its finished rounds.
+
+Library code; it never builds a model, so the report, export and stability
+entry points can ask "what does this run hold" without the training stack.
+The layout itself (every file name) is lth_tf/paths.py.
+"""
+
+from lth_tf import files, paths
+from lth_tf.config import RunConfig
+from lth_tf.keras import tf
+
+IMP = "imp"  # the branch name of the IMP rounds in finished_rounds()
+MATCHING_POINTS = 0.002  # within 0.2 accuracy points of the dense network
+
+
+class RunDirError(ValueError):
+    """The directory is not an lth_tf run, or holds a run that does not fit this config."""
+
+
+class CorruptRunError(ValueError):
+    """A file of the run is damaged or inconsistent with the others."""
+
+
+def open_run_dir(config: RunConfig, run_dir: str, write: bool = True) -> None:
+    """Creates run_dir with config.json, or checks that the existing one is this config's.
+
+    Args:
+      config: the run's frozen config.
+      run_dir: the run directory (see lth_tf/paths.py).
+      write: False on non-chief workers: check only, create nothing.
+
+    Raises:
+      RunDirError: if run_dir is a file, or holds a run with a different config
+        (nothing in it is touched).
+    """
+    if files.exists(run_dir) and not tf.io.gfile.isdir(run_dir):
+        raise RunDirError(f"{run_dir} is a file, not a directory. Choose another --root_dir.")
+    path = paths.config_file(run_dir)
+    if files.exists(path):
+        with tf.io.gfile.GFile(path) as f:
+            text = f.read()
+        try:
+            existing = RunConfig.from_json(text)
+        except (ValueError, TypeError) as e:
+            raise RunDirError(f"{run_dir} holds a run this lth_tf cannot continue: {e}") from e
+        diff = existing.differences(config)
+        if diff:
+            lines = "\n".join(
+                f"  {k}: run has {a!r}, you asked for {b!r}" for k, (a, b) in diff.items()
+            )
+            raise RunDirError(
+                f"{run_dir} holds a run with a different configuration:\n{lines}\n"
+                "Nothing was changed. Use the run's own settings to resume it, or another "
+                "--root_dir / --run_name for a new run."
+            )
+        return
+    if tf.io.gfile.isdir(run_dir) and tf.io.gfile.listdir(run_dir):
+        raise RunDirError(
+            f"{run_dir} is not empty but has no config.json: it is not an lth_tf run. "
+            "Nothing was changed; choose another --root_dir or --run_name."
+        )
+    if write:
+        tf.io.gfile.makedirs(run_dir)
+        files.write_text(path, config.to_json())
+
+
+def _require_run(run_dir: str) -> str:
+    path = paths.config_file(run_dir)
+    if not files.exists(path):
+        raise RunDirError(
+            f"{run_dir} is not an lth_tf run directory (it has no config.json). Pass the "
+            "directory `python -m lth_tf.imp` printed as 'Run directory: ...'."
+        )
+    return path
+
+
+def load_config(run_dir: str) -> RunConfig:
+    """The frozen config of an existing run.
+
+    Raises:
+      RunDirError: run_dir has no config.json (it is not a run).
+    """
+    with tf.io.gfile.GFile(_require_run(run_dir)) as f:
+        return RunConfig.from_json(f.read())
+
+
+def config_json(run_dir: str) -> dict:
+    """config.json of a run as plain JSON (readable even by a newer lth_tf's runs).
+
+    Raises:
+      RunDirError: run_dir has no config.json (it is not a run).
+    """
+    return files.read_json(_require_run(run_dir))
+
+
+def _scan_rounds(directory: str) -> dict:
+    out = {}
+    if not tf.io.gfile.isdir(directory):
+        return out
+    for name in sorted(tf.io.gfile.listdir(directory)):
+        name = name.rstrip("/")
+        match = paths.ROUND_RE.match(name)
+        path = paths.summary_file(paths.join(directory, name))
+        if match and files.exists(path):
+            out[int(match.group(1))] = files.read_json(path)
+    return out
+
+
+def branches(run_dir: str) -> list:
+    """Names of the control branches of a run (directories under branches/), sorted."""
+    directory = paths.join(run_dir, "branches")
+    if not tf.io.gfile.isdir(directory):
+        return []
+    return sorted(name.rstrip("/") for name in tf.io.gfile.listdir(directory))
+
+
+def finished_rounds(run_dir: str) -> dict:
+    """{branch: {round: summary}} of the finished rounds of a run.
+
+    A round is finished when its summary.json exists. The IMP rounds are under
+    the branch "imp"; branches with no finished round are left out.
+    """
+    out = {}
+    imp = _scan_rounds(run_dir)
+    if imp:
+        out[IMP] = imp
+    for branch in branches(run_dir):
+        found = _scan_rounds(paths.join(run_dir, "branches", branch))
+        if found:
+            out[branch] = found
+    return out
+
+
+def choose_round(run_dir: str) -> tuple[int, str]:
+    """The sparsest finished IMP round that matches the dense network, and why.
+
+    "Matching" (the paper's word): a test accuracy within 0.2 points of the
+    dense round's. Round 0 always matches itself, so there is always an answer.
+
+    Raises:
+      RunDirError: the run has no finished dense round.
+    """
+    imp = finished_rounds(run_dir).get(IMP, {})
+    if 0 not in imp:
+        raise RunDirError(
+            f"{run_dir} has no finished dense round (round_00/summary.json). Run "
+            "`python -m lth_tf.imp` with the run's flags first."
+        )
+    dense = imp[0]["test_accuracy"]
+    matching = [r for r, s in imp.items() if s["test_accuracy"] >= dense - MATCHING_POINTS]
+    best = min(matching, key=lambda r: imp[r]["density"])
+    why = (
+        f"round {best}: the sparsest round ({100 * imp[best]['density']:.2f}% of weights) "
+        f"within 0.2 points of the dense test accuracy {100 * dense:.2f}% "
+        f"(it has {100 * imp[best]['test_accuracy']:.2f}%)"
+    )
+    return best, why
