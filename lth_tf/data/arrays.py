@@ -43,7 +43,12 @@ class Arrays:
 
 
 class ArrayData:
-    """tf.data pipelines over in-memory arrays (MNIST, CIFAR-10, npz, synthetic)."""
+    """A `Dataset` over in-memory arrays (MNIST, CIFAR-10, npz, synthetic).
+
+    Attributes beyond the protocol: `arrays`, `num_train`, and the per-channel
+    `mean` and `std` of the training split that normalise every image (export
+    builds them into the SavedModel).
+    """
 
     def __init__(self, name: str, arrays: Arrays, augment: bool = False):
         self.name = name
@@ -59,6 +64,7 @@ class ArrayData:
         self._tensors = {}
 
     def steps_per_epoch(self, batch_size: int) -> int:
+        """Full batches per epoch; raises a ValueError when not even one fits."""
         return base.steps_per_epoch(self.name, self.num_train, batch_size)
 
     def _tensor(self, key):
@@ -108,6 +114,7 @@ class ArrayData:
         return ds.prefetch(tf.data.AUTOTUNE).with_options(base.in_memory_options())
 
     def num_examples(self, split: str) -> int:
+        """The number of examples of 'train', 'validation' or 'test'."""
         base.check_split(split)
         return len(
             {
@@ -151,6 +158,7 @@ def _as_nhwc(x: np.ndarray, what: str, path: str) -> np.ndarray:
 
 
 def bundled_mnist_path() -> str:
+    """The path of the MNIST .npz shipped inside the package (lth_tf/data_files)."""
     return str(importlib.resources.files("lth_tf") / "data_files" / "mnist.npz")
 
 
@@ -210,13 +218,24 @@ def load_npz(path: str, expected_sha256: str | None = None) -> Arrays:
 
 
 def synthetic_arrays(shape, num_classes, num_train=2048, num_test=512, seed=0) -> Arrays:
+    """Uniform random uint8 images of `shape` with random labels (benchmarks, tests)."""
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, size=(num_train + num_test, *shape), dtype=np.uint8)
     y = rng.integers(0, num_classes, size=num_train + num_test).astype(np.int64)
     return split_validation(x[:num_train], y[:num_train], x[num_train:], y[num_train:], num_classes)
 
 
-def synthetic_shape(name: str, arch_dataset: str):
+def synthetic_shape(name: str, arch_dataset: str) -> tuple[tuple[int, int, int], int]:
+    """(image shape, number of classes) of a `synthetic[:HxWxC:N]` dataset name.
+
+    Args:
+      name: 'synthetic' (the shape of `arch_dataset`, MNIST when unknown) or
+        'synthetic:HxWxC:N' / 'synthetic:HxW:N'.
+      arch_dataset: the architecture's natural dataset.
+
+    Raises:
+      ValueError: for a malformed name, showing the expected format.
+    """
     if name == "synthetic":
         return SYNTHETIC_SHAPES[arch_dataset if arch_dataset in SYNTHETIC_SHAPES else "mnist"]
     try:

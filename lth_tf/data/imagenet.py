@@ -1,7 +1,8 @@
 """ImageNet (tfds ``imagenet2012``) as a streaming tf.data pipeline, and its `Dataset`.
 
 Nothing here downloads: the dataset must be prepared (see
-`lth_tf.data.tfds.require_prepared`). The training pipeline is reproducible and resumable:
+`lth_tf.data.tfds.require_prepared`). The training pipeline is reproducible and
+resumable:
 
 * the order of epoch ``e`` (which files are read first, and the shuffle buffer) is
   a function of ``(seed, e)`` only, so epoch ``e`` can be rebuilt without reading
@@ -38,11 +39,6 @@ _EVAL_RESIZE_RATIO = 256.0 / 224.0
 # of one user seed on independent random streams.
 _ORDER_STREAM = 1
 _EXAMPLE_STREAM = 2
-
-
-# --------------------------------------------------------------------------- #
-# ImageNet                                                                    #
-# --------------------------------------------------------------------------- #
 
 
 def imagenet_num_examples(data_dir: str | None, *, name: str = IMAGENET_NAME) -> dict[str, int]:
@@ -375,9 +371,11 @@ class ImageNetData:
         self._num_eval = counts["validation"]
 
     def steps_per_epoch(self, batch_size: int) -> int:
+        """Full batches per epoch; raises a ValueError when not even one fits."""
         return base.steps_per_epoch(self.name, self.num_train, batch_size)
 
     def train(self, batch_size: int, data_seed: int, start_step: int = 0) -> tf.data.Dataset:
+        """Infinite augmented training batches from global step `start_step`."""
         return imagenet_dataset(
             self.data_dir,
             "train",
@@ -390,6 +388,7 @@ class ImageNetData:
         )
 
     def eval(self, split: str, batch_size: int) -> tf.data.Dataset:
+        """One ordered pass, center-cropped; 'test' reads the validation split."""
         base.check_split(split)
         return imagenet_dataset(
             self.data_dir,
@@ -402,5 +401,6 @@ class ImageNetData:
         )
 
     def num_examples(self, split: str) -> int:
+        """Examples of the split `eval(split, ...)` reads."""
         base.check_split(split)
         return self.num_train if split == "train" else self._num_eval
