@@ -41,6 +41,37 @@ def tiny_config():
     return make
 
 
+def write_mock_metadata(data_dir, name, splits):
+    """Writes the metadata files that make a mocked dataset count as prepared.
+
+    Without them tfds.testing.mock_data falls back to its USE_CODE policy, where
+    `builder.is_prepared()` is False and the split names are unknown.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=os.fspath(data_dir))
+    builder.info.set_splits(
+        tfds.core.SplitDict(
+            [
+                tfds.core.SplitInfo(
+                    name=split,
+                    shard_lengths=[num_examples],
+                    num_bytes=0,
+                    filename_template=tfds.core.ShardedFileTemplate(
+                        data_dir=builder.data_dir,
+                        dataset_name=builder.name,
+                        split=split,
+                        filetype_suffix="tfrecord",
+                    ),
+                )
+                for split, num_examples in splits.items()
+            ]
+        )
+    )
+    os.makedirs(builder.data_dir, exist_ok=True)
+    builder.info.write_to_directory(builder.data_dir)
+
+
 def _jpeg(rng, height, width):
     pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     from lth_tf.keras import tf

@@ -1,7 +1,14 @@
-"""Contracts of the in-memory datasets: splits, order, augmentation, bad files."""
+"""Contracts of lth_tf.data: the Dataset protocol for every kind of dataset, and the
+in-memory datasets' splits, order, augmentation and bad files."""
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
+from conftest import write_mock_metadata
 
 from lth_tf import data
 
@@ -174,7 +181,7 @@ def test_synthetic_data_copies_the_architecture_shape():
 
 
 def test_cifar10_trains_on_all_50000_images_and_validates_on_test(monkeypatch):
-    from lth_tf import tfds_data
+    from lth_tf.data import tfds as tfds_lib
 
     rng = np.random.default_rng(0)
     fake = dict(
@@ -183,9 +190,97 @@ def test_cifar10_trains_on_all_50000_images_and_validates_on_test(monkeypatch):
         x_test=rng.integers(0, 256, (100, 32, 32, 3), dtype=np.uint8),
         y_test=rng.integers(0, 10, 100),
     )
-    monkeypatch.setattr(tfds_data, "load_arrays", lambda name, data_dir: fake)
+    monkeypatch.setattr(tfds_lib, "load_arrays", lambda name, data_dir: fake)
     cifar = data.load("cifar10", augment=True)
     assert cifar.num_train == 500  # nothing held out: epochs have the paper's length
     np.testing.assert_array_equal(cifar.arrays.y_val, fake["y_test"])
     mnist = data.load("tfds:mnist")
     assert mnist.num_train == 450  # MNIST-like data holds out validation images
+
+
+# --------------------------------------------------------------------------- #
+# The Dataset protocol, on every kind of dataset                              #
+# --------------------------------------------------------------------------- #
+
+
+def _assert_dataset_contract(ds, batch_size):
+    """The protocol's methods, and resuming at step k across an epoch boundary."""
+    assert isinstance(ds, data.Dataset)
+    assert isinstance(ds.name, str) and ds.num_classes >= 2
+    assert len(ds.input_shape) == 3
+    spe = ds.steps_per_epoch(batch_size)
+    assert spe >= 1
+    # k and k + 1 are the last step of epoch 0 and the first of epoch 1.
+    k = spe - 1
+    full = _take(ds.train(batch_size, data_seed=3), k + 2)
+    resumed = _take(ds.train(batch_size, data_seed=3, start_step=k), 2)
+    for (x, y), (fx, fy) in zip(resumed, full[k:], strict=True):
+        np.testing.assert_array_equal(x, fx)
+        np.testing.assert_array_equal(y, fy)
+    for x, y in full:
+        assert x.shape == (batch_size, *ds.input_shape) and y.shape == (batch_size,)
+        assert y.min() >= 0 and y.max() < ds.num_classes
+    for split in data.SPLITS:
+        sizes = [len(y) for _, y in ds.eval(split, batch_size)]
+        assert sum(sizes) == ds.num_examples(split) > 0
+        assert max(sizes) <= batch_size
+    for method in (ds.num_examples, lambda s: ds.eval(s, batch_size)):
+        with pytest.raises(ValueError, match="train, validation or test"):
+            method("dev")
+
+
+def test_in_memory_arrays_satisfy_the_protocol():
+    arrays = data.synthetic_arrays((6, 6, 3), 3, num_train=50, num_test=10)
+    _assert_dataset_contract(data.ArrayData("arrays", arrays, augment=True), 8)
+
+
+def test_bundled_mnist_satisfies_the_protocol(mnist):
+    _assert_dataset_contract(mnist, 5000)
+
+
+def test_synthetic_satisfies_the_protocol():
+    _assert_dataset_contract(data.load("synthetic:5x7x2:3"), 64)
+
+
+def test_npz_satisfies_the_protocol(tmp_path):
+    rng = np.random.default_rng(1)
+    name = _write_npz(
+        tmp_path / "d.npz",
+        x_train=rng.integers(0, 256, (60, 5, 5, 3), dtype=np.uint8),
+        y_train=rng.integers(0, 4, 60),
+        x_test=rng.integers(0, 256, (9, 5, 5, 3), dtype=np.uint8),
+        y_test=rng.integers(0, 4, 9),
+    )
+    _assert_dataset_contract(data.load(name, augment=True), 16)
+
+
+@pytest.mark.parametrize("name, tfds_name", [("tfds:mnist", "mnist"), ("cifar10", "cifar10")])
+def test_tfds_datasets_satisfy_the_protocol(tmp_path, name, tfds_name):
+    import tensorflow_datasets as tfds
+
+    write_mock_metadata(tmp_path, tfds_name, {"train": 40, "test": 40})
+    with tfds.testing.mock_data(num_examples=40, data_dir=os.fspath(tmp_path)):
+        ds = data.load(name, data_dir="/ignored/by/mock_data", augment=name == "cifar10")
+    _assert_dataset_contract(ds, 8)
+
+
+def test_imagenet_satisfies_the_protocol(imagenet_dir):
+    ds = data.ImageNetData(imagenet_dir, image_size=16)
+    assert (ds.num_examples("train"), ds.num_examples("test")) == (24, 6)
+    _assert_dataset_contract(ds, 4)
+
+
+def test_the_bundled_mnist_never_imports_tensorflow_datasets():
+    # tensorflow_datasets takes seconds to import; runs on the bundled data skip it.
+    script = textwrap.dedent(
+        """
+        import sys
+        import lth_tf.data
+        ds = lth_tf.data.load("mnist")
+        next(iter(ds.train(60, 0)))
+        assert "tensorflow_datasets" not in sys.modules, "tensorflow_datasets was imported"
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]

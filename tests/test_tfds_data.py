@@ -1,4 +1,5 @@
-"""Contracts of lth_tf.tfds_data: no downloads, reproducible and resumable ImageNet.
+"""Contracts of lth_tf.data.tfds and lth_tf.data.imagenet: no downloads, reproducible
+and resumable ImageNet.
 
 ImageNet is tested on a real tfds preparation of a tiny fake ImageNet (JPEG tar
 files in the layout of the official ones, built by `tfds build`'s own code path),
@@ -13,42 +14,14 @@ import time
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import NUM_TRAIN, NUM_VALIDATION, _jpeg
+from conftest import NUM_TRAIN, NUM_VALIDATION, _jpeg, write_mock_metadata
 
-from lth_tf import tfds_data
+from lth_tf.data import imagenet
+from lth_tf.data import tfds as tfds_lib
 from lth_tf.keras import tf
 
 BATCH = 4
 SIZE = 16
-
-
-def _write_mock_metadata(data_dir, name, splits):
-    """Writes the metadata files that make a mocked dataset count as prepared.
-
-    Without them tfds.testing.mock_data falls back to its USE_CODE policy, where
-    `builder.is_prepared()` is False and the split names are unknown.
-    """
-    builder = tfds.builder(name, data_dir=os.fspath(data_dir))
-    builder.info.set_splits(
-        tfds.core.SplitDict(
-            [
-                tfds.core.SplitInfo(
-                    name=split,
-                    shard_lengths=[num_examples],
-                    num_bytes=0,
-                    filename_template=tfds.core.ShardedFileTemplate(
-                        data_dir=builder.data_dir,
-                        dataset_name=builder.name,
-                        split=split,
-                        filetype_suffix="tfrecord",
-                    ),
-                )
-                for split, num_examples in splits.items()
-            ]
-        )
-    )
-    os.makedirs(builder.data_dir, exist_ok=True)
-    builder.info.write_to_directory(builder.data_dir)
 
 
 def _batches(ds, n):
@@ -59,7 +32,7 @@ def _train(data_dir, **kwargs):
     kwargs.setdefault("batch_size", BATCH)
     kwargs.setdefault("seed", 0)
     kwargs.setdefault("image_size", SIZE)
-    return tfds_data.imagenet_dataset(data_dir, "train", training=True, **kwargs)
+    return imagenet.imagenet_dataset(data_dir, "train", training=True, **kwargs)
 
 
 def _assert_same_batches(got, want):
@@ -77,7 +50,7 @@ def _assert_same_batches(got, want):
 def test_require_prepared_fails_fast_and_says_how_to_prepare(tmp_path):
     start = time.monotonic()
     with pytest.raises(FileNotFoundError) as raised:
-        tfds_data.require_prepared("mnist", os.fspath(tmp_path))
+        tfds_lib.require_prepared("mnist", os.fspath(tmp_path))
     assert time.monotonic() - start < 5
     message = str(raised.value)
     assert "'mnist'" in message and "3.0.1" in message
@@ -88,7 +61,7 @@ def test_require_prepared_fails_fast_and_says_how_to_prepare(tmp_path):
 
 def test_require_prepared_imagenet_explains_the_manual_download(tmp_path):
     with pytest.raises(FileNotFoundError) as raised:
-        tfds_data.imagenet_num_examples(os.fspath(tmp_path))
+        imagenet.imagenet_num_examples(os.fspath(tmp_path))
     message = str(raised.value)
     assert "imagenet2012" in message
     assert "ILSVRC2012_img_train.tar" in message
@@ -101,11 +74,11 @@ def test_require_prepared_points_at_other_prepared_versions(tmp_path):
     old.mkdir(parents=True)
     (old / "dataset_info.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="5.0.0.*imagenet2012:<version>"):
-        tfds_data.require_prepared("imagenet2012", os.fspath(tmp_path))
+        tfds_lib.require_prepared("imagenet2012", os.fspath(tmp_path))
 
 
 def test_require_prepared_returns_the_builder(imagenet_dir):
-    builder = tfds_data.require_prepared("imagenet2012", imagenet_dir)
+    builder = tfds_lib.require_prepared("imagenet2012", imagenet_dir)
     assert builder.is_prepared() and builder.name == "imagenet2012"
 
 
@@ -116,10 +89,10 @@ def test_require_prepared_returns_the_builder(imagenet_dir):
 
 @pytest.mark.parametrize("name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
 def test_load_arrays_on_mocked_data(tmp_path, name, shape):
-    _write_mock_metadata(tmp_path, name, {"train": 12, "test": 12})
+    write_mock_metadata(tmp_path, name, {"train": 12, "test": 12})
     with tfds.testing.mock_data(num_examples=12, data_dir=os.fspath(tmp_path)):
-        arrays = tfds_data.load_arrays(name, "/ignored/by/mock_data")
-        again = tfds_data.load_arrays(name, "/ignored/by/mock_data")
+        arrays = tfds_lib.load_arrays(name, "/ignored/by/mock_data")
+        again = tfds_lib.load_arrays(name, "/ignored/by/mock_data")
     assert sorted(arrays) == ["x_test", "x_train", "y_test", "y_train"]
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
@@ -135,9 +108,9 @@ def test_load_arrays_on_mocked_data(tmp_path, name, shape):
 
 
 def test_eval_crop_normalizes_the_mean_color_to_zero():
-    mean_color = np.broadcast_to(np.round(tfds_data.IMAGENET_MEAN_RGB), (40, 70, 3))
+    mean_color = np.broadcast_to(np.round(imagenet.IMAGENET_MEAN_RGB), (40, 70, 3))
     jpeg = tf.io.encode_jpeg(mean_color.astype(np.uint8), quality=100)
-    image = tfds_data.decode_and_center_crop(jpeg, 24)
+    image = imagenet.decode_and_center_crop(jpeg, 24)
     assert image.shape == (24, 24, 3) and image.dtype == tf.float32
     np.testing.assert_allclose(image.numpy(), 0.0, atol=0.05)
 
@@ -146,12 +119,12 @@ def test_random_crop_is_a_function_of_the_seed():
     rng = np.random.default_rng(1)
     jpeg = tf.constant(_jpeg(rng, 37, 91))
     seed = tf.constant([3, 4], tf.int64)
-    first = tfds_data.decode_and_random_crop(jpeg, seed, 20)
+    first = imagenet.decode_and_random_crop(jpeg, seed, 20)
     assert first.shape == (20, 20, 3) and np.isfinite(first.numpy()).all()
-    np.testing.assert_array_equal(first, tfds_data.decode_and_random_crop(jpeg, seed, 20))
-    other = tfds_data.decode_and_random_crop(jpeg, tf.constant([3, 5], tf.int64), 20)
+    np.testing.assert_array_equal(first, imagenet.decode_and_random_crop(jpeg, seed, 20))
+    other = imagenet.decode_and_random_crop(jpeg, tf.constant([3, 5], tf.int64), 20)
     assert not np.array_equal(first.numpy(), other.numpy())
-    bf16 = tfds_data.decode_and_random_crop(jpeg, seed, 20, tf.bfloat16)
+    bf16 = imagenet.decode_and_random_crop(jpeg, seed, 20, tf.bfloat16)
     assert bf16.dtype == tf.bfloat16
 
 
@@ -161,7 +134,7 @@ def test_random_crop_is_a_function_of_the_seed():
 
 
 def test_imagenet_num_examples(imagenet_dir):
-    assert tfds_data.imagenet_num_examples(imagenet_dir) == {
+    assert imagenet.imagenet_num_examples(imagenet_dir) == {
         "train": NUM_TRAIN,
         "validation": NUM_VALIDATION,
     }
@@ -208,16 +181,15 @@ def test_deep_resume_jumps_to_its_epoch_instead_of_reading_the_earlier_ones(imag
 
 
 def test_every_epoch_is_a_new_permutation_of_the_split(imagenet_dir):
-    builder = tfds_data.require_prepared("imagenet2012", imagenet_dir)
-    records = tfds_data._training_records(
+    builder = tfds_lib.require_prepared("imagenet2012", imagenet_dir)
+    records = imagenet._training_records(
         builder,
         "train",
-        local_batch=BATCH,
+        batch_size=BATCH,
         seed=0,
         start_step=0,
         steps_per_epoch=None,
         shuffle_buffer_size=8,
-        input_context=None,
     )
     indices, jpegs = [], []
     for index, jpeg, _ in records.take(3 * NUM_TRAIN).as_numpy_iterator():
@@ -238,35 +210,9 @@ def test_steps_per_epoch_starts_epochs_on_batch_boundaries(imagenet_dir):
         _train(imagenet_dir, steps_per_epoch=7)
 
 
-def test_input_pipelines_read_disjoint_shares(imagenet_dir):
-    contexts = [tf.distribute.InputContext(2, i, 2) for i in range(2)]
-    train = [_batches(_train(imagenet_dir, input_context=c), 1)[0] for c in contexts]
-    for x, _ in train:
-        assert x.shape == (BATCH // 2, SIZE, SIZE, 3)
-    assert not np.array_equal(train[0][0], train[1][0])
-    shares = [
-        tfds_data.imagenet_dataset(
-            imagenet_dir,
-            "validation",
-            batch_size=2,
-            training=False,
-            seed=0,
-            image_size=SIZE,
-            drop_remainder=False,
-            input_context=c,
-        )
-        for c in contexts
-    ]
-    sums = sorted(float(x.sum()) for share in shares for xs, _ in share for x in xs.numpy())
-    whole = tfds_data.imagenet_dataset(
-        imagenet_dir, "validation", batch_size=2, training=False, seed=0, image_size=SIZE
-    )
-    assert sums == pytest.approx(sorted(float(x.sum()) for xs, _ in whole for x in xs.numpy()))
-
-
 def test_eval_pipeline_is_one_ordered_pass(imagenet_dir):
     def evaluate(**kwargs):
-        return tfds_data.imagenet_dataset(
+        return imagenet.imagenet_dataset(
             imagenet_dir,
             "validation",
             batch_size=BATCH,
@@ -288,18 +234,18 @@ def test_eval_pipeline_is_one_ordered_pass(imagenet_dir):
 
 def test_unknown_split_lists_the_known_ones(imagenet_dir):
     with pytest.raises(ValueError, match="known splits: .*'validation'"):
-        tfds_data.imagenet_dataset(imagenet_dir, "val", batch_size=BATCH, training=False, seed=0)
+        imagenet.imagenet_dataset(imagenet_dir, "val", batch_size=BATCH, training=False, seed=0)
 
 
 def test_mocked_imagenet_goes_through_the_same_pipeline(tmp_path):
     # With the SkipDecoding decoder mock_data serves real (random) JPEG bytes, not
     # decoded images, so the production decode path runs on mocked data too.
-    _write_mock_metadata(tmp_path, "imagenet2012", {"train": 10, "validation": 10})
+    write_mock_metadata(tmp_path, "imagenet2012", {"train": 10, "validation": 10})
     with tfds.testing.mock_data(num_examples=10, data_dir=os.fspath(tmp_path)):
         train = _batches(_train("/ignored/by/mock_data"), 4)
         resumed = _batches(_train("/ignored/by/mock_data", start_step=3), 1)
         evaluation = _batches(
-            tfds_data.imagenet_dataset(
+            imagenet.imagenet_dataset(
                 "/ignored", "validation", batch_size=BATCH, training=False, seed=0, image_size=SIZE
             ),
             10,
@@ -307,3 +253,11 @@ def test_mocked_imagenet_goes_through_the_same_pipeline(tmp_path):
     assert all(x.shape == (BATCH, SIZE, SIZE, 3) and np.isfinite(x).all() for x, _ in train)
     _assert_same_batches(resumed, train[3:])
     assert len(evaluation) == 2
+
+
+def test_evaluation_refuses_training_only_arguments(imagenet_dir):
+    for kwargs in (dict(start_step=1), dict(steps_per_epoch=1)):
+        with pytest.raises(ValueError, match="only apply to training pipelines"):
+            imagenet.imagenet_dataset(
+                imagenet_dir, "validation", batch_size=BATCH, training=False, seed=0, **kwargs
+            )

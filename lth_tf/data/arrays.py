@@ -1,54 +1,32 @@
-"""Datasets as tf.data pipelines with a seeded, resumable data order.
+"""In-memory datasets: the bundled MNIST, a user's .npz, synthetic images.
 
-Dataset names (`--dataset`):
-  mnist            the real MNIST bundled inside the package (offline default),
-                   55,000 train / 5,000 validation / 10,000 test as in the paper
-  tfds:mnist       MNIST from TensorFlow Datasets (prepared in --data_dir)
-  cifar10          CIFAR-10 from TensorFlow Datasets; augmentation is random
-                   flip + 4-pixel pad-and-crop, per-channel normalisation; all
-                   50,000 images train, the test set doubles as validation (as in
-                   the authors' framework)
-  imagenet2012     ImageNet from TensorFlow Datasets (streaming pipeline)
-  npz:PATH         a user's .npz with x_train, y_train, x_test, y_test
-  synthetic        random images of the architecture's natural input shape;
-  synthetic:HxWxC:N  or of an explicit shape and class count (benchmarks)
-
-The order of training batches is a function of (data_seed, epoch) alone, and a
-pipeline started at step k yields exactly the batches a pipeline started at 0
-yields from step k on: rewinding to step k replays the dense run's data, and a
-different data_seed gives different SGD noise (the stability analyses need
-both). Augmentation randomness is stateless too, keyed by (data_seed, step).
-Each epoch has floor(N / batch) full batches (the remainder is dropped, as TPUs
-need static shapes); the dropped examples differ between epochs.
+`ArrayData` also serves the small tfds datasets (CIFAR-10, tfds:mnist) once
+lth_tf.data.tfds has read them into `Arrays`. Augmentation randomness is
+stateless, keyed by (data_seed, step), so it replays with the data order.
+Each epoch has floor(N / batch) full batches; the dropped examples differ
+between epochs.
 """
 
 import dataclasses
 import functools
 import hashlib
 import importlib.resources
+import io
 import os
 
 import numpy as np
 
+from lth_tf.data import base
 from lth_tf.keras import tf
 
 BUNDLED_MNIST_SHA256 = "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"
 VALIDATION_SIZE = 5000
 # The natural dataset of each architecture family, for `synthetic` without a shape.
-_SYNTHETIC_SHAPES = {
+SYNTHETIC_SHAPES = {
     "mnist": ((28, 28, 1), 10),
     "cifar10": ((32, 32, 3), 10),
     "imagenet2012": ((224, 224, 3), 1000),
 }
-KNOWN = (
-    "mnist",
-    "tfds:mnist",
-    "cifar10",
-    "imagenet2012",
-    "npz:PATH",
-    "synthetic",
-    "synthetic:HxWxC:N",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +43,12 @@ class Arrays:
 
 
 class ArrayData:
-    """tf.data pipelines over in-memory arrays (MNIST, CIFAR-10, npz, synthetic)."""
+    """A `Dataset` over in-memory arrays (MNIST, CIFAR-10, npz, synthetic).
+
+    Attributes beyond the protocol: `arrays`, `num_train`, and the per-channel
+    `mean` and `std` of the training split that normalise every image (export
+    builds them into the SavedModel).
+    """
 
     def __init__(self, name: str, arrays: Arrays, augment: bool = False):
         self.name = name
@@ -81,13 +64,8 @@ class ArrayData:
         self._tensors = {}
 
     def steps_per_epoch(self, batch_size: int) -> int:
-        steps = self.num_train // batch_size
-        if steps == 0:
-            raise ValueError(
-                f"Batch size {batch_size} is larger than the {self.num_train} training examples "
-                f"of {self.name}; use a smaller --batch_size."
-            )
-        return steps
+        """Full batches per epoch; raises a ValueError when not even one fits."""
+        return base.steps_per_epoch(self.name, self.num_train, batch_size)
 
     def _tensor(self, key):
         # Keep one constant per array: pipelines built repeatedly share it.
@@ -104,7 +82,7 @@ class ArrayData:
         n = self.num_train
         spe = self.steps_per_epoch(batch_size)
         start_epoch, offset = divmod(start_step, spe)
-        seed = tf.constant(_seed_word(data_seed), tf.int64)
+        seed = tf.constant(base.seed_word(data_seed), tf.int64)
         x, y = self._tensor("x_train"), self._tensor("y_train")
 
         def epoch_batches(epoch):
@@ -124,19 +102,20 @@ class ArrayData:
 
         ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_batches).skip(offset)
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(base.in_memory_options())
 
     def eval(self, split: str, batch_size: int) -> tf.data.Dataset:
         """One pass over 'train' (no augmentation), 'validation' or 'test'."""
-        key = {"train": "train", "validation": "val", "test": "test"}.get(split)
-        if key is None:
-            raise ValueError(f"Unknown split {split!r}; expected train, validation or test.")
+        base.check_split(split)
+        key = {"train": "train", "validation": "val", "test": "test"}[split]
         x, y = self._tensor(f"x_{key}"), self._tensor(f"y_{key}")
         ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
         ds = ds.map(lambda a, b: (self._normalize(a), b), num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(base.in_memory_options())
 
     def num_examples(self, split: str) -> int:
+        """The number of examples of 'train', 'validation' or 'test'."""
+        base.check_split(split)
         return len(
             {
                 "train": self.arrays.y_train,
@@ -144,87 +123,6 @@ class ArrayData:
                 "test": self.arrays.y_test,
             }[split]
         )
-
-
-class ImageNetData:
-    """Streaming ImageNet from tfds (lth_tf.tfds_data), with the ArrayData interface.
-
-    The validation split of ImageNet serves as both 'validation' and 'test', as in
-    the papers (the test labels are not public).
-    """
-
-    name = "imagenet2012"
-    input_shape = (224, 224, 3)
-    num_classes = 1000
-
-    def __init__(self, data_dir, augment: bool = True, image_size: int = 224):
-        from lth_tf import tfds_data
-
-        self._tfds = tfds_data
-        self.data_dir = data_dir
-        self.augment = augment
-        self.image_size = image_size
-        self.input_shape = (image_size, image_size, 3)
-        counts = tfds_data.imagenet_num_examples(data_dir)
-        self.num_train = counts["train"]
-        self._num_eval = counts["validation"]
-
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return ArrayData.steps_per_epoch(self, batch_size)
-
-    def train(self, batch_size: int, data_seed: int, start_step: int = 0, input_context=None):
-        return self._tfds.imagenet_dataset(
-            self.data_dir,
-            "train",
-            batch_size=batch_size,
-            training=True,
-            seed=data_seed,
-            image_size=self.image_size,
-            start_step=start_step,
-            steps_per_epoch=self.steps_per_epoch(batch_size),
-            input_context=input_context,
-        )
-
-    def eval(self, split: str, batch_size: int, input_context=None):
-        tfds_split = {"train": "train", "validation": "validation", "test": "validation"}[split]
-        return self._tfds.imagenet_dataset(
-            self.data_dir,
-            tfds_split,
-            batch_size=batch_size,
-            training=False,
-            seed=0,
-            image_size=self.image_size,
-            drop_remainder=False,
-            input_context=input_context,
-        )
-
-    def num_examples(self, split: str) -> int:
-        return self.num_train if split == "train" else self._num_eval
-
-
-def no_autotune() -> tf.data.Options:
-    """Options that turn tf.data autotuning off.
-
-    With it on, many short fit() calls on small CPUs sometimes stalled 5-40 s after
-    training ended (autotune's background thread); fixed parallelism avoids it.
-    """
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return options
-
-
-def _options() -> tf.data.Options:
-    options = no_autotune()
-    options.deterministic = True
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return options
-
-
-def _seed_word(data_seed: int) -> int:
-    # Spread small user seeds over int64 so (seed, epoch) pairs of different runs
-    # never coincide.
-    digest = hashlib.sha256(f"lth_tf data order {data_seed}".encode()).digest()
-    return int.from_bytes(digest[:7], "little")
 
 
 def _flip_and_crop(images, seed, pad: int = 4):
@@ -241,7 +139,7 @@ def _flip_and_crop(images, seed, pad: int = 4):
     return tf.gather(images, cols, axis=2, batch_dims=1)
 
 
-def _split_validation(x, y, x_test, y_test, num_classes) -> Arrays:
+def split_validation(x, y, x_test, y_test, num_classes) -> Arrays:
     # The last examples of the training split are held out for validation (early
     # stopping), as the paper holds out 5,000 MNIST training images; npz and
     # synthetic data hold out 10%, at most 5,000.
@@ -260,6 +158,7 @@ def _as_nhwc(x: np.ndarray, what: str, path: str) -> np.ndarray:
 
 
 def bundled_mnist_path() -> str:
+    """The path of the MNIST .npz shipped inside the package (lth_tf/data_files)."""
     return str(importlib.resources.files("lth_tf") / "data_files" / "mnist.npz")
 
 
@@ -280,8 +179,6 @@ def load_npz(path: str, expected_sha256: str | None = None) -> Arrays:
                 f"{path} is corrupted: sha256 {digest}, expected {expected_sha256}. "
                 "Reinstall lth_tf (pip install --force-reinstall .)."
             )
-    import io
-
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
@@ -317,21 +214,30 @@ def load_npz(path: str, expected_sha256: str | None = None) -> Arrays:
         raise ValueError(f"{path}: labels have {num_classes} class; need at least 2.")
     if len(x_train) < 20:
         raise ValueError(f"{path}: only {len(x_train)} training examples; need at least 20.")
-    return _split_validation(x_train, labels["y_train"], x_test, labels["y_test"], num_classes)
+    return split_validation(x_train, labels["y_train"], x_test, labels["y_test"], num_classes)
 
 
 def synthetic_arrays(shape, num_classes, num_train=2048, num_test=512, seed=0) -> Arrays:
+    """Uniform random uint8 images of `shape` with random labels (benchmarks, tests)."""
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, size=(num_train + num_test, *shape), dtype=np.uint8)
     y = rng.integers(0, num_classes, size=num_train + num_test).astype(np.int64)
-    return _split_validation(
-        x[:num_train], y[:num_train], x[num_train:], y[num_train:], num_classes
-    )
+    return split_validation(x[:num_train], y[:num_train], x[num_train:], y[num_train:], num_classes)
 
 
-def _parse_synthetic(name: str, arch_dataset: str):
+def synthetic_shape(name: str, arch_dataset: str) -> tuple[tuple[int, int, int], int]:
+    """(image shape, number of classes) of a `synthetic[:HxWxC:N]` dataset name.
+
+    Args:
+      name: 'synthetic' (the shape of `arch_dataset`, MNIST when unknown) or
+        'synthetic:HxWxC:N' / 'synthetic:HxW:N'.
+      arch_dataset: the architecture's natural dataset.
+
+    Raises:
+      ValueError: for a malformed name, showing the expected format.
+    """
     if name == "synthetic":
-        return _SYNTHETIC_SHAPES[arch_dataset if arch_dataset in _SYNTHETIC_SHAPES else "mnist"]
+        return SYNTHETIC_SHAPES[arch_dataset if arch_dataset in SYNTHETIC_SHAPES else "mnist"]
     try:
         _, shape, classes = name.split(":")
         dims = tuple(int(d) for d in shape.lower().split("x"))
@@ -343,61 +249,3 @@ def _parse_synthetic(name: str, arch_dataset: str):
             f"--dataset={name!r}: expected 'synthetic' or 'synthetic:HxWxC:NUM_CLASSES', "
             "e.g. synthetic:32x32x3:10."
         ) from None
-
-
-def check_name(name: str) -> None:
-    """Validates a dataset name without touching the filesystem."""
-    if name in ("mnist", "tfds:mnist", "cifar10", "imagenet2012", "synthetic"):
-        return
-    if name.startswith("synthetic:"):
-        _parse_synthetic(name, "")
-        return
-    if name.startswith("npz:") and len(name) > 4:
-        return
-    raise ValueError(f"Unknown --dataset={name!r}. Known datasets: {', '.join(KNOWN)}.")
-
-
-def load(
-    name: str, *, data_dir: str | None = None, augment: bool = False, arch_dataset: str = "mnist"
-):
-    """Returns the dataset called `name` (see the module docstring).
-
-    Args:
-      name: the --dataset value.
-      data_dir: where tfds datasets are prepared.
-      augment: apply the dataset's training augmentation.
-      arch_dataset: the architecture's natural dataset; `synthetic` copies its shape.
-    """
-    check_name(name)
-    if name == "mnist":
-        return ArrayData(name, load_npz(bundled_mnist_path(), BUNDLED_MNIST_SHA256), augment)
-    if name.startswith("npz:"):
-        return ArrayData(name, load_npz(os.path.abspath(name[4:])), augment)
-    if name.startswith("synthetic"):
-        shape, classes = _parse_synthetic(name, arch_dataset)
-        return ArrayData(name, synthetic_arrays(shape, classes), augment)
-    from lth_tf import tfds_data
-
-    if name == "imagenet2012":
-        return ImageNetData(data_dir, augment=augment)
-    tfds_name = name.removeprefix("tfds:")
-    a = tfds_data.load_arrays(tfds_name, data_dir)
-    num_classes = int(max(a["y_train"].max(), a["y_test"].max())) + 1
-    if tfds_name == "cifar10":
-        # The authors' framework trains CIFAR-10 on all 50,000 images (so '160ep' and
-        # the LR drops fall on the paper's iterations) and evaluates on the test set,
-        # which therefore also serves as the 'validation' split here.
-        arrays = Arrays(
-            a["x_train"],
-            a["y_train"],
-            a["x_test"],
-            a["y_test"],
-            a["x_test"],
-            a["y_test"],
-            num_classes,
-        )
-    else:
-        arrays = _split_validation(
-            a["x_train"], a["y_train"], a["x_test"], a["y_test"], num_classes
-        )
-    return ArrayData(name, arrays, augment)

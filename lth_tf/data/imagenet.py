@@ -1,11 +1,8 @@
-"""TensorFlow Datasets input: small datasets as numpy arrays, ImageNet as tf.data.
+"""ImageNet (tfds ``imagenet2012``) as a streaming tf.data pipeline, and its `Dataset`.
 
-Nothing here ever downloads. Training machines (TPU VMs, GPU nodes) often have no
-network, and a `tfds.load` of a dataset that is not prepared retries its download
-for minutes before failing. Every entry point first calls `require_prepared`, which
-fails at once and says how to prepare the dataset on a machine that has network.
-
-The ImageNet training pipeline is reproducible and resumable:
+Nothing here downloads: the dataset must be prepared (see
+`lth_tf.data.tfds.require_prepared`). The training pipeline is reproducible and
+resumable:
 
 * the order of epoch ``e`` (which files are read first, and the shuffle buffer) is
   a function of ``(seed, e)`` only, so epoch ``e`` can be rebuilt without reading
@@ -16,13 +13,10 @@ The ImageNet training pipeline is reproducible and resumable:
   the same batches as an uninterrupted run did from step ``k``.
 """
 
-from __future__ import annotations
-
-import os
-
-import numpy as np
 import tensorflow_datasets as tfds
 
+from lth_tf.data import base
+from lth_tf.data.tfds import require_prepared, require_split
 from lth_tf.keras import tf
 
 IMAGENET_NAME = "imagenet2012"
@@ -45,155 +39,6 @@ _EVAL_RESIZE_RATIO = 256.0 / 224.0
 # of one user seed on independent random streams.
 _ORDER_STREAM = 1
 _EXAMPLE_STREAM = 2
-
-
-# --------------------------------------------------------------------------- #
-# Preparedness                                                                #
-# --------------------------------------------------------------------------- #
-
-
-def require_prepared(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-    """Returns the builder of a prepared tfds dataset; never downloads.
-
-    Args:
-      name: tfds name, optionally with config and version, e.g. ``'mnist'``,
-        ``'imagenet2012'`` or ``'imagenet2012:5.0.0'``.
-      data_dir: tfds data directory; ``None`` searches tfds' default directories
-        (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
-
-    Returns:
-      The `tfds.core.DatasetBuilder`, ready for ``as_dataset``.
-
-    Raises:
-      FileNotFoundError: if the dataset is not prepared in ``data_dir``. The message
-        names what was looked for and how to prepare it.
-    """
-    builder = tfds.builder(name, data_dir=data_dir)
-    if builder.is_prepared():
-        return builder
-    raise FileNotFoundError(_not_prepared_message(name, data_dir, builder))
-
-
-def _not_prepared_message(name: str, data_dir: str | None, builder) -> str:
-    root = os.fspath(builder.data_dir_root) if data_dir is None else os.fspath(data_dir)
-    base_name = builder.name
-    lines = [
-        f"tfds dataset {name!r} (version {builder.version}) is not prepared: "
-        f"{builder.data_dir} has no dataset_info.json/features.json "
-        f"(data_dir={data_dir!r}). lth_tf never downloads datasets (training "
-        "machines often have no network, and tfds would retry the download for "
-        "minutes), so prepare it once beforehand."
-    ]
-    # A different version in the same directory is the most common near miss
-    # (e.g. imagenet2012 5.0.0 prepared by an older tfds).
-    dataset_root = os.path.join(root, base_name)
-    if os.path.isdir(dataset_root):
-        found = sorted(
-            os.path.relpath(dirpath, dataset_root)
-            for dirpath, _, files in os.walk(dataset_root)
-            if "dataset_info.json" in files
-        )
-        if found:
-            lines.append(
-                f"Prepared versions found under {dataset_root}: {', '.join(found)}; "
-                f"to use one, pass the name as '{base_name}:<version>'."
-            )
-    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-        manual_dir = os.path.join(root, "downloads", "manual")
-        if base_name.startswith("imagenet2012"):
-            lines.append(
-                "ImageNet cannot be downloaded by tfds: register at "
-                "https://image-net.org/download-images, download "
-                f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar into {manual_dir}, "
-                f"then run `tfds build {base_name} --data_dir={root}` "
-                "(about 150 GB of disk, some hours)."
-            )
-        else:
-            lines.append(
-                f"{base_name} needs a manual download into {manual_dir}: "
-                f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()} Then run "
-                f"`tfds build {base_name} --data_dir={root}`."
-            )
-    else:
-        lines.append(
-            f"On a machine with network access run `tfds build {base_name} "
-            f"--data_dir={root}` (or `tfds.builder({base_name!r}, data_dir=...)"
-            ".download_and_prepare()`), then copy "
-            f"{dataset_root} to this machine's data_dir."
-        )
-    return "\n".join(lines)
-
-
-def _check_split(builder, split: str) -> None:
-    """Fails early, listing the known splits, when ``split`` is not one of them."""
-    known = list(builder.info.splits.keys())
-    if not known:  # Metadata without split information: let tfds decide.
-        return
-    try:
-        builder.info.splits[split]
-    except (KeyError, ValueError) as e:
-        raise ValueError(
-            f"Split {split!r} is not available in {builder.name} "
-            f"{builder.version} at {builder.data_dir}; known splits: {known}. "
-            "ImageNet's held-out split is called 'validation'."
-        ) from e
-
-
-# --------------------------------------------------------------------------- #
-# Small datasets as numpy                                                     #
-# --------------------------------------------------------------------------- #
-
-
-def load_arrays(name: str, data_dir: str | None) -> dict[str, np.ndarray]:
-    """Loads the full train and test splits of a small image dataset as numpy.
-
-    Meant for datasets that fit in memory ('mnist', 'cifar10', 'fashion_mnist',
-    'cifar100'...). The examples keep tfds' stored order (no file shuffling), so
-    two calls return identical arrays.
-
-    Args:
-      name: tfds name of a dataset with ``('image', 'label')`` supervised keys and
-        'train' and 'test' splits.
-      data_dir: tfds data directory (see `require_prepared`).
-
-    Returns:
-      ``{'x_train', 'y_train', 'x_test', 'y_test'}``: images as uint8 arrays of
-      shape (N, H, W, C) and labels as int64 arrays of shape (N,).
-
-    Raises:
-      FileNotFoundError: if the dataset is not prepared (see `require_prepared`).
-      ValueError: if the dataset has no supervised keys or lacks a split.
-    """
-    builder = require_prepared(name, data_dir)
-    if builder.info.supervised_keys is None:
-        raise ValueError(
-            f"tfds dataset {name!r} has no supervised (image, label) keys; "
-            "load_arrays expects an image classification dataset such as "
-            "'mnist' or 'cifar10'."
-        )
-    arrays = {}
-    for split in ("train", "test"):
-        _check_split(builder, split)
-        # batch_size=-1 returns the whole split as one pair of tensors, which
-        # tfds.as_numpy converts far faster than iterating example by example.
-        ds = builder.as_dataset(
-            split=split,
-            batch_size=-1,
-            as_supervised=True,
-            shuffle_files=False,
-            read_config=tfds.ReadConfig(try_autocache=False),
-        )
-        images, labels = tfds.as_numpy(ds)
-        if images.ndim == 3:  # Some datasets store grayscale as (H, W).
-            images = images[..., np.newaxis]
-        arrays[f"x_{split}"] = np.asarray(images, dtype=np.uint8)
-        arrays[f"y_{split}"] = np.asarray(labels, dtype=np.int64)
-    return arrays
-
-
-# --------------------------------------------------------------------------- #
-# ImageNet                                                                    #
-# --------------------------------------------------------------------------- #
 
 
 def imagenet_num_examples(data_dir: str | None, *, name: str = IMAGENET_NAME) -> dict[str, int]:
@@ -301,18 +146,6 @@ def _decoders():
     )
 
 
-def _pipeline_split(split: str, input_context) -> str:
-    """This input pipeline's share of ``split``: an exact, disjoint tfds subsplit."""
-    if input_context is None or input_context.num_input_pipelines == 1:
-        return split
-    # Example-level subsplits (rather than tfds' file sharding) give every pipeline
-    # a known number of examples, which the epoch arithmetic of start_step needs,
-    # and work with fewer files than pipelines.
-    return tfds.even_splits(split, n=input_context.num_input_pipelines)[
-        input_context.input_pipeline_id
-    ]
-
-
 def imagenet_dataset(
     data_dir: str | None,
     split: str,
@@ -325,7 +158,6 @@ def imagenet_dataset(
     steps_per_epoch: int | None = None,
     dtype: tf.DType = tf.float32,
     drop_remainder: bool = True,
-    input_context: tf.distribute.InputContext | None = None,
     shuffle_buffer_size: int = 10_000,
     name: str = IMAGENET_NAME,
 ) -> tf.data.Dataset:
@@ -344,24 +176,21 @@ def imagenet_dataset(
     Args:
       data_dir: tfds data directory holding the prepared dataset.
       split: tfds split, e.g. ``'train'``, ``'validation'``, ``'train[:10%]'``.
-      batch_size: global batch size; with ``input_context`` each pipeline yields
-        ``input_context.get_per_replica_batch_size(batch_size)`` examples a batch.
+      batch_size: examples per batch.
       training: training (augmented, shuffled, infinite) or evaluation pipeline.
       seed: data seed (order and augmentation). Ignored when evaluating.
       image_size: side of the square images.
       start_step: training only: the first batch yielded is batch ``start_step`` of
         the run from step 0. Records before it are read but not decoded.
-      steps_per_epoch: training: if set, epoch ``e`` is the first
+      steps_per_epoch: training only: if set, epoch ``e`` is the first
         ``steps_per_epoch`` batches of its shuffled order (the rest of that pass is
         dropped), so epochs start on batch boundaries; otherwise an epoch is a full
-        pass. Evaluation: if set, yield at most this many batches.
+        pass.
       dtype: image dtype (tf.bfloat16 for TPUs).
       drop_remainder: drop the last partial batch (static shapes, needed on TPU).
         For exact evaluation on all examples pass False.
-      input_context: from `tf.distribute.Strategy.distribute_datasets_from_function`;
-        each input pipeline reads a disjoint, equal share of the split.
       shuffle_buffer_size: examples (still JPEG-encoded, ~110 kB each) held in the
-        shuffle buffer of each pipeline.
+        shuffle buffer.
       name: tfds name, e.g. ``'imagenet2012:5.0.0'`` for an older preparation.
 
     Returns:
@@ -374,22 +203,17 @@ def imagenet_dataset(
     """
     _check_args(batch_size, image_size, start_step, steps_per_epoch, seed, shuffle_buffer_size)
     builder = require_prepared(name, data_dir)
-    _check_split(builder, split)
+    require_split(builder, split)
     dtype = tf.as_dtype(dtype)
-    local_batch = (
-        input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
-    )
-    split = _pipeline_split(split, input_context)
     if training:
         ds = _training_records(
             builder,
             split,
-            local_batch=local_batch,
+            batch_size=batch_size,
             seed=seed,
             start_step=start_step,
             steps_per_epoch=steps_per_epoch,
             shuffle_buffer_size=shuffle_buffer_size,
-            input_context=input_context,
         )
         example_key = tf.constant([seed, _EXAMPLE_STREAM], dtype=tf.int64)
 
@@ -399,10 +223,11 @@ def imagenet_dataset(
             return image, tf.cast(label, tf.int32)
 
     else:
-        if start_step:
+        if start_step or steps_per_epoch is not None:
             raise ValueError(
-                f"start_step={start_step} only applies to training pipelines; "
-                "evaluation always reads the split once from its start."
+                f"start_step={start_step} and steps_per_epoch={steps_per_epoch} only apply "
+                "to training pipelines; evaluation always reads the whole split once. "
+                "Leave them at 0 and None."
             )
         ds = builder.as_dataset(
             split=split,
@@ -417,13 +242,12 @@ def imagenet_dataset(
             return image, tf.cast(label, tf.int32)
 
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(local_batch, drop_remainder=drop_remainder)
-    if not training and steps_per_epoch is not None:
-        ds = ds.take(steps_per_epoch)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     ds = ds.prefetch(tf.data.AUTOTUNE)
+    # Unlike the in-memory pipelines, autotune stays on: decoding JPEGs needs all the
+    # host's cores. Parallel map and interleave keep their input order, so the
+    # batches of a given step are the same in every run.
     options = tf.data.Options()
-    # Parallel map and interleave keep their input order, so the batches of a
-    # given step are the same in every run.
     options.deterministic = True
     return ds.with_options(options)
 
@@ -450,21 +274,19 @@ def _training_records(
     builder,
     split: str,
     *,
-    local_batch: int,
+    batch_size: int,
     seed: int,
     start_step: int,
     steps_per_epoch: int | None,
     shuffle_buffer_size: int,
-    input_context,
 ) -> tf.data.Dataset:
     """Infinite ``(global_index, jpeg_bytes, label)`` stream from batch ``start_step``.
 
-    The global index numbers the examples of the whole run across pipelines (the
-    position in this pipeline's stream times the number of pipelines plus the
-    pipeline id), so each example of each epoch gets its own augmentation seed.
+    The global index numbers the examples of the whole run (its position in the
+    stream), so each example of each epoch gets its own augmentation seed.
     """
     decoders = _decoders()
-    # The real count of this pipeline's share. It comes from the dataset rather than
+    # The real count of the split. It comes from the dataset rather than
     # the builder info because tfds.testing.mock_data serves its own number of
     # examples whatever the metadata says.
     num_examples = int(
@@ -477,22 +299,16 @@ def _training_records(
     if steps_per_epoch is None:
         epoch_length = num_examples
     else:
-        epoch_length = steps_per_epoch * local_batch
+        epoch_length = steps_per_epoch * batch_size
         if epoch_length > num_examples:
             raise ValueError(
-                f"steps_per_epoch={steps_per_epoch} batches of {local_batch} need "
-                f"{epoch_length} examples per epoch, but this input pipeline's share "
-                f"{split!r} has only {num_examples}. Use at most "
-                f"{num_examples // local_batch} steps per epoch, or leave "
+                f"steps_per_epoch={steps_per_epoch} batches of {batch_size} need "
+                f"{epoch_length} examples per epoch, but split {split!r} has only "
+                f"{num_examples}. Use at most "
+                f"{num_examples // batch_size} steps per epoch, or leave "
                 "steps_per_epoch=None to let batches span epochs."
             )
-    first = start_step * local_batch  # Position in this pipeline's stream.
-    first_epoch, skip_in_epoch = divmod(first, epoch_length)
-    if input_context is None:
-        num_pipelines, pipeline_id = 1, 0
-    else:
-        num_pipelines = input_context.num_input_pipelines
-        pipeline_id = input_context.input_pipeline_id
+    first_epoch, skip_in_epoch = divmod(start_step * batch_size, epoch_length)
     order_key = tf.constant([seed, _ORDER_STREAM], dtype=tf.int64)
     buffer_size = min(shuffle_buffer_size, num_examples)
 
@@ -516,15 +332,75 @@ def _training_records(
         ds = ds.shuffle(buffer_size, seed=epoch_seeds[1], reshuffle_each_iteration=False)
         ds = ds.take(epoch_length)
         start = epoch * epoch_length
-        return ds.enumerate().map(
-            lambda i, ex: (
-                (start + i) * num_pipelines + pipeline_id,
-                ex["image"],
-                ex["label"],
-            )
-        )
+        return ds.enumerate().map(lambda i, ex: (start + i, ex["image"], ex["label"]))
 
     ds = tf.data.Dataset.counter(start=first_epoch).flat_map(epoch_records)
     # Records are skipped before the map that decodes them, so resuming deep into
     # an epoch costs reading, not decoding.
     return ds.skip(skip_in_epoch)
+
+
+class ImageNetData:
+    """ImageNet as a `Dataset`: `imagenet_dataset` pipelines with fixed-length epochs.
+
+    An epoch is `steps_per_epoch(batch_size)` full batches, so epochs start on batch
+    boundaries as with the in-memory datasets. The validation split of ImageNet
+    serves as both 'validation' and 'test', as in the papers (the test labels are
+    not public).
+    """
+
+    name = IMAGENET_NAME
+    num_classes = 1000
+
+    def __init__(self, data_dir: str | None, augment: bool = True, image_size: int = 224):
+        """Checks that ImageNet is prepared in `data_dir` and reads its split sizes.
+
+        Args:
+          data_dir: tfds data directory (see `lth_tf.data.tfds.require_prepared`).
+          augment: unused: ImageNet training batches are always augmented (the
+            random-resized crop is part of the recipe); kept so that `load` treats
+            every dataset alike.
+          image_size: side of the square images.
+        """
+        self.data_dir = data_dir
+        self.augment = augment
+        self.image_size = image_size
+        self.input_shape = (image_size, image_size, 3)
+        counts = imagenet_num_examples(data_dir)
+        self.num_train = counts["train"]
+        self._num_eval = counts["validation"]
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Full batches per epoch; raises a ValueError when not even one fits."""
+        return base.steps_per_epoch(self.name, self.num_train, batch_size)
+
+    def train(self, batch_size: int, data_seed: int, start_step: int = 0) -> tf.data.Dataset:
+        """Infinite augmented training batches from global step `start_step`."""
+        return imagenet_dataset(
+            self.data_dir,
+            "train",
+            batch_size=batch_size,
+            training=True,
+            seed=data_seed,
+            image_size=self.image_size,
+            start_step=start_step,
+            steps_per_epoch=self.steps_per_epoch(batch_size),
+        )
+
+    def eval(self, split: str, batch_size: int) -> tf.data.Dataset:
+        """One ordered pass, center-cropped; 'test' reads the validation split."""
+        base.check_split(split)
+        return imagenet_dataset(
+            self.data_dir,
+            "train" if split == "train" else "validation",
+            batch_size=batch_size,
+            training=False,
+            seed=0,
+            image_size=self.image_size,
+            drop_remainder=False,
+        )
+
+    def num_examples(self, split: str) -> int:
+        """Examples of the split `eval(split, ...)` reads."""
+        base.check_split(split)
+        return self.num_train if split == "train" else self._num_eval

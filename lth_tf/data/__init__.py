@@ -1,0 +1,130 @@
+"""Datasets as tf.data pipelines with a seeded, resumable data order.
+
+Dataset names (`--dataset`):
+  mnist            the real MNIST bundled inside the package (offline default),
+                   55,000 train / 5,000 validation / 10,000 test as in the paper
+  tfds:mnist       MNIST from TensorFlow Datasets (prepared in --data_dir)
+  cifar10          CIFAR-10 from TensorFlow Datasets; augmentation is random
+                   flip + 4-pixel pad-and-crop, per-channel normalisation; all
+                   50,000 images train, the test set doubles as validation (as in
+                   the authors' framework)
+  imagenet2012     ImageNet from TensorFlow Datasets (streaming pipeline)
+  npz:PATH         a user's .npz with x_train, y_train, x_test, y_test
+  synthetic        random images of the architecture's natural input shape;
+  synthetic:HxWxC:N  or of an explicit shape and class count (benchmarks)
+
+Every dataset satisfies the `Dataset` protocol (lth_tf.data.base): its training
+order is a function of (data_seed, epoch) alone and `train(start_step=k)` yields
+exactly the batches the run from step 0 yields from step k on.
+
+Modules: base (the protocol, shared options and helpers), arrays (in-memory
+data: bundled MNIST, npz, synthetic), tfds (TensorFlow Datasets: preparedness
+checks, small datasets read into memory), imagenet (the streaming ImageNet
+pipeline). tensorflow_datasets is imported only when a tfds dataset is loaded
+(`tfds:mnist`, `cifar10`, `imagenet2012`), so the bundled data starts fast.
+"""
+
+import os
+
+from lth_tf.data.arrays import (
+    BUNDLED_MNIST_SHA256,
+    VALIDATION_SIZE,
+    ArrayData,
+    Arrays,
+    bundled_mnist_path,
+    load_npz,
+    split_validation,
+    synthetic_arrays,
+    synthetic_shape,
+)
+from lth_tf.data.base import SPLITS, Dataset, no_autotune
+
+__all__ = [
+    "BUNDLED_MNIST_SHA256",
+    "KNOWN",
+    "SPLITS",
+    "VALIDATION_SIZE",
+    "ArrayData",
+    "Arrays",
+    "Dataset",
+    "ImageNetData",
+    "bundled_mnist_path",
+    "check_name",
+    "load",
+    "load_npz",
+    "no_autotune",
+    "split_validation",
+    "synthetic_arrays",
+    "synthetic_shape",
+]
+
+KNOWN = (
+    "mnist",
+    "tfds:mnist",
+    "cifar10",
+    "imagenet2012",
+    "npz:PATH",
+    "synthetic",
+    "synthetic:HxWxC:N",
+)
+# Names served by TensorFlow Datasets, with the tfds name of each.
+_TFDS_NAMES = {"tfds:mnist": "mnist", "cifar10": "cifar10", "imagenet2012": "imagenet2012"}
+
+
+def __getattr__(name: str):
+    # ImageNetData lives beside the pipeline that imports tensorflow_datasets; load
+    # it on first use so that `import lth_tf.data` stays free of tfds.
+    if name == "ImageNetData":
+        from lth_tf.data.imagenet import ImageNetData
+
+        return ImageNetData
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def check_name(name: str) -> None:
+    """Validates a dataset name without touching the filesystem.
+
+    Raises:
+      ValueError: naming the known datasets, or the expected synthetic format.
+    """
+    if name in ("mnist", "synthetic") or name in _TFDS_NAMES:
+        return
+    if name.startswith("synthetic:"):
+        synthetic_shape(name, "")
+        return
+    if name.startswith("npz:") and len(name) > 4:
+        return
+    raise ValueError(f"Unknown --dataset={name!r}. Known datasets: {', '.join(KNOWN)}.")
+
+
+def load(
+    name: str, *, data_dir: str | None = None, augment: bool = False, arch_dataset: str = "mnist"
+) -> Dataset:
+    """Returns the dataset called `name` (see the module docstring).
+
+    Args:
+      name: the --dataset value.
+      data_dir: where tfds datasets are prepared.
+      augment: apply the dataset's training augmentation.
+      arch_dataset: the architecture's natural dataset; `synthetic` copies its shape.
+
+    Raises:
+      ValueError: for an unknown name or a malformed npz file.
+      FileNotFoundError: for a missing npz file or a tfds dataset not prepared in
+        `data_dir` (the message says how to prepare it).
+    """
+    check_name(name)
+    if name == "mnist":
+        return ArrayData(name, load_npz(bundled_mnist_path(), BUNDLED_MNIST_SHA256), augment)
+    if name.startswith("npz:"):
+        return ArrayData(name, load_npz(os.path.abspath(name[4:])), augment)
+    if name.startswith("synthetic"):
+        shape, classes = synthetic_shape(name, arch_dataset)
+        return ArrayData(name, synthetic_arrays(shape, classes), augment)
+    if name == "imagenet2012":
+        from lth_tf.data.imagenet import ImageNetData
+
+        return ImageNetData(data_dir, augment=augment)
+    from lth_tf.data import tfds
+
+    return ArrayData(name, tfds.arrays(_TFDS_NAMES[name], data_dir), augment)
