@@ -22,7 +22,7 @@ import zipfile
 import numpy as np
 from absl import app, flags, logging
 
-from lth_tf import files, paths, report, rounds, sparsity
+from lth_tf import files, flagdefs, paths, report, rounds, sparsity
 from lth_tf.config import RunConfig
 from lth_tf.keras import tf
 
@@ -232,10 +232,15 @@ def main(argv):
     return 0
 
 
+def define_flags() -> None:
+    """Defines this entry point's flags (lth_tf/flagdefs.py; idempotent)."""
+    flagdefs.define_export_flags()
+
+
 def run():
-    flags.DEFINE_string("run_dir", None, "The run directory to export from.", required=True)
-    flags.DEFINE_integer("round", None, "IMP round to export (default: the sparsest matching one).")
-    flags.DEFINE_boolean("tflite", False, "Also write a TFLite flatbuffer.")
+    define_flags()
+    flags.adopt_module_key_flags(flagdefs)  # --helpshort lists them
+    flags.mark_flag_as_required("run_dir")
     logging.set_verbosity(logging.WARNING)
     app.run(main)
 

@@ -10,7 +10,7 @@ import sys
 
 from absl import app, flags
 
-from lth_tf import files, paths
+from lth_tf import files, flagdefs, paths
 from lth_tf.keras import tf
 
 
@@ -219,8 +219,15 @@ def main(argv):
     )
 
 
+def define_flags() -> None:
+    """Defines this entry point's flags (lth_tf/flagdefs.py; idempotent)."""
+    flagdefs.define_report_flags()
+
+
 def run():
-    flags.DEFINE_string("run_dir", None, "The run directory to report on.", required=True)
+    define_flags()
+    flags.adopt_module_key_flags(flagdefs)  # --helpshort lists them
+    flags.mark_flag_as_required("run_dir")
     app.run(main)
 
 
