@@ -22,6 +22,7 @@ Names, one per concept across entry points:
 
 import dataclasses
 import functools
+import sys
 
 from absl import flags
 
@@ -135,6 +136,17 @@ def flag_names(define) -> frozenset[str]:
     if define.flag_names is None:
         raise ValueError(f"{define.__name__}() has not been called yet; call it first.")
     return define.flag_names
+
+
+def declare_key_flags(names) -> None:
+    """Makes --helpshort (and the usage printed with a usage error) list `names`.
+
+    absl lists the key flags of the main module, which it names by sys.argv[0]:
+    the module's file for `python -m lth_tf.imp`, the script for `lth-imp`. The
+    flags themselves are defined here, so entry points declare them as theirs.
+    """
+    for name in names:
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
 
 
 class _ChoiceParser(flags.EnumParser):
@@ -527,7 +539,7 @@ def protocol_lines(config: config_lib.RunConfig) -> list[str]:
         controls = ", ".join(config.controls) or "none"
         lines = [
             f"No --arch: running the MNIST demo (LeNet-300-100 on {config.dataset}, "
-            f"{schedule}, {config.rounds} rounds at {config.prune_fraction:g}, "
+            f"{schedule}, {config.rounds} rounds of {100 * config.prune_fraction:g}%, "
             f"controls: {controls}). --arch=lenet_300_100 runs the paper's 50K-iteration "
             "recipe; --flagfile=flags/lenet300_mnist.cfg its full protocol."
         ]
@@ -547,7 +559,7 @@ def protocol_lines(config: config_lib.RunConfig) -> list[str]:
         why = "--rounds=0" if FLAGS.rounds is not None else "No --rounds or --target_density"
         lines.append(
             f"{why}: training the dense network (round 0) only. To prune, rerun with "
-            f"--rounds=N (N rounds of {config.prune_fraction:g} each; this run directory, its "
+            f"--rounds=N (N rounds of {100 * config.prune_fraction:g}% each; this run directory, its "
             "round 0 reused) or add --target_density=D (one-shot pruning to density D)."
         )
     return lines

@@ -113,8 +113,7 @@ def define_flags() -> None:
 def run():
     StopRequest.install()
     define_flags()
-    for name in flagdefs.IMP_KEY_FLAGS:  # --helpshort (and a usage error) lists these
-        flags.declare_key_flag(name)
+    flagdefs.declare_key_flags(flagdefs.IMP_KEY_FLAGS)
     logging.set_verbosity(logging.WARNING)
     app.run(main)
 

@@ -226,7 +226,7 @@ def define_flags() -> None:
 
 def run():
     define_flags()
-    flags.adopt_module_key_flags(flagdefs)  # --helpshort lists them
+    flagdefs.declare_key_flags(flagdefs.flag_names(flagdefs.define_report_flags))
     flags.mark_flag_as_required("run_dir")
     app.run(main)
 
