@@ -192,8 +192,9 @@ def test_shared_flags_have_one_definition():
     assert {"strategy", "tpu", "num_gpus", "mixed_precision"} <= flagdefs.flag_names(
         flagdefs.define_distribute_flags
     )
-    # One definition: the same Flag object whichever entry point asks for it.
-    assert FLAGS["run_dir"] is FLAGS._flags()["run_dir"]
+    # One definition, in flagdefs (a second DEFINE elsewhere would raise DuplicateFlagError).
+    for name in ("run_dir", "round", "strategy", "mixed_precision"):
+        assert FLAGS.find_module_defining_flag(name) == "lth_tf.flagdefs"
 
 
 def test_every_config_field_has_a_flag_and_every_imp_flag_is_a_field_or_process_flag():
