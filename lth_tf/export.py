@@ -19,7 +19,7 @@ import sys
 
 from absl import app, flags, logging
 
-from lth_tf import paths, sparse_export
+from lth_tf import flagdefs, paths, sparse_export
 
 
 def main(argv):
@@ -44,10 +44,15 @@ def main(argv):
     return 0
 
 
+def define_flags() -> None:
+    """Defines this entry point's flags (lth_tf/flagdefs.py; idempotent)."""
+    flagdefs.define_export_flags()
+
+
 def run():
-    flags.DEFINE_string("run_dir", None, "The run directory to export from.", required=True)
-    flags.DEFINE_integer("round", None, "IMP round to export (default: the sparsest matching one).")
-    flags.DEFINE_boolean("tflite", False, "Also write a TFLite flatbuffer.")
+    define_flags()
+    flagdefs.declare_key_flags(flagdefs.flag_names(flagdefs.define_export_flags))
+    flags.mark_flag_as_required("run_dir")
     logging.set_verbosity(logging.WARNING)
     app.run(main)
 

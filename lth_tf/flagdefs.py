@@ -1,14 +1,33 @@
-"""absl flag definitions shared by the entry points.
+"""Every absl flag of every entry point, defined here and only here.
 
-Only entry points (`python -m lth_tf.imp`, ...) read FLAGS: they call
-`config_from_flags()` once and pass the frozen config down. Flags left unset
+Each entry point calls the `define_*_flags()` function named after it
+(`define_imp_flags`, `define_stability_flags`, `define_export_flags`,
+`define_report_flags`); those call the shared groups below. Every define
+function is idempotent: a second call (tests, two entry points in one process)
+does nothing, so no entry point guards with `if "x" in FLAGS`.
+
+Only entry points (and this module, on their behalf) read FLAGS: imp calls
+`config_from_flags()` once and passes the frozen config down. Flags left unset
 (None) take the architecture's recipe value (lth_tf/presets.py).
+
+Names, one per concept across entry points:
+  --rewind_step   the run's rewind point k: one duration ('0', '500it', '5ep').
+  --rewind_steps  a list of rewind points k (stability: the k to analyse).
+  --round         one round index (0: the dense network); stability, export.
+  --rounds        how many pruning rounds a run has after round 0 (imp).
+  --root_dir, --run_name   where imp writes a run: <root_dir>/<run_name>.
+  --run_dir       an existing run directory (<root_dir>/<run_name>) that
+                  stability, export and report read.
 """
+
+import dataclasses
+import functools
+import sys
 
 from absl import flags
 
 from lth_tf import config as config_lib
-from lth_tf import data, steps
+from lth_tf import data, presets, steps
 
 FLAGS = flags.FLAGS
 
@@ -23,13 +42,147 @@ MAIN_JOB = dict(
     steps_per_execution=100,
 )
 
+# RunConfig fields that have no flag of their own. Empty today: every field has
+# one. A field added to RunConfig must get a flag below or be listed here with
+# the reason (tests/test_cli.py checks both directions).
+CONFIG_FIELDS_WITHOUT_FLAGS: frozenset[str] = frozenset()
+
+# imp's flags that are not RunConfig fields: where the run goes and how this
+# process runs it; none of them changes what the run computes.
+IMP_PROCESS_FLAGS = (
+    "root_dir",
+    "run_name",
+    "checkpoint_seconds",
+    "deterministic",
+    "print_config",
+    "strategy",
+    "num_gpus",
+    "tpu",
+)
+
+# The flags `python -m lth_tf.imp --helpshort` lists (it also prints them above a
+# usage error, so the list is short); --helpfull lists all.
+IMP_KEY_FLAGS = (
+    "arch",
+    "dataset",
+    "data_dir",
+    "rewind_step",
+    "rounds",
+    "target_density",
+    "controls",
+    "root_dir",
+    "print_config",
+)
+
+# Every RunConfig field, in the dataclass's order, read from the flag of the same
+# name. Derived, not listed, so that a new field cannot be forgotten here.
+_CONFIG_FLAGS = tuple(
+    f.name
+    for f in dataclasses.fields(config_lib.RunConfig)
+    if f.name not in CONFIG_FIELDS_WITHOUT_FLAGS
+)
+
+# Image shapes known from a dataset's name alone (no file is read at flag time).
+_MNIST_SHAPE = (28, 28, 1)
+_NAMED_SHAPES = {
+    "mnist": _MNIST_SHAPE,
+    "tfds:mnist": _MNIST_SHAPE,
+    "cifar10": (32, 32, 3),
+    "imagenet2012": (224, 224, 3),
+}
+
+_DATASET_FORMS = (
+    "mnist (the real MNIST bundled with lth_tf), tfds:mnist, cifar10, imagenet2012 "
+    "(tfds, prepared in --data_dir), npz:PATH (your arrays), synthetic (random images "
+    "shaped like the architecture's dataset), synthetic:HxWxC:NUM_CLASSES"
+)
+
+
+# While a define function runs, the sets collecting the flag names of it and of
+# the define functions that called it (see _idempotent).
+_collecting: list[set[str]] = []
+
+
+def _idempotent(define):
+    """Makes a define function run once per process; later calls do nothing.
+
+    It also records the names of the flags the function defines, its callees'
+    included (whether they ran now or earlier), for `flag_names`.
+    """
+
+    @functools.wraps(define)
+    def wrapper():
+        if wrapper.flag_names is None:
+            before = set(FLAGS)
+            _collecting.append(collected := set())
+            try:
+                define()
+            finally:
+                _collecting.pop()
+            wrapper.flag_names = frozenset(collected | (set(FLAGS) - before))
+        for names in _collecting:
+            names.update(wrapper.flag_names)
+
+    wrapper.flag_names = None
+    return wrapper
+
+
+def flag_names(define) -> frozenset[str]:
+    """The names of the flags that `define` (a define_*_flags function) defines.
+
+    Raises:
+      ValueError: if `define` has not been called in this process yet.
+    """
+    if define.flag_names is None:
+        raise ValueError(f"{define.__name__}() has not been called yet; call it first.")
+    return define.flag_names
+
+
+def declare_key_flags(names) -> None:
+    """Makes --helpshort (and the usage printed with a usage error) list `names`.
+
+    absl lists the key flags of the main module, which it names by sys.argv[0]:
+    the module's file for `python -m lth_tf.imp`, the script for `lth-imp`. The
+    flags themselves are defined here, so entry points declare them as theirs.
+    """
+    for name in names:
+        FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+
+
+class _ChoiceParser(flags.EnumParser):
+    """An enum parser whose error names what was received and lists the choices."""
+
+    def __init__(self, choices, kind):
+        super().__init__(list(choices))
+        self.kind = kind
+
+    def parse(self, argument):
+        if argument not in self.enum_values:
+            raise ValueError(
+                f"{argument!r} is not a known {self.kind}. Known {self.kind}s: "
+                f"{', '.join(self.enum_values)}."
+            )
+        return argument
+
+
+def _define_choice(name, default, choices, kind, help_text):
+    """DEFINE_enum with an error that lists the choices ('Known <kind>s: ...').
+
+    The help text starts with <a|b|c>, as absl's own enums do.
+    """
+    flag = flags.EnumFlag(name, default, help_text, list(choices))
+    flag.parser = _ChoiceParser(choices, kind)
+    flags.DEFINE_flag(flag)
+
 
 def _duration_validator(name):
     def check(value):
         if value is None:
             return True
         try:
-            steps.parse(value, name)
+            # In a list, an empty item ('--lr_drops=') means none.
+            for item in [value] if isinstance(value, str) else [v for v in value if v]:
+                steps.parse(item, name)
         except ValueError as e:
             raise flags.ValidationError(str(e)) from None
         return True
@@ -37,19 +190,45 @@ def _duration_validator(name):
     return check
 
 
+def _dataset_validator(value):
+    if value is None:
+        return True
+    try:
+        data.check_name(value)
+    except ValueError as e:
+        raise flags.ValidationError(f"{e} Forms: {_DATASET_FORMS}.") from None
+    return True
+
+
+def _controls_validator(value):
+    for control in value or ():
+        if control and control not in config_lib.CONTROLS:
+            raise flags.ValidationError(
+                f"{control!r} is not a control. Known controls: "
+                f"{', '.join(config_lib.CONTROLS)} (comma-separated, e.g. "
+                f"--controls={','.join(config_lib.CONTROLS)}; empty for none)."
+            )
+    return True
+
+
+@_idempotent
 def define_train_flags() -> None:
-    flags.DEFINE_string(
+    """The RunConfig fields of the network, data, optimizer and schedule."""
+    _define_choice(
         "arch",
         None,
-        "Architecture: lenet_300_100, conv2, conv4, conv6, vgg16, "
-        "vgg19, resnet20, resnet56, resnet50. Default: the MNIST demo (lenet_300_100).",
+        tuple(presets.RECIPES),  # = models.ARCHITECTURES (test_cli), without importing TF
+        "architecture",
+        "Network; sets the paper's recipe (lth_tf/presets.py) for every flag left unset, "
+        "its dataset included. Without --arch: the MNIST demo (LeNet-300-100, 5 epochs per "
+        "round, 8 rounds); --arch=lenet_300_100 is the paper's 50K-iteration recipe.",
     )
     flags.DEFINE_string(
         "dataset",
         None,
-        f"Dataset ({', '.join(data.KNOWN)}); default: the "
-        "architecture's (mnist is the real MNIST bundled with lth_tf).",
+        f"Dataset; default: the --arch recipe's. Forms: {_DATASET_FORMS}.",
     )
+    flags.register_validator("dataset", _dataset_validator)
     flags.DEFINE_string(
         "data_dir", None, "TensorFlow Datasets data_dir where tfds datasets are prepared."
     )
@@ -57,7 +236,7 @@ def define_train_flags() -> None:
         "batch_size", None, "Global batch size (split over replicas).", lower_bound=1
     )
     flags.DEFINE_string("training_steps", None, "Training length T: '50000it' or '160ep'.")
-    flags.DEFINE_string("optimizer", None, "sgd or adam.")
+    _define_choice("optimizer", None, config_lib.OPTIMIZERS, "optimizer", "Optimizer.")
     flags.DEFINE_float("lr", None, "Base learning rate for the global batch size.")
     flags.DEFINE_float("momentum", None, "SGD momentum.")
     flags.DEFINE_float("weight_decay", None, "Coupled L2 weight decay (PyTorch SGD semantics).")
@@ -71,13 +250,13 @@ def define_train_flags() -> None:
     )
     flags.DEFINE_integer("seed", 0, "Initialisation seed.")
     flags.DEFINE_integer("data_seed", 0, "Data order and augmentation seed.")
-    flags.DEFINE_string("root_dir", "runs", "Where runs are written (a local path or gs://).")
-    flags.DEFINE_string(
-        "run_name",
-        None,
-        "Run directory name under root_dir; default <arch>_<dataset>_<hash of the config>.",
-    )
     flags.DEFINE_string("eval_every", None, "Evaluation period: '100it', '1ep'.")
+    flags.DEFINE_boolean(
+        "test_every_period",
+        None,
+        "Also evaluate the test set every evaluation period (test accuracy at the "
+        "early-stopping iteration, as the 2019 paper reports it). Default: the recipe's.",
+    )
     flags.DEFINE_boolean(
         "jit_compile",
         None,
@@ -96,51 +275,58 @@ def define_train_flags() -> None:
         lower_bound=0,
         upper_bound=2,
     )
-    flags.DEFINE_float(
-        "checkpoint_seconds",
-        300.0,
-        "Save a resumable mid-round checkpoint at "
-        "most this often (seconds; 0 = every evaluation period).",
-        lower_bound=0,
-    )
-    flags.DEFINE_boolean(
-        "deterministic",
-        False,
-        "Enable TensorFlow's deterministic ops, so that "
-        "a resumed run ends with the same weights as an uninterrupted one.",
-    )
-    for name in ("training_steps", "warmup", "eval_every"):
+    for name in ("training_steps", "warmup", "eval_every", "lr_drops"):
         flags.register_validator(name, _duration_validator(name))
 
 
+@_idempotent
 def define_distribute_flags() -> None:
-    flags.DEFINE_enum(
+    """How a run is spread over devices: strategy, GPUs, TPU, mixed precision."""
+    _define_choice(
         "strategy",
         "default",
         ["default", "mirrored", "multi_worker", "tpu"],
+        "strategy",
         "tf.distribute strategy. multi_worker reads the cluster from TF_CONFIG.",
     )
     flags.DEFINE_integer(
         "num_gpus", None, "GPUs for --strategy=mirrored (default: all).", lower_bound=1
     )
     flags.DEFINE_string("tpu", None, "TPU name or address for --strategy=tpu; 'local' on a TPU VM.")
-    flags.DEFINE_enum(
+    _define_choice(
         "mixed_precision",
         None,
         ["bfloat16", "float16"],
-        "Mixed precision compute dtype (bfloat16 on TPU, float16 on GPU); "
+        "mixed precision",
+        "Mixed precision compute dtype (bfloat16 on TPU, float16 on GPU; default float32); "
         "variables and masks stay float32.",
     )
 
 
+@_idempotent
 def define_prune_flags() -> None:
-    flags.DEFINE_string("rewind_step", None, "Rewind point k: '0' (reset to init), '500it', '5ep'.")
-    flags.DEFINE_integer("rounds", None, "Pruning rounds after the dense round 0.", lower_bound=0)
+    """The RunConfig fields of the pruning protocol."""
+    flags.DEFINE_string(
+        "rewind_step",
+        None,
+        "The run's rewind point k, one duration: '0' (reset to init), '500it', '5ep'. "
+        "(--rewind_steps, plural, is a list of k, e.g. the k that lth_tf.stability analyses.)",
+    )
+    flags.DEFINE_integer(
+        "rounds",
+        None,
+        "How many pruning rounds follow the dense round 0. Default: 8 in the MNIST demo (no "
+        "--arch), 1 with --target_density, else 0 (round 0 only; rerun with --rounds=N to "
+        "continue the same run). (--round, singular, is one round index in lth_tf.stability "
+        "and lth_tf.export.)",
+        lower_bound=0,
+    )
     flags.DEFINE_float("prune_fraction", None, "Fraction of surviving weights pruned per round.")
-    flags.DEFINE_enum(
+    _define_choice(
         "prune_scope",
         None,
-        list(config_lib.PRUNE_SCOPES),
+        config_lib.PRUNE_SCOPES,
+        "prune scope",
         "global: one magnitude threshold over all layers; layerwise: one per layer.",
     )
     flags.DEFINE_float(
@@ -155,55 +341,225 @@ def define_prune_flags() -> None:
         None,
         "Prune-rate multiplier of the output layer (0 keeps it dense, 0.5 half rate).",
     )
-    flags.DEFINE_list("controls", None, "Control branches: random_reinit, random_prune.")
+    flags.DEFINE_list(
+        "controls",
+        None,
+        f"Control branches, comma-separated: {', '.join(config_lib.CONTROLS)}.",
+    )
+    flags.register_validator("controls", _controls_validator)
     flags.register_validator("rewind_step", _duration_validator("rewind_step"))
 
 
-_CONFIG_FLAGS = (
-    "dataset",
-    "data_dir",
-    "batch_size",
-    "training_steps",
-    "optimizer",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "warmup",
-    "lr_drops",
-    "lr_gamma",
-    "augment",
-    "seed",
-    "data_seed",
-    "eval_every",
-    "jit_compile",
-    "steps_per_execution",
-    "verbose",
-    "rewind_step",
-    "rounds",
-    "prune_fraction",
-    "prune_scope",
-    "target_density",
-    "output_rate",
-    "controls",
-    "mixed_precision",
-)
+@_idempotent
+def define_imp_flags() -> None:
+    """Every flag of `python -m lth_tf.imp`."""
+    define_train_flags()
+    define_prune_flags()
+    define_distribute_flags()
+    flags.DEFINE_string("root_dir", "runs", "Where runs are written (a local path or gs://).")
+    flags.DEFINE_string(
+        "run_name",
+        None,
+        "Run directory name under root_dir; default <arch>_<dataset>_<hash of the config>. "
+        "The other entry points take the result as --run_dir=<root_dir>/<run_name>.",
+    )
+    flags.DEFINE_float(
+        "checkpoint_seconds",
+        300.0,
+        "Save a resumable mid-round checkpoint at "
+        "most this often (seconds; 0 = every evaluation period).",
+        lower_bound=0,
+    )
+    flags.DEFINE_boolean(
+        "deterministic",
+        False,
+        "Enable TensorFlow's deterministic ops, so that "
+        "a resumed run ends with the same weights as an uninterrupted one.",
+    )
+    flags.DEFINE_boolean(
+        "print_config", False, "Print the resolved config and run directory; train nothing."
+    )
+
+
+@_idempotent
+def define_run_dir_flag() -> None:
+    """--run_dir, the existing run that stability, export and report read.
+
+    Not marked required here (a required flag would break every other entry
+    point's parsing in a process that defines several); each entry point's
+    `run()` marks it required.
+    """
+    flags.DEFINE_string(
+        "run_dir",
+        None,
+        "A run directory written by lth_tf.imp, i.e. <root_dir>/<run_name>, e.g. "
+        "runs/lenet_300_100_mnist_1a2b3c4d.",
+    )
+
+
+@_idempotent
+def _define_round_flag() -> None:
+    flags.DEFINE_integer(
+        "round",
+        None,
+        "One round index (0: the dense network, r: the r-th pruned network). Default: "
+        "lth_tf.stability analyses round 0; lth_tf.export exports the sparsest round within "
+        "0.2 points of the dense accuracy. (--rounds, plural, is imp's number of rounds.)",
+        lower_bound=0,
+    )
+
+
+@_idempotent
+def _define_eval_examples_flag() -> None:
+    flags.DEFINE_integer(
+        "eval_examples",
+        None,
+        "Evaluate on at most this many examples per split (default, or 0: all).",
+        lower_bound=0,
+    )
+
+
+@_idempotent
+def define_stability_flags() -> None:
+    """Every flag of `python -m lth_tf.stability`."""
+    define_run_dir_flag()
+    _define_round_flag()
+    # --round is shared with export, whose default differs: each entry point's
+    # define function sets it (a process runs one entry point; where tests define
+    # several, the last defined wins).
+    FLAGS.set_default("round", 0)
+    flags.DEFINE_list(
+        "rewind_steps",
+        None,
+        "The rewind points k to analyse, a list of durations, e.g. 0,100,500it,2ep "
+        "(default: the run's --rewind_step, its single k).",
+    )
+    flags.register_validator("rewind_steps", _duration_validator("rewind_steps"))
+    flags.DEFINE_integer("num_alphas", 30, "Points on the interpolation path.", lower_bound=2)
+    flags.DEFINE_integer(
+        "repeats", 1, "Pairs of data orders per point (the paper uses 3).", lower_bound=1
+    )
+    flags.DEFINE_boolean(
+        "recompute_bn",
+        False,
+        "Re-estimate BatchNorm statistics on training "
+        "batches at each interpolated point (default: interpolate them).",
+    )
+    _define_eval_examples_flag()
+
+
+@_idempotent
+def define_export_flags() -> None:
+    """Every flag of `python -m lth_tf.export`."""
+    define_run_dir_flag()
+    _define_round_flag()
+    FLAGS.set_default("round", None)  # see define_stability_flags
+    flags.DEFINE_boolean("tflite", False, "Also write a TFLite flatbuffer.")
+
+
+@_idempotent
+def define_report_flags() -> None:
+    """Every flag of `python -m lth_tf.report`."""
+    define_run_dir_flag()
 
 
 def config_from_flags() -> config_lib.RunConfig:
-    """The run's config: the recipe of --arch with every flag the user set on top."""
-    values = {name: getattr(FLAGS, name) for name in _CONFIG_FLAGS if name in FLAGS}
-    if values.get("target_density") is not None and values.get("rounds") is None:
+    """The run's config: the recipe of --arch with every flag the user set on top.
+
+    Needs define_imp_flags() (or the train, prune and distribute groups).
+
+    Raises:
+      ValueError: for values or combinations that make no sense, e.g. the MNIST
+        demo (no --arch) on a dataset whose images are not MNIST-shaped.
+    """
+    values = {name: getattr(FLAGS, name) for name in _CONFIG_FLAGS}
+    arch = values.pop("arch")
+    if values["target_density"] is not None and values["rounds"] is None:
         values["rounds"] = 1  # one-shot
-    if FLAGS.arch is None:
+    if arch is None:
+        _check_demo_dataset(values["dataset"])
         for key, value in MAIN_JOB.items():
             if values.get(key) is None:
                 values[key] = value
-    arch = values.pop("arch", None) or FLAGS.arch or MAIN_JOB["arch"]
-    if values.get("rounds") is None:
+        arch = values.pop("arch")
+    if values["rounds"] is None:
         values["rounds"] = 0
     for name in ("lr_drops", "controls"):
-        if values.get(name) is not None:
+        if values[name] is not None:
             values[name] = tuple(v for v in values[name] if v)
-    if values.get("dataset") is not None:
-        data.check_name(values["dataset"])
     return config_lib.make_config(arch, **values)
+
+
+def _image_shape(dataset: str) -> tuple[int, ...] | None:
+    """The image shape a dataset name implies, or None when only its files tell."""
+    if dataset in _NAMED_SHAPES:
+        return _NAMED_SHAPES[dataset]
+    if dataset.startswith("synthetic:"):
+        dims = tuple(int(d) for d in dataset.split(":")[1].lower().split("x"))
+        return dims if len(dims) == 3 else (*dims, 1)
+    return None  # npz:PATH (read later), plain 'synthetic' (the demo's: MNIST-shaped)
+
+
+def _check_demo_dataset(dataset: str | None) -> None:
+    """Refuses the MNIST demo (no --arch) on a dataset that is not MNIST-shaped."""
+    if dataset is None:
+        return
+    shape = _image_shape(dataset)
+    if shape is None or shape == _MNIST_SHAPE:
+        return
+    suited = [a for a, r in presets.RECIPES.items() if r["dataset"] == dataset]
+    if len(suited) > 1:
+        suggestion = f"--arch={', '.join(suited[:-1])} or {suited[-1]} (recipes made for {dataset})"
+    elif suited:
+        suggestion = f"--arch={suited[0]} (its recipe is made for {dataset})"
+    else:
+        suggestion = (
+            "--arch=conv2/conv4/conv6/vgg16/resnet20/... for colour images, or "
+            "--arch=lenet_300_100 for the paper's LeNet recipe"
+        )
+    raise ValueError(
+        f"--dataset={dataset} without --arch: that would run the MNIST demo "
+        f"(LeNet-300-100, 5 epochs per round) on {'x'.join(map(str, shape))} images, "
+        f"not the {'x'.join(map(str, _MNIST_SHAPE))} MNIST images it is made for. "
+        f"Choose the network: {suggestion}."
+    )
+
+
+def protocol_lines(config: config_lib.RunConfig) -> list[str]:
+    """What imp prints first: which protocol the flags chose, and round-0-only runs.
+
+    Reads FLAGS to tell what the user set from what a default filled in.
+    """
+    drops = f", x{config.lr_gamma} at {','.join(config.lr_drops)}" if config.lr_drops else ""
+    schedule = (
+        f"{config.optimizer} lr={config.lr:g}{drops}, batch {config.batch_size}, "
+        f"{config.training_steps} per round, rewind to {config.rewind_step}"
+    )
+    if FLAGS.arch is None:
+        controls = ", ".join(config.controls) or "none"
+        lines = [
+            f"No --arch: running the MNIST demo (LeNet-300-100 on {config.dataset}, "
+            f"{schedule}, {config.rounds} rounds of {100 * config.prune_fraction:g}%, "
+            f"controls: {controls}). --arch=lenet_300_100 runs the paper's 50K-iteration "
+            "recipe; --flagfile=flags/lenet300_mnist.cfg its full protocol."
+        ]
+    else:
+        recipe_dataset = presets.recipe(config.arch)["dataset"]
+        if FLAGS.dataset is None:
+            on = f"{config.dataset} (the recipe's dataset)"
+        elif config.dataset == recipe_dataset:
+            on = config.dataset
+        else:
+            on = f"{config.dataset} (the recipe is made for {recipe_dataset})"
+        lines = [
+            f"--arch={config.arch}: the paper's recipe (lth_tf/presets.py) with your flags "
+            f"on top: {on}, {schedule}."
+        ]
+    if config.rounds == 0:
+        why = "--rounds=0" if FLAGS.rounds is not None else "No --rounds or --target_density"
+        lines.append(
+            f"{why}: training the dense network (round 0) only. To prune, rerun with "
+            f"--rounds=N (N rounds of {100 * config.prune_fraction:g}% each; this run directory, its "
+            "round 0 reused) or add --target_density=D (one-shot pruning to density D)."
+        )
+    return lines

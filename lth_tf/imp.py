@@ -56,8 +56,8 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         return 2
     log(f"Run directory: {run_dir} ({strategy.num_replicas_in_sync} replica(s))")
-    if config.rounds == 0:
-        log("No --rounds or --target_density given: training the dense network (round 0) only.")
+    for line in flagdefs.protocol_lines(config):
+        log(line)
     try:
         experiment.run()
     except Interrupted as e:
@@ -106,20 +106,14 @@ def _root_dir_problem(root: str) -> str | None:
 
 
 def define_flags() -> None:
-    """Defines this entry point's flags (once per process)."""
-    if "print_config" not in FLAGS:
-        if "arch" not in FLAGS:
-            flagdefs.define_train_flags()
-            flagdefs.define_prune_flags()
-        flagdefs.define_distribute_flags()
-        flags.DEFINE_boolean(
-            "print_config", False, "Print the resolved config and run directory; train nothing."
-        )
+    """Defines this entry point's flags (lth_tf/flagdefs.py; idempotent)."""
+    flagdefs.define_imp_flags()
 
 
 def run():
     StopRequest.install()
     define_flags()
+    flagdefs.declare_key_flags(flagdefs.IMP_KEY_FLAGS)
     logging.set_verbosity(logging.WARNING)
     app.run(main)
 

@@ -10,7 +10,7 @@ import sys
 
 from absl import app, flags
 
-from lth_tf import paths, reporting
+from lth_tf import flagdefs, paths, reporting
 
 
 def main(argv):
@@ -25,8 +25,15 @@ def main(argv):
     )
 
 
+def define_flags() -> None:
+    """Defines this entry point's flags (lth_tf/flagdefs.py; idempotent)."""
+    flagdefs.define_report_flags()
+
+
 def run():
-    flags.DEFINE_string("run_dir", None, "The run directory to report on.", required=True)
+    define_flags()
+    flagdefs.declare_key_flags(flagdefs.flag_names(flagdefs.define_report_flags))
+    flags.mark_flag_as_required("run_dir")
     app.run(main)
 
 

@@ -23,7 +23,7 @@ import sys
 
 from absl import app, flags, logging
 
-from lth_tf import linear_mode, paths, reporting, steps
+from lth_tf import flagdefs, linear_mode, paths, reporting, steps
 from lth_tf.callbacks import Interrupted, StopRequest
 
 
@@ -61,29 +61,15 @@ def main(argv):
     return 0
 
 
+def define_flags() -> None:
+    """Defines this entry point's flags (lth_tf/flagdefs.py; idempotent)."""
+    flagdefs.define_stability_flags()
+
+
 def run():
-    flags.DEFINE_string("run_dir", None, "An lth_tf.imp run directory.", required=True)
-    flags.DEFINE_integer("round", 0, "Which round's network (0: dense).", lower_bound=0)
-    flags.DEFINE_list(
-        "rewind_steps",
-        None,
-        "Rewind points k to analyse, e.g. 0,100,500it,2ep (default: the run's rewind step).",
-    )
-    flags.DEFINE_integer("num_alphas", 30, "Points on the interpolation path.", lower_bound=2)
-    flags.DEFINE_integer(
-        "repeats", 1, "Pairs of data orders per point (the paper uses 3).", lower_bound=1
-    )
-    flags.DEFINE_boolean(
-        "recompute_bn",
-        False,
-        "Re-estimate BatchNorm statistics on training "
-        "batches at each interpolated point (default: interpolate them).",
-    )
-    flags.DEFINE_integer(
-        "eval_examples",
-        None,
-        "Evaluate each point on at most this many examples per split (default: all).",
-    )
+    define_flags()
+    flagdefs.declare_key_flags(flagdefs.flag_names(flagdefs.define_stability_flags))
+    flags.mark_flag_as_required("run_dir")
     logging.set_verbosity(logging.WARNING)
     StopRequest.install()
     app.run(main)

@@ -1,5 +1,6 @@
 """Contracts of the command line: flag names, flagfiles, defaults, clear errors."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -7,7 +8,8 @@ import sys
 import pytest
 from absl import flags
 
-from lth_tf import flagdefs
+from lth_tf import config as config_lib
+from lth_tf import flagdefs, models, presets
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,9 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture()
 def parse():
-    if "arch" not in FLAGS:
-        flagdefs.define_train_flags()
-        flagdefs.define_prune_flags()
+    flagdefs.define_imp_flags()
 
     def _parse(*argv):
         FLAGS.unparse_flags()
@@ -106,9 +106,10 @@ def test_target_density_alone_means_one_shot(parse):
         (["--rewind_step=5 epochs"], "rewind_step"),
         (["--training_steps=lots"], "training_steps"),
         (["--prune_fraction=1.5"], "prune_fraction"),
-        (["--controls=random_reinit,magic"], "controls"),
-        (["--arch=alexnet"], "Known architectures"),
-        (["--dataset=svhn"], "Known datasets"),
+        (["--controls=random_reinit,magic"], "Known controls: random_reinit, random_prune"),
+        (["--arch=alexnet"], "Known architectures: lenet_300_100, .*, resnet50"),
+        (["--dataset=svhn"], "Known datasets.*npz:PATH"),
+        (["--lr_drops=80ep,later"], "lr_drops"),
     ],
 )
 def test_bad_flag_values_are_explained(parse, argv, message):
@@ -148,3 +149,204 @@ def test_mixed_precision_and_distribution_flags_reach_the_config(parse):
 def test_target_density_without_arch_is_still_one_shot(parse):
     c = parse("--target_density=0.3")
     assert c.rounds == 1 and c.arch == "lenet_300_100"
+
+
+# --- flags defined once, in flagdefs ------------------------------------------------
+
+ENTRY_POINTS = {
+    "imp": flagdefs.define_imp_flags,
+    "stability": flagdefs.define_stability_flags,
+    "export": flagdefs.define_export_flags,
+    "report": flagdefs.define_report_flags,
+}
+
+
+def test_define_functions_are_idempotent():
+    for define in [*ENTRY_POINTS.values(), flagdefs.define_train_flags]:
+        define()
+        define()  # a second call neither raises DuplicateFlagError nor redefines
+    assert "run_dir" in FLAGS and "arch" in FLAGS
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_every_entry_point_defines_its_flags_in_flagdefs(name):
+    import importlib
+
+    module = importlib.import_module(f"lth_tf.{name}")
+    module.define_flags()
+    names = flagdefs.flag_names(ENTRY_POINTS[name])
+    assert names, name
+    for flag in names:
+        assert FLAGS.find_module_defining_flag(flag) == "lth_tf.flagdefs", flag
+    # No lth_tf module other than flagdefs defines a flag.
+    definers = {m for m in FLAGS.flags_by_module_dict() if m.startswith("lth_tf")}
+    assert definers == {"lth_tf.flagdefs"}
+
+
+def test_shared_flags_have_one_definition():
+    for define in ENTRY_POINTS.values():
+        define()
+    names = {n: flagdefs.flag_names(d) for n, d in ENTRY_POINTS.items()}
+    assert "run_dir" in names["stability"] & names["export"] & names["report"]
+    assert "round" in names["stability"] & names["export"]
+    assert {"strategy", "tpu", "num_gpus", "mixed_precision"} <= flagdefs.flag_names(
+        flagdefs.define_distribute_flags
+    )
+    # One definition, in flagdefs (a second DEFINE elsewhere would raise DuplicateFlagError).
+    for name in ("run_dir", "round", "strategy", "mixed_precision"):
+        assert FLAGS.find_module_defining_flag(name) == "lth_tf.flagdefs"
+
+
+def test_every_config_field_has_a_flag_and_every_imp_flag_is_a_field_or_process_flag():
+    flagdefs.define_imp_flags()
+    fields = {f.name for f in dataclasses.fields(config_lib.RunConfig)}
+    imp_flags = flagdefs.flag_names(flagdefs.define_imp_flags)
+    assert fields - flagdefs.CONFIG_FIELDS_WITHOUT_FLAGS <= imp_flags
+    assert imp_flags - fields == set(flagdefs.IMP_PROCESS_FLAGS)
+    assert set(flagdefs._CONFIG_FLAGS) == fields - flagdefs.CONFIG_FIELDS_WITHOUT_FLAGS
+
+
+# --- closed sets are enums ----------------------------------------------------------
+
+ENUMS = {
+    "arch": ("architecture", models.ARCHITECTURES),
+    "optimizer": ("optimizer", config_lib.OPTIMIZERS),
+    "prune_scope": ("prune scope", config_lib.PRUNE_SCOPES),
+    "strategy": ("strategy", ("default", "mirrored", "multi_worker", "tpu")),
+    "mixed_precision": ("mixed precision", ("bfloat16", "float16")),
+}
+
+
+def test_arch_choices_are_the_model_registry_and_the_recipes():
+    assert set(models.ARCHITECTURES) == set(presets.RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(ENUMS))
+def test_enum_flags_list_their_choices_in_help_and_refuse_others(parse, name):
+    kind, choices = ENUMS[name]
+    for choice in choices:
+        assert choice in FLAGS[name].help
+    with pytest.raises(flags.IllegalFlagValueError) as e:
+        parse(f"--{name}=nonsense")
+    assert f"--{name}=nonsense" in str(e.value)
+    assert f"Known {kind}s: {', '.join(choices)}." in str(e.value)
+
+
+def test_one_name_per_concept():
+    for define in ENTRY_POINTS.values():
+        define()
+    imp = flagdefs.flag_names(flagdefs.define_imp_flags)
+    stability = flagdefs.flag_names(flagdefs.define_stability_flags)
+    # Singular: one value of the run; plural: a list or a count.
+    assert "rewind_step" in imp and "rewind_steps" not in imp
+    assert "rewind_steps" in stability and "rewind_step" not in stability
+    assert "rounds" in imp and "round" not in imp
+    assert "--rewind_steps" in FLAGS["rewind_step"].help
+    assert "--rewind_step" in FLAGS["rewind_steps"].help
+    assert "--rounds" in FLAGS["round"].help and "--round," in FLAGS["rounds"].help
+
+
+# --- the protocol a combination of flags chooses ------------------------------------
+
+
+def test_no_flags_says_it_runs_the_mnist_demo(parse):
+    (line,) = flagdefs.protocol_lines(parse())
+    assert line.startswith("No --arch: running the MNIST demo (LeNet-300-100 on mnist")
+    assert "5ep per round" in line and "8 rounds" in line
+    assert "--arch=lenet_300_100 runs the paper's 50K-iteration recipe" in line
+
+
+def test_an_arch_says_it_runs_the_recipe_on_the_recipes_dataset(parse):
+    c = parse("--arch=resnet20", "--rounds=2")
+    assert c.dataset == presets.recipe("resnet20")["dataset"] == "cifar10"
+    (line,) = flagdefs.protocol_lines(c)
+    assert line.startswith("--arch=resnet20: the paper's recipe")
+    assert "cifar10 (the recipe's dataset)" in line and "160ep per round" in line
+
+
+def test_an_arch_on_another_dataset_says_so(parse):
+    (line,) = flagdefs.protocol_lines(parse("--arch=lenet_300_100", "--dataset=cifar10"))[:1]
+    assert "cifar10 (the recipe is made for mnist)" in line
+
+
+@pytest.mark.parametrize(
+    "dataset, suggestion",
+    [
+        ("cifar10", "--arch=conv2, conv4, conv6, vgg16, vgg19, resnet20 or resnet56"),
+        ("imagenet2012", "--arch=resnet50"),
+        ("synthetic:32x32x3:10", "--arch=lenet_300_100 for the paper's LeNet recipe"),
+    ],
+)
+def test_the_mnist_demo_on_images_that_are_not_mnist_shaped_is_refused(parse, dataset, suggestion):
+    with pytest.raises(ValueError, match="without --arch") as e:
+        parse(f"--dataset={dataset}")
+    assert suggestion in str(e.value) and "Choose the network" in str(e.value)
+
+
+@pytest.mark.parametrize("dataset", ["tfds:mnist", "synthetic", "synthetic:28x28:10", "npz:x.npz"])
+def test_the_mnist_demo_runs_on_mnist_shaped_or_unknown_shaped_data(parse, dataset):
+    c = parse(f"--dataset={dataset}")
+    assert (c.arch, c.dataset, c.training_steps) == ("lenet_300_100", dataset, "5ep")
+
+
+def test_an_explicit_arch_may_train_on_any_dataset(parse):
+    c = parse("--arch=lenet_300_100", "--dataset=cifar10")
+    assert (c.arch, c.dataset, c.training_steps) == ("lenet_300_100", "cifar10", "50000it")
+
+
+def test_an_arch_without_rounds_says_how_to_prune(parse):
+    c = parse("--arch=conv2")
+    assert c.rounds == 0
+    note = flagdefs.protocol_lines(c)[-1]
+    assert note.startswith("No --rounds or --target_density: training the dense network")
+    assert "--rounds=N" in note and "--target_density=D" in note
+    assert flagdefs.protocol_lines(parse("--arch=conv2", "--rounds=0"))[-1].startswith(
+        "--rounds=0: training the dense network (round 0) only"
+    )
+    assert len(flagdefs.protocol_lines(parse("--arch=conv2", "--rounds=3"))) == 1
+
+
+def test_more_rounds_later_continue_the_same_run(parse):
+    # What the round-0-only note promises: --rounds does not change the run directory.
+    assert parse("--arch=conv2").hash8() == parse("--arch=conv2", "--rounds=5").hash8()
+
+
+def test_the_no_flag_main_job_is_unchanged(parse):
+    # The README's main job: same config, so the same run directory as before.
+    c = parse()
+    assert c == config_lib.make_config(
+        "lenet_300_100",
+        training_steps="5ep",
+        eval_every="1ep",
+        rounds=8,
+        controls=("random_reinit",),
+        steps_per_execution=100,
+    )
+    assert c.hash8() == "1234a8b2"
+
+
+def test_stability_parses_a_list_of_rewind_steps():
+    flagdefs.define_stability_flags()
+    FLAGS.unparse_flags()
+    FLAGS(["stability", "--run_dir=r", "--round=2", "--rewind_steps=0,500it,2ep"])
+    assert (FLAGS.run_dir, FLAGS.round, FLAGS.rewind_steps) == ("r", 2, ["0", "500it", "2ep"])
+    FLAGS.unparse_flags()
+    with pytest.raises(flags.IllegalFlagValueError, match="rewind_steps"):
+        FLAGS(["stability", "--run_dir=r", "--rewind_steps=0,2 epochs"])
+    FLAGS.unparse_flags()
+
+
+def test_stability_cli_lists_its_flags_and_analyses_round_0_by_default():
+    # A fresh process: --round's default is set by the entry point that defines it.
+    result = subprocess.run(
+        [sys.executable, "-m", "lth_tf.stability", "--helpshort"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert "--round:" in result.stdout, result.stderr[-2000:]  # (absl's help exits 1)
+    for name in flagdefs.flag_names(flagdefs.define_stability_flags):
+        assert f"--{name}" in result.stdout or f"--[no]{name}" in result.stdout, name
+    round_help = result.stdout[result.stdout.index("--round:") :]
+    assert "(default: '0')" in round_help.split("--run_dir")[0]

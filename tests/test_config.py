@@ -130,3 +130,24 @@ def test_with_a_target_density_the_number_of_rounds_is_part_of_the_run():
     iterative = config_lib.make_config("resnet20", target_density=0.3, rounds=4)
     assert one_shot.hash8() != iterative.hash8()
     assert "rounds" in one_shot.differences(iterative)
+
+
+def test_every_recipe_field_is_a_config_field_and_its_dataset_a_known_name():
+    from lth_tf import data
+
+    fields = {f.name for f in dataclasses.fields(config_lib.RunConfig)}
+    for arch, recipe in presets.RECIPES.items():
+        assert set(recipe) <= fields, arch
+        data.check_name(recipe["dataset"])  # recipes carry their dataset
+
+
+def test_closed_sets_of_the_config_are_the_ones_the_flags_offer():
+    from lth_tf import flagdefs, models
+
+    flagdefs.define_imp_flags()
+    flags = flagdefs.FLAGS
+    assert flags["optimizer"].parser.enum_values == list(config_lib.OPTIMIZERS)
+    assert flags["prune_scope"].parser.enum_values == list(config_lib.PRUNE_SCOPES)
+    assert flags["arch"].parser.enum_values == list(models.ARCHITECTURES)
+    for control in config_lib.CONTROLS:
+        assert control in flags["controls"].help
