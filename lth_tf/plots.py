@@ -99,7 +99,7 @@ def accuracy_bands(series: list, dense: list, layer_densities: dict | None = Non
     the dense network is a horizontal line.
 
     Args:
-      series: [{"label", "run" (index), "points": [point]}], a point as built by
+      series: [{"label", "run" (index), "branch", "points": [point]}], a point as built by
         lth_tf.reporting.aggregate: {"density", metric: {"mean", "min", "max", "n"}}.
       dense: [{"label", "run", "point"}]: the dense network of each run.
       layer_densities: {round: {layer: density}} of one run's IMP rounds, or None.
@@ -112,9 +112,18 @@ def accuracy_bands(series: list, dense: list, layer_densities: dict | None = Non
     plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     panels = axes.ravel()
-    colors = {}
-    for i, s in enumerate(series):
-        colors.setdefault(s["run"], f"C{i % 10}")
+    # One run: a colour per series. Several: a colour per run, a line style per branch.
+    runs = sorted({s["run"] for s in series})
+    branches = list(dict.fromkeys(s.get("branch", s["label"]) for s in series))
+    styles = ("o-", "s--", "^:", "v-.", "D-")
+
+    def look(i, s):
+        if len(runs) <= 1:
+            return f"C{i % 10}", "o-"
+        style = styles[branches.index(s.get("branch", s["label"])) % len(styles)]
+        return f"C{runs.index(s['run']) % 10}", style
+
+    colors = {s["run"]: look(i, s)[0] for i, s in reversed(list(enumerate(series)))}
     for ax, (metric, ylabel, scale) in zip(panels, _PANELS, strict=False):
         drawn = False
         for i, s in enumerate(series):
@@ -123,22 +132,30 @@ def accuracy_bands(series: list, dense: list, layer_densities: dict | None = Non
                 continue
             drawn = True
             x = [100 * p["density"] for p in pts]
-            color = f"C{i % 10}"
-            ax.plot(
-                x,
-                [scale * p[metric]["mean"] for p in pts],
-                "o-",
-                color=color,
-                label=s["label"],
-                ms=4,
-            )
-            if any(p[metric]["n"] > 1 for p in pts):
+            mean = [scale * p[metric]["mean"] for p in pts]
+            color, style = look(i, s)
+            ax.plot(x, mean, style, color=color, label=s["label"], ms=4)
+            spread = [p for p in pts if p[metric]["n"] > 1]
+            if spread:
+                # Error bars show min/max at every point (also a lone one); the band joins them.
+                ax.errorbar(
+                    [100 * p["density"] for p in spread],
+                    [scale * p[metric]["mean"] for p in spread],
+                    yerr=[
+                        [scale * (p[metric]["mean"] - p[metric]["min"]) for p in spread],
+                        [scale * (p[metric]["max"] - p[metric]["mean"]) for p in spread],
+                    ],
+                    fmt="none",
+                    ecolor=color,
+                    capsize=3,
+                    lw=1,
+                )
                 ax.fill_between(
                     x,
                     [scale * p[metric]["min"] for p in pts],
                     [scale * p[metric]["max"] for p in pts],
                     color=color,
-                    alpha=0.2,
+                    alpha=0.15,
                     lw=0,
                 )
         for d in dense:
@@ -146,7 +163,7 @@ def accuracy_bands(series: list, dense: list, layer_densities: dict | None = Non
             if mean is None:
                 continue
             color = "gray" if len(dense) == 1 else colors.get(d["run"], "gray")
-            ax.axhline(scale * mean, color=color, ls="--", lw=1, label=d["label"])
+            ax.axhline(scale * mean, color=color, ls="-.", lw=1, label=d["label"])
             if len(dense) == 1 and scale == 100:
                 ax.axhline(
                     scale * mean - 0.2, color="gray", ls=":", lw=1, label="dense - 0.2 (matching)"
@@ -162,6 +179,7 @@ def accuracy_bands(series: list, dense: list, layer_densities: dict | None = Non
                 color="gray",
             )
             ax.set_xticks([])
+            ax.set_yticks([])
         else:
             _density_axis(ax)
         ax.set_ylabel(ylabel)
@@ -174,6 +192,7 @@ def accuracy_bands(series: list, dense: list, layer_densities: dict | None = Non
             last.set_xticks(range(len(layers)), list(layers), rotation=60, ha="right", fontsize=7)
         last.set_yscale("log")
         last.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        last.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         last.legend(fontsize=7, ncol=2)
         last.set_ylabel("layer density (%)")
         last.grid(alpha=0.3)

@@ -425,7 +425,9 @@ def _figure(groups: list, labels: list, layers=None) -> bytes:
     for i, (g, label) in enumerate(zip(groups, labels, strict=True)):
         for branch, points in g["aggregate"].items():
             name = branch if label is None else f"{label} / {branch}"
-            series.append({"label": name, "run": i, "points": list(points.values())})
+            series.append(
+                {"label": name, "run": i, "branch": branch, "points": list(points.values())}
+            )
         d = g["aggregate"].get(rundir.IMP, {}).get(0)
         if d:
             dense.append(
@@ -517,10 +519,10 @@ def write_report(run_dir: str, extra_sections=(), out: str | None = None) -> str
             "",
             "![accuracy vs density](accuracy_vs_density.png)",
             "",
-            f"## Per-layer density (%) of {os.path.basename(first)}\n",
-            layer_table(first, group["results"][0]),
-            "",
         ]
+        layer_text = layer_table(first, group["results"][0])
+        if layer_text:
+            parts += [f"## Per-layer density (%) of {os.path.basename(first)}\n", layer_text, ""]
         for d, results in zip(group["replicates"], group["results"], strict=True):
             sections = _run_sections(d, results, "###")
             if sections:
@@ -532,7 +534,7 @@ def write_report(run_dir: str, extra_sections=(), out: str | None = None) -> str
         parts += [
             "## Replicates' seeds\n",
             "\n".join(
-                f"- {os.path.basename(d)}: {s}"
+                f"- {os.path.basename(d)}: `{json.dumps(s)}`"
                 for d, s in zip(group["replicates"], seeds, strict=True)
             ),
             "",
