@@ -4,8 +4,9 @@ Reads what the rounds, `lth_tf.stability` and `lth_tf.export` wrote (their
 summary.json, sparsity.json, interpolation.json and export.json) and formats
 it as Markdown and JSON: the report of one run, of a replicate group (mean,
 std and min/max over the replicates, lth_tf.rundir.replicate_dirs) and the
-comparison of several runs or groups on one table and one figure. It never imports the training stack (models, rounds, train,
-sparsity): a report is written, and tested, without building a model.
+comparison of several runs or groups on one table and one figure. It never
+imports the training stack (models, rounds, train, sparsity): a report is
+written, and tested, without building a model.
 `python -m lth_tf.report` is its command line.
 """
 
