@@ -26,7 +26,8 @@ def main(argv):
     del argv
     f = flags.FLAGS
     try:
-        result = sparse_export.export(f.run_dir, f.round, f.tflite)
+        run_dir = flagdefs.one_run_dir(f.run_dir)
+        result = sparse_export.export(run_dir, f.round, f.tflite)
     except (sparse_export.ExportError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -39,7 +40,7 @@ def main(argv):
         f"  size: dense {result['dense']['raw_bytes']:,} B raw / {result['dense']['zip_bytes']:,} B zip; "
         f"sparse {result['sparse']['raw_bytes']:,} B raw / {result['sparse']['zip_bytes']:,} B zip "
         f"(zip ratio {result['zip_ratio_sparse_over_dense']:.3f})\n"
-        f"  report: {paths.export_report_file(f.run_dir, result['round'])}"
+        f"  report: {paths.export_report_file(run_dir, result['round'])}"
     )
     return 0
 

@@ -389,11 +389,12 @@ def define_run_dir_flag() -> None:
     point's parsing in a process that defines several); each entry point's
     `run()` marks it required.
     """
-    flags.DEFINE_string(
+    flags.DEFINE_multi_string(
         "run_dir",
         None,
         "A run directory written by lth_tf.imp, i.e. <root_dir>/<run_name>, e.g. "
-        "runs/lenet_300_100_mnist_1a2b3c4d.",
+        "runs/lenet_300_100_mnist_1a2b3c4d, or a replicate group (its replicate_N are runs). "
+        "lth_tf.report takes it several times to compare runs; stability and export take one.",
     )
 
 
@@ -461,6 +462,27 @@ def define_export_flags() -> None:
 def define_report_flags() -> None:
     """Every flag of `python -m lth_tf.report`."""
     define_run_dir_flag()
+    flags.DEFINE_string(
+        "out",
+        None,
+        "Where to write the report (default: the run or group itself; for several "
+        "--run_dir a comparison_<hash> directory next to them). Never inside a compared run.",
+    )
+
+
+def one_run_dir(values) -> str:
+    """The single --run_dir of stability and export (the flag may be repeated for report).
+
+    Raises:
+      ValueError: if --run_dir was given more than once.
+    """
+    values = list(values or [])
+    if len(values) != 1:
+        raise ValueError(
+            f"--run_dir was given {len(values)} times ({', '.join(values)}); this command "
+            "works on one run. Run it once per run, or use lth_tf.report to compare runs."
+        )
+    return values[0]
 
 
 def config_from_flags() -> config_lib.RunConfig:

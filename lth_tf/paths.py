@@ -9,7 +9,9 @@
         metrics.jsonl  tb/  summary.json        (summary.json last: the round is done)
       round_01/ ...
       branches/<control>/round_NN/ ...          random_reinit, random_prune
-      report.md  accuracy_vs_density.png
+      report.md  report.json  accuracy_vs_density.png
+    <group>/replicate_1/ replicate_2/ ...       a replicate group: each one a run as above
+      report.md  report.json  accuracy_vs_density.png   (aggregated over the replicates)
 All paths go through tf.io.gfile, so a root_dir may be a gs:// bucket.
 """
 
@@ -17,6 +19,8 @@ import os
 import re
 
 ROUND_RE = re.compile(r"^round_(\d{2,})$")
+# A replicate group: <group>/replicate_1/, replicate_2/, ... each a complete run directory.
+REPLICATE_RE = re.compile(r"^replicate_(\d+)$")
 
 
 def join(*parts) -> str:
@@ -73,6 +77,16 @@ def report_file(run_dir):
 
 def plot_file(run_dir):
     return join(run_dir, "accuracy_vs_density.png")
+
+
+def report_json_file(run_dir):
+    """The report's numbers (aggregates over replicates) as JSON, next to report.md."""
+    return join(run_dir, "report.json")
+
+
+def replicate_dir(group_dir, replicate: int):
+    """Replicate n (1-based) of a replicate group."""
+    return join(group_dir, f"replicate_{replicate}")
 
 
 def export_dir(run_dir, round_index: int):

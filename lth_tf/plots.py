@@ -68,6 +68,141 @@ def accuracy_vs_density(results: dict, layer_densities: dict) -> bytes:
     return png(fig)
 
 
+def _density_axis(ax):
+    """Log-scale density, densest on the left (the papers' figures)."""
+    import matplotlib.ticker
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.invert_xaxis()
+    ax.set_xlabel("weights remaining (%)")
+    ax.grid(alpha=0.3)
+
+
+# (metric, y label, scale) of the three panels against density.
+_PANELS = (
+    ("test_accuracy", "final test accuracy (%)", 100),
+    ("test_accuracy_at_early_stopping", "test accuracy at early stopping (%)", 100),
+    ("early_stopping_step", "early-stopping iteration", 1),
+)
+
+
+def accuracy_bands(series: list, dense: list, layer_densities: dict | None = None) -> bytes:
+    """Accuracies and the early-stopping iteration against density, with min/max bands.
+
+    Panels: final test accuracy; test accuracy at the early-stopping iteration;
+    the early-stopping iteration (minimum validation loss; the 2019 paper's
+    Figures 3-4); per-layer densities when given, else the legend. Each series is
+    a line through its means with a band from min to max where replicates exist;
+    the dense network is a horizontal line.
+
+    Args:
+      series: [{"label", "run" (index), "branch", "points": [point]}], a point as built by
+        lth_tf.reporting.aggregate: {"density", metric: {"mean", "min", "max", "n"}}.
+      dense: [{"label", "run", "point"}]: the dense network of each run.
+      layer_densities: {round: {layer: density}} of one run's IMP rounds, or None.
+
+    Returns:
+      The figure as PNG bytes.
+    """
+    import matplotlib.ticker
+
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    panels = axes.ravel()
+    # One run: a colour per series. Several: a colour per run, a line style per branch.
+    runs = sorted({s["run"] for s in series})
+    branches = list(dict.fromkeys(s.get("branch", s["label"]) for s in series))
+    styles = ("o-", "s--", "^:", "v-.", "D-")
+
+    def look(i, s):
+        if len(runs) <= 1:
+            return f"C{i % 10}", "o-"
+        style = styles[branches.index(s.get("branch", s["label"])) % len(styles)]
+        return f"C{runs.index(s['run']) % 10}", style
+
+    colors = {s["run"]: look(i, s)[0] for i, s in reversed(list(enumerate(series)))}
+    for ax, (metric, ylabel, scale) in zip(panels, _PANELS, strict=False):
+        drawn = False
+        for i, s in enumerate(series):
+            pts = sorted((p for p in s["points"] if p[metric]["n"]), key=lambda p: -p["density"])
+            if not pts:
+                continue
+            drawn = True
+            x = [100 * p["density"] for p in pts]
+            mean = [scale * p[metric]["mean"] for p in pts]
+            color, style = look(i, s)
+            ax.plot(x, mean, style, color=color, label=s["label"], ms=4)
+            spread = [p for p in pts if p[metric]["n"] > 1]
+            if spread:
+                # Error bars show min/max at every point (also a lone one); the band joins them.
+                ax.errorbar(
+                    [100 * p["density"] for p in spread],
+                    [scale * p[metric]["mean"] for p in spread],
+                    yerr=[
+                        [scale * (p[metric]["mean"] - p[metric]["min"]) for p in spread],
+                        [scale * (p[metric]["max"] - p[metric]["mean"]) for p in spread],
+                    ],
+                    fmt="none",
+                    ecolor=color,
+                    capsize=3,
+                    lw=1,
+                )
+                ax.fill_between(
+                    x,
+                    [scale * p[metric]["min"] for p in pts],
+                    [scale * p[metric]["max"] for p in pts],
+                    color=color,
+                    alpha=0.15,
+                    lw=0,
+                )
+        for d in dense:
+            mean = d["point"][metric]["mean"]
+            if mean is None:
+                continue
+            color = "gray" if len(dense) == 1 else colors.get(d["run"], "gray")
+            ax.axhline(scale * mean, color=color, ls="-.", lw=1, label=d["label"])
+            if len(dense) == 1 and scale == 100:
+                ax.axhline(
+                    scale * mean - 0.2, color="gray", ls=":", lw=1, label="dense - 0.2 (matching)"
+                )
+        if not drawn:
+            ax.text(
+                0.5,
+                0.5,
+                "not recorded\n(run with --test_every_period)",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="gray",
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+        else:
+            _density_axis(ax)
+        ax.set_ylabel(ylabel)
+    handles, labels = panels[0].get_legend_handles_labels()
+    last = panels[3]
+    if layer_densities:
+        panels[0].legend(fontsize=8)
+        for r, layers in layer_densities.items():
+            last.plot(range(len(layers)), [100 * d for d in layers.values()], "o-", label=f"r{r}")
+            last.set_xticks(range(len(layers)), list(layers), rotation=60, ha="right", fontsize=7)
+        last.set_yscale("log")
+        last.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        last.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        last.legend(fontsize=7, ncol=2)
+        last.set_ylabel("layer density (%)")
+        last.grid(alpha=0.3)
+    else:
+        last.axis("off")
+        if handles:
+            last.legend(handles, labels, loc="center", fontsize=9)
+    return png(fig)
+
+
 def interpolation_path(result: dict) -> bytes:
     """Test and train error along the linear path between two copies (one point's result)."""
     plt = pyplot()

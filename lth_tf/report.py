@@ -1,9 +1,18 @@
-"""Tables and plots of a run: `python -m lth_tf.report --run_dir=...`.
+"""Tables and plots of runs: `python -m lth_tf.report --run_dir=... [--run_dir=...] [--out=DIR]`.
 
-Writes report.md (accuracy-vs-density table for IMP and each control, per-layer
-densities, stability and export sections) and accuracy_vs_density.png into the
-run directory, and prints the table. The reading and formatting is
-lth_tf/reporting.py; this module is only the command line.
+One --run_dir (a run, or a replicate group whose replicate_N are runs): writes
+report.md (accuracy-vs-density table for IMP and each control, test accuracy at
+early stopping and the early-stopping step, matching rounds, per-layer
+densities, stability and export sections), report.json and
+accuracy_vs_density.png into it (or into --out), and prints the table. For a
+group the numbers are mean ± std [min, max] over the replicates.
+
+Several --run_dir: one comparison table and figure, each run labelled by what
+differs between the configs, written to --out (default: a comparison_<hash>
+directory next to the runs); nothing is written into the compared runs.
+
+The reading and formatting is lth_tf/reporting.py; this module is only the
+command line.
 """
 
 import sys
@@ -15,13 +24,20 @@ from lth_tf import flagdefs, paths, reporting
 
 def main(argv):
     del argv
+    run_dirs, out = flags.FLAGS.run_dir, flags.FLAGS.out
     try:
-        print(reporting.write_report(flags.FLAGS.run_dir))
+        if len(run_dirs) == 1:
+            out = out or run_dirs[0]
+            print(reporting.write_report(run_dirs[0], out=out))
+        else:
+            out, table = reporting.write_comparison(run_dirs, out=out)
+            print(table)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(
-        f"\nWrote {paths.report_file(flags.FLAGS.run_dir)} and {paths.plot_file(flags.FLAGS.run_dir)}"
+        f"\nWrote {paths.report_file(out)}, {paths.report_json_file(out)} and "
+        f"{paths.plot_file(out)}"
     )
 
 

@@ -2,15 +2,31 @@
 
 Reads what the rounds, `lth_tf.stability` and `lth_tf.export` wrote (their
 summary.json, sparsity.json, interpolation.json and export.json) and formats
-it as Markdown. It never imports the training stack (models, rounds, train,
-sparsity): a report is written, and tested, without building a model.
+it as Markdown and JSON: the report of one run, of a replicate group (mean,
+std and min/max over the replicates, lth_tf.rundir.replicate_dirs) and the
+comparison of several runs or groups on one table and one figure. It never
+imports the training stack (models, rounds, train, sparsity): a report is
+written, and tested, without building a model.
 `python -m lth_tf.report` is its command line.
 """
 
+import hashlib
 import json
+import os
+import statistics
 
 from lth_tf import files, paths, plots, rundir
+from lth_tf.config import NON_IDENTITY_FIELDS
 from lth_tf.keras import tf
+
+# The per-round numbers aggregated over replicates, in the order of the table's columns.
+METRICS = ("test_accuracy", "test_accuracy_at_early_stopping", "early_stopping_step")
+ACCURACY_METRICS = METRICS[:2]  # those that can be "matching"
+STD = "sample standard deviation (ddof=1); null where fewer than 2 replicates finished"
+MATCHING = (
+    "mean accuracy at least the dense network's mean (IMP round 0 of the same run or group) "
+    "minus 0.2 points, compared column by column"
+)
 
 
 def _pct(x):
@@ -146,55 +162,476 @@ def export_table(run_dir: str) -> str:
     return "\n".join(rows) if len(rows) > 2 else ""
 
 
+# ---- aggregation over replicates -------------------------------------------------------------
+
+
+def stats(values) -> dict:
+    """mean, std (sample, ddof=1), min, max and n of the values that are not None.
+
+    std is None with fewer than 2 values; every field but n is None with none.
+    """
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {
+        "mean": statistics.fmean(vals),
+        "std": statistics.stdev(vals) if len(vals) > 1 else None,
+        "min": min(vals),
+        "max": max(vals),
+        "n": len(vals),
+    }
+
+
+def _branch_order(names) -> list:
+    return sorted(names, key=lambda b: (b != rundir.IMP, b))
+
+
+def aggregate(replicate_results: list) -> dict:
+    """Per series (IMP and each control) and round: the numbers over the replicates.
+
+    Args:
+      replicate_results: one lth_tf.rundir.finished_rounds() per replicate.
+
+    Returns:
+      {branch: {round: point}}, IMP first. A point is {"round", "density" (mean),
+      "n" (replicates that finished the round), one stats() per name in METRICS,
+      "matching": {accuracy metric: bool or None}}. Matching compares the mean with
+      the dense network's mean (IMP round 0) minus 0.2 points; None where either
+      is unknown.
+    """
+    names = _branch_order({b for results in replicate_results for b in results})
+    out = {}
+    for branch in names:
+        rounds = sorted({r for results in replicate_results for r in results.get(branch, {})})
+        out[branch] = {}
+        for r in rounds:
+            found = [res[branch][r] for res in replicate_results if r in res.get(branch, {})]
+            point = {
+                "round": r,
+                "density": statistics.fmean(s["density"] for s in found),
+                "n": len(found),
+            }
+            for metric in METRICS:
+                point[metric] = stats(s.get(metric) for s in found)
+            out[branch][r] = point
+    dense = out.get(rundir.IMP, {}).get(0)
+    for points in out.values():
+        for point in points.values():
+            point["matching"] = {}
+            for metric in ACCURACY_METRICS:
+                mean = point[metric]["mean"]
+                ref = dense[metric]["mean"] if dense else None
+                point["matching"][metric] = (
+                    None if mean is None or ref is None else mean >= ref - rundir.MATCHING_POINTS
+                )
+    return out
+
+
+def read_group(path: str) -> dict:
+    """A run or replicate group as the report reads it.
+
+    Returns:
+      {"path", "replicates" (run directories), "config" (lth_tf.rundir.group_config),
+      "results" (one finished_rounds() per replicate), "aggregate" (aggregate())}.
+
+    Raises:
+      RunDirError: path is neither a run nor a replicate group, or its replicates
+        are not replicates of one experiment.
+    """
+    dirs = rundir.replicate_dirs(path)
+    results = [rundir.finished_rounds(d) for d in dirs]
+    return {
+        "path": path,
+        "replicates": dirs,
+        "config": rundir.group_config(path),
+        "results": results,
+        "aggregate": aggregate(results),
+    }
+
+
+def _value(v) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, (list, tuple)):
+        return ",".join(_value(x) for x in v) or "none"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _names(run_dirs) -> list:
+    """Directory names, or the full paths where two names clash."""
+    names = [os.path.basename(d.rstrip("/")) or d for d in run_dirs]
+    return names if len(set(names)) == len(names) else list(run_dirs)
+
+
+def differing_fields(configs: list) -> list:
+    """The config fields that tell the runs apart, sorted.
+
+    Compared: the fields that change what a run computes (lth_tf.config's identity:
+    not data_dir, rounds unless a target density is set, controls, verbose,
+    test_every_period), present in every config (a replicate group's seeds are not
+    part of its config: lth_tf.rundir.group_config).
+    """
+    ignore = set(NON_IDENTITY_FIELDS) | {"format_version"}
+    if any(c.get("target_density") is not None for c in configs):
+        ignore.discard("rounds")
+    keys = set().union(*configs) - ignore
+    return sorted(
+        k
+        for k in keys
+        if all(k in c for c in configs)
+        and len({json.dumps(c[k], sort_keys=True) for c in configs}) > 1
+    )
+
+
+def comparison_labels(configs: list, run_dirs: list) -> list:
+    """One label per run: what differs between their configs, e.g. "rewind_step=100it".
+
+    Where nothing tells the runs apart (or two labels would be equal), the label is
+    the directory name (the full path where names clash).
+    """
+    keys = differing_fields(configs)
+    labels = [", ".join(f"{k}={_value(c[k])}" for k in keys) for c in configs]
+    if not keys or len(set(labels)) < len(labels):
+        return _names(run_dirs)
+    return labels
+
+
+# ---- tables ----------------------------------------------------------------------------------
+
+
+def _cell(st: dict, replicated: bool, scale: float, digits: int, mark: bool = False) -> str:
+    if not st["n"]:
+        return ""
+    text = f"{scale * st['mean']:.{digits}f}"
+    if replicated and st["n"] > 1:
+        text += (
+            f" ± {scale * st['std']:.{digits}f} "
+            f"[{scale * st['min']:.{digits}f}, {scale * st['max']:.{digits}f}]"
+        )
+    return text + (" ✓" if mark else "")
+
+
+def aggregate_table(runs: list) -> str:
+    """Final test accuracy, test accuracy at early stopping and the early-stopping step.
+
+    One row per (run, series, round), densest first. For replicate groups a cell is
+    mean ± std [min, max] over the replicates that finished the round (n); a plain
+    run shows its numbers alone. ✓ marks a matching accuracy (MATCHING).
+
+    Args:
+      runs: [(label, aggregate())]; the run column is shown when a label is not None.
+    """
+    replicated = any(p["n"] > 1 for _, agg in runs for pts in agg.values() for p in pts.values())
+    labelled = any(label is not None for label, _ in runs)
+    spread = " mean ± std (ddof=1) [min, max]" if replicated else ""
+    header = (
+        (["run"] if labelled else [])
+        + ["round", "density %", "series"]
+        + (["n"] if replicated else [])
+        + [
+            f"final test acc %{spread}",
+            f"test acc at early stop %{spread}",
+            f"early-stop step{spread}",
+        ]
+    )
+    rows = []
+    for i, (label, agg) in enumerate(runs):
+        for j, (branch, points) in enumerate(agg.items()):
+            for point in points.values():
+                rows.append(((-point["density"], i, j, point["round"]), label, branch, point))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, label, branch, p in sorted(rows, key=lambda row: row[0]):
+        cells = ([label or ""] if labelled else []) + [
+            str(p["round"]),
+            f"{100 * p['density']:.2f}",
+            branch,
+        ]
+        cells += [str(p["n"])] if replicated else []
+        cells += [_cell(p[m], replicated, 100, 2, bool(p["matching"][m])) for m in ACCURACY_METRICS]
+        cells.append(_cell(p["early_stopping_step"], replicated, 1, 0))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table_legend(groups: list) -> str:
+    """What the aggregate table's cells mean, as Markdown."""
+    text = [
+        "Early stop: the iteration of minimum validation loss (the 2019 paper's Figures 3-4). "
+        "✓ = matching: within 0.2 points of the dense network (IMP round 0 of the same run) or "
+        "above it.",
+    ]
+    if any(len(g["replicates"]) > 1 for g in groups):
+        text.append(
+            "Cells: mean ± std [min, max] over the n replicates that finished the round; std is "
+            "the sample standard deviation (ddof=1); ✓ compares the means."
+        )
+    recorded = any(
+        s.get("test_accuracy_at_early_stopping") is not None
+        for g in groups
+        for res in g["results"]
+        for rounds in res.values()
+        for s in rounds.values()
+    )
+    if not recorded:
+        text.append(
+            "Test accuracy at early stopping was not recorded: runs with --test_every_period "
+            "evaluate the test set at every evaluation."
+        )
+    return " ".join(text)
+
+
+def aggregate_json(groups: list, labels: list) -> dict:
+    """The report's numbers as JSON (report.json): every run's series, point by point.
+
+    Args:
+      groups: read_group() of each run or replicate group.
+      labels: one label per group (None for a report of one run or group).
+    """
+    return {
+        "std": STD,
+        "matching": MATCHING,
+        "matching_points": 100 * rundir.MATCHING_POINTS,
+        "metrics": list(METRICS),
+        "runs": [
+            {
+                "label": label,
+                "path": g["path"],
+                "replicates": g["replicates"],
+                "config": g["config"],
+                "series": [
+                    {"branch": branch, "points": list(points.values())}
+                    for branch, points in g["aggregate"].items()
+                ],
+            }
+            for g, label in zip(groups, labels, strict=True)
+        ],
+    }
+
+
 # ---- the report ------------------------------------------------------------------------------
 
 
-def plot(run_dir: str, results: dict) -> bytes:
-    """PNG: test accuracy against density per branch, and per-layer densities."""
-    reports = layer_densities(run_dir, results.get(rundir.IMP, {}))
-    layers = {
+def _layers(run_dir: str, rounds) -> dict:
+    reports = layer_densities(run_dir, rounds)
+    return {
         r: {name: v["density"] for name, v in rep["layers"].items()} for r, rep in reports.items()
     }
-    return plots.accuracy_vs_density(results, layers)
 
 
-def write_report(run_dir: str, extra_sections=()) -> str:
-    """Writes report.md and accuracy_vs_density.png into a run; returns the accuracy table.
+def _figure(groups: list, labels: list, layers=None) -> bytes:
+    """The report's figure: one series per (run, branch), min/max bands over replicates."""
+    series, dense = [], []
+    for i, (g, label) in enumerate(zip(groups, labels, strict=True)):
+        for branch, points in g["aggregate"].items():
+            name = branch if label is None else f"{label} / {branch}"
+            series.append(
+                {"label": name, "run": i, "branch": branch, "points": list(points.values())}
+            )
+        d = g["aggregate"].get(rundir.IMP, {}).get(0)
+        if d:
+            dense.append(
+                {"label": "dense" if label is None else f"{label} dense", "run": i, "point": d}
+            )
+    return plots.accuracy_bands(series, dense, layers)
 
-    Args:
-      run_dir: an lth_tf run directory.
-      extra_sections: Markdown strings appended before the config section.
 
-    Raises:
-      RunDirError: run_dir is not a run (no config.json).
-    """
-    config = rundir.config_json(run_dir)
-    results = rundir.finished_rounds(run_dir)
-    text = accuracy_table(results)
-    parts = [
-        f"# lth_tf run report\n\nRun: `{run_dir}`\n",
-        "## Test accuracy against density\n",
-        text,
-        "",
-        "![accuracy vs density](accuracy_vs_density.png)",
-        "",
-        "## Per-layer density (%)\n",
-        layer_table(run_dir, results),
-        "",
-    ]
+def plot(run_dir: str, results: dict) -> bytes:
+    """PNG of one run: accuracies and early-stopping step against density, layer densities."""
+    group = {"aggregate": aggregate([results])}
+    return _figure([group], [None], _layers(run_dir, results.get(rundir.IMP, {})))
+
+
+def _run_sections(run_dir: str, results: dict, heading: str = "##") -> list:
+    parts = []
     stable = stability_table(run_dir)
     if stable:
         parts += [
-            "## Stability (instability = test-error barrier on the linear path)\n",
+            f"{heading} Stability (instability = test-error barrier on the linear path)\n",
             stable,
             "",
         ]
     exports = export_table(run_dir)
     if exports:
-        parts += ["## Sparse exports (SavedModel)\n", exports, ""]
+        parts += [f"{heading} Sparse exports (SavedModel)\n", exports, ""]
+    return parts
+
+
+def _config_section(config: dict, title: str = "## Config") -> list:
+    return [f"{title}\n", "```json", json.dumps(config, indent=2, sort_keys=True), "```", ""]
+
+
+def _write(out_dir: str, parts: list, groups: list, labels: list, layers=None) -> None:
+    files.write_text(paths.report_file(out_dir), "\n".join(parts))
+    files.write_json(paths.report_json_file(out_dir), aggregate_json(groups, labels))
+    if any(g["aggregate"] for g in groups):
+        files.write_bytes(paths.plot_file(out_dir), _figure(groups, labels, layers))
+
+
+def write_report(run_dir: str, extra_sections=(), out: str | None = None) -> str:
+    """Writes report.md, report.json and accuracy_vs_density.png of a run or replicate group.
+
+    Args:
+      run_dir: an lth_tf run directory, or a replicate group (its replicate_N are runs).
+      extra_sections: Markdown strings appended before the config section.
+      out: where to write (default: run_dir itself; the group directory for a group).
+
+    Returns:
+      The accuracy table: accuracy_table() for a run, aggregate_table() for a group.
+
+    Raises:
+      RunDirError: run_dir is neither a run nor a replicate group.
+    """
+    group = read_group(run_dir)
+    out = out or run_dir
+    if group["replicates"] == [run_dir]:
+        results = group["results"][0]
+        text = accuracy_table(results)
+        parts = [
+            f"# lth_tf run report\n\nRun: `{run_dir}`\n",
+            "## Test accuracy against density\n",
+            text,
+            "",
+            "![accuracy vs density](accuracy_vs_density.png)",
+            "",
+            "## Early stopping and matching\n",
+            table_legend([group]),
+            "",
+            aggregate_table([(None, group["aggregate"])]),
+            "",
+            "## Per-layer density (%)\n",
+            layer_table(run_dir, results),
+            "",
+        ]
+        parts += _run_sections(run_dir, results)
+        layers = _layers(run_dir, results.get(rundir.IMP, {}))
+    else:
+        first = group["replicates"][0]
+        text = aggregate_table([(None, group["aggregate"])])
+        names = ", ".join(f"`{os.path.basename(d)}`" for d in group["replicates"])
+        parts = [
+            f"# lth_tf replicate report\n\nGroup: `{run_dir}`: "
+            f"{len(group['replicates'])} replicates ({names})\n",
+            "## Test accuracy against density (over replicates)\n",
+            table_legend([group]),
+            "",
+            text,
+            "",
+            "![accuracy vs density](accuracy_vs_density.png)",
+            "",
+        ]
+        layer_text = layer_table(first, group["results"][0])
+        if layer_text:
+            parts += [f"## Per-layer density (%) of {os.path.basename(first)}\n", layer_text, ""]
+        for d, results in zip(group["replicates"], group["results"], strict=True):
+            sections = _run_sections(d, results, "###")
+            if sections:
+                parts += [f"## {os.path.basename(d)}\n"] + sections
+        seeds = [
+            {k: rundir.config_json(d).get(k) for k in rundir.REPLICATE_FIELDS}
+            for d in group["replicates"]
+        ]
+        parts += [
+            "## Replicates' seeds\n",
+            "\n".join(
+                f"- {os.path.basename(d)}: `{json.dumps(s)}`"
+                for d, s in zip(group["replicates"], seeds, strict=True)
+            ),
+            "",
+        ]
+        layers = _layers(first, group["results"][0].get(rundir.IMP, {}))
     parts.extend(extra_sections)
-    parts += ["## Config\n", "```json", json.dumps(config, indent=2, sort_keys=True), "```", ""]
-    files.write_text(paths.report_file(run_dir), "\n".join(parts))
-    if results:
-        files.write_bytes(paths.plot_file(run_dir), plot(run_dir, results))
+    parts += _config_section(group["config"])
+    _write(out, parts, [group], [None], layers)
     return text
+
+
+def _split(path: str) -> list:
+    # Component-wise, so that 'gs://bucket/a' keeps its '//'.
+    if "://" not in path:
+        path = os.path.abspath(path)
+    return path.rstrip("/").split("/")
+
+
+def _inside(path: str, run_dirs) -> bool:
+    """Whether path is one of run_dirs or lies under one."""
+    p = _split(path)
+    return any(p[: len(q)] == q for q in map(_split, run_dirs))
+
+
+def default_comparison_dir(run_dirs: list) -> str:
+    """comparison_<hash8 of the run paths> in the deepest directory holding every run.
+
+    Never inside one of the runs (when one run holds another, one level above it).
+    """
+    parts = [_split(d) for d in run_dirs]
+    common = []
+    for names in zip(*parts, strict=False):
+        if len(set(names)) > 1:
+            break
+        common.append(names[0])
+    while common and _inside("/".join(common), run_dirs):
+        common.pop()
+    digest = hashlib.sha256("\n".join("/".join(p) for p in parts).encode()).hexdigest()[:8]
+    return paths.join("/".join(common) or "/", f"comparison_{digest}")
+
+
+def write_comparison(run_dirs: list, out: str | None = None) -> tuple:
+    """Several runs or replicate groups on one table and one figure.
+
+    Each run is labelled by what differs between the configs (comparison_labels);
+    its series are (label, branch). Nothing is written into the compared runs.
+
+    Args:
+      run_dirs: runs or replicate groups (lth_tf.rundir.replicate_dirs).
+      out: the directory to write report.md, report.json and the plot into
+        (default: default_comparison_dir(run_dirs)).
+
+    Returns:
+      (the output directory, the table).
+
+    Raises:
+      RunDirError: an input is not a run or group, or out lies inside one of them.
+    """
+    groups = [read_group(d) for d in run_dirs]
+    out = out or default_comparison_dir(run_dirs)
+    if _inside(out, run_dirs):
+        raise rundir.RunDirError(
+            f"--out={out} lies inside a compared run; a comparison never writes into its runs. "
+            "Choose a directory outside them (or leave --out out for a comparison_<hash> "
+            "directory next to them)."
+        )
+    labels = comparison_labels([g["config"] for g in groups], list(run_dirs))
+    text = aggregate_table(
+        [(label, g["aggregate"]) for label, g in zip(labels, groups, strict=True)]
+    )
+    keys = differing_fields([g["config"] for g in groups])
+    runs = ["| run | directory | replicates |", "|---|---|---|"] + [
+        f"| {label} | `{g['path']}` | {len(g['replicates'])} |"
+        for label, g in zip(labels, groups, strict=True)
+    ]
+    common = {
+        k: v
+        for k, v in groups[0]["config"].items()
+        if all(k in g["config"] and g["config"][k] == v for g in groups)
+    }
+    parts = [
+        "# lth_tf comparison report\n",
+        "## Runs\n",
+        "\n".join(runs),
+        "",
+        "Fields that differ: "
+        + (", ".join(f"`{k}`" for k in keys) or "none (labelled by directory)"),
+        "",
+        "## Test accuracy against density\n",
+        table_legend(groups),
+        "",
+        text,
+        "",
+        "![accuracy vs density](accuracy_vs_density.png)",
+        "",
+    ]
+    parts += _config_section(common, "## Config shared by all runs")
+    _write(out, parts, groups, labels)
+    return out, text

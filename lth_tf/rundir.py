@@ -6,7 +6,7 @@ The layout itself (every file name) is lth_tf/paths.py.
 """
 
 from lth_tf import files, paths
-from lth_tf.config import RunConfig
+from lth_tf.config import NON_IDENTITY_FIELDS, RunConfig
 from lth_tf.keras import tf
 
 IMP = "imp"  # the branch name of the IMP rounds in finished_rounds()
@@ -155,3 +155,74 @@ def choose_round(run_dir: str) -> tuple[int, str]:
         f"(it has {100 * imp[best]['test_accuracy']:.2f}%)"
     )
     return best, why
+
+
+# ---- replicate groups ------------------------------------------------------------------------
+
+# Fields in which the replicates of one group may differ: their seeds, and what does not change
+# what a run computes (lth_tf.config.NON_IDENTITY_FIELDS, e.g. how many rounds were asked for).
+REPLICATE_FIELDS = ("seed", "data_seed")
+
+
+def replicate_dirs(path: str) -> list:
+    """The run directories of a replicate group, sorted by replicate number.
+
+    A replicate group is a directory whose subdirectories replicate_1, replicate_2,
+    ... are each a complete run (lth_tf/paths.py); a plain run directory (config.json
+    at its top) is a group of one. A replicate_N directory without config.json yet
+    (a replicate that has not started) is left out.
+
+    Args:
+      path: a run directory or a replicate group directory.
+
+    Returns:
+      [path] for a plain run; the replicate directories otherwise.
+
+    Raises:
+      RunDirError: path is neither a run nor a group with at least one started replicate.
+    """
+    if files.exists(paths.config_file(path)):
+        return [path]
+    found = []
+    if tf.io.gfile.isdir(path):
+        for name in tf.io.gfile.listdir(path):
+            name = name.rstrip("/")
+            match = paths.REPLICATE_RE.match(name)
+            directory = paths.join(path, name)
+            if match and files.exists(paths.config_file(directory)):
+                found.append((int(match.group(1)), directory))
+    if not found:
+        raise RunDirError(
+            f"{path} is not an lth_tf run directory (it has no config.json) nor a replicate "
+            "group (no replicate_N/config.json under it). Pass the directory `python -m lth_tf.imp` "
+            "printed as 'Run directory: ...', or the parent of its replicate_N directories."
+        )
+    return [directory for _, directory in sorted(found)]
+
+
+def group_config(path: str) -> dict:
+    """config.json shared by the replicates of a group: the fields on which they all agree.
+
+    Fields that differ between replicates (their seeds) are left out, so that the
+    result describes the group; a plain run's is its config.json.
+
+    Raises:
+      RunDirError: path is not a run or group (replicate_dirs), or its replicates differ
+        in a field that changes what a run computes: they are not replicates of one
+        experiment and must not be averaged.
+    """
+    configs = [config_json(d) for d in replicate_dirs(path)]
+    common = dict(configs[0])
+    allowed = set(REPLICATE_FIELDS) | set(NON_IDENTITY_FIELDS) | {"format_version"}
+    for other in configs[1:]:
+        for key in sorted(set(common) | set(other)):
+            if key in common and common.get(key) == other.get(key):
+                continue
+            if key not in allowed:
+                raise RunDirError(
+                    f"The replicates of {path} differ in {key!r} ({configs[0].get(key)!r} vs "
+                    f"{other.get(key)!r}); replicates may differ only in {REPLICATE_FIELDS}. "
+                    "Report them as separate runs: --run_dir=A --run_dir=B."
+                )
+            common.pop(key, None)
+    return common

@@ -31,8 +31,9 @@ def main(argv):
     del argv
     f = flags.FLAGS
     try:
+        run_dir = flagdefs.one_run_dir(f.run_dir)
         analysis = linear_mode.Stability(
-            f.run_dir,
+            run_dir,
             num_alphas=f.num_alphas,
             repeats=f.repeats,
             recompute_bn=f.recompute_bn,
@@ -55,9 +56,9 @@ def main(argv):
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         return 130 if StopRequest.signal_name == "SIGINT" else 143
-    reporting.write_report(f.run_dir)
-    print(reporting.stability_table(f.run_dir))
-    print(f"\nPlots: {paths.stability_dir(f.run_dir, f.round)}")
+    reporting.write_report(run_dir)
+    print(reporting.stability_table(run_dir))
+    print(f"\nPlots: {paths.stability_dir(run_dir, f.round)}")
     return 0
 
 

@@ -329,7 +329,7 @@ def test_stability_parses_a_list_of_rewind_steps():
     flagdefs.define_stability_flags()
     FLAGS.unparse_flags()
     FLAGS(["stability", "--run_dir=r", "--round=2", "--rewind_steps=0,500it,2ep"])
-    assert (FLAGS.run_dir, FLAGS.round, FLAGS.rewind_steps) == ("r", 2, ["0", "500it", "2ep"])
+    assert (FLAGS.run_dir, FLAGS.round, FLAGS.rewind_steps) == (["r"], 2, ["0", "500it", "2ep"])
     FLAGS.unparse_flags()
     with pytest.raises(flags.IllegalFlagValueError, match="rewind_steps"):
         FLAGS(["stability", "--run_dir=r", "--rewind_steps=0,2 epochs"])
