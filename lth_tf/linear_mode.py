@@ -144,7 +144,7 @@ class Stability:
         sparsity.set_weights(e.model, init)
         train.reset_optimizer(e.model, 0)
         if k > 0:
-            train.fit_segment(e.model, e.data, e.config, self.schedule, 0, k, write=False)
+            train.fit_segment(e.model, e.data, e.config, self.schedule, 0, k)
         weights = sparsity.get_weights(e.model)
         files.write_npz(path, weights)
         return weights

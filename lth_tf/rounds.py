@@ -11,13 +11,21 @@ and an unfinished round restarts from its last mid-round checkpoint.
 import contextlib
 import dataclasses
 import hashlib
+import sys
 import time
 
 import numpy as np
 
+from lth_tf import checkpointing, files, masks, models, paths, presets, sparsity, train
 from lth_tf import data as data_lib
-from lth_tf import files, masks, models, paths, presets, sparsity, train
-from lth_tf.callbacks import BatchEnd, Interrupted, StopRequest
+from lth_tf.callbacks import (
+    Interrupted,
+    PeriodEnd,
+    Progress,
+    RecordWeights,
+    StopRequest,
+    progress_mode,
+)
 from lth_tf.config import RunConfig
 from lth_tf.keras import keras, tf
 from lth_tf.rundir import CorruptRunError
@@ -46,6 +54,57 @@ class _Clock:
         return self.offset + time.time() - self.t0
 
 
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """How a branch starts: its masks, its (unmasked) weights and its first global step."""
+
+    masks: dict
+    weights: dict
+    step: int
+
+
+# How each branch of round r >= 1 starts, from IMP's masks of that round. A new
+# retraining mode (e.g. learning-rate rewinding, fine-tuning) is one more entry.
+def _imp_start(e: "Experiment", r: int, imp_masks: dict) -> Start:
+    return Start(imp_masks, e.rewind_weights(), e.schedule.rewind)
+
+
+def _random_reinit_start(e: "Experiment", r: int, imp_masks: dict) -> Start:
+    # Same mask, weights drawn afresh from the initialiser.
+    weights = sparsity.get_weights(e._build(_seed_for(e.config.seed, "reinit", r)))
+    return Start(imp_masks, weights, e.schedule.rewind)
+
+
+def _random_prune_start(e: "Experiment", r: int, imp_masks: dict) -> Start:
+    # A random mask with the IMP mask's per-layer densities, from the same W_k.
+    random_masks = masks.random_like(imp_masks, _seed_for(e.config.seed, "prune", r))
+    return Start(random_masks, e.rewind_weights(), e.schedule.rewind)
+
+
+STARTS = {
+    IMP: _imp_start,
+    "random_reinit": _random_reinit_start,
+    "random_prune": _random_prune_start,
+}
+CONTROLS = tuple(name for name in STARTS if name != IMP)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Round:
+    """One round (or control branch, or stability copy) to train into `rdir`."""
+
+    rdir: str
+    r: int
+    branch: str
+    start: Start
+    record_rewind: bool = False  # round 0: save W_k on the way
+    data_seed: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"round {self.r}" if self.branch == IMP else f"round {self.r} ({self.branch})"
+
+
 class Experiment:
     """One run: a config, its run directory, data, and one compiled wrapped model.
 
@@ -54,7 +113,8 @@ class Experiment:
       run_dir: where it is written (see lth_tf/paths.py).
       strategy: a tf.distribute strategy (default: the default strategy).
       checkpoint_seconds: save a mid-round checkpoint at the end of an evaluation
-        period when this many seconds passed since the last one (0: every period).
+        period when this many seconds passed since the last one (0: every period),
+        and mid-period once that many seconds passed (preemptible machines).
       write: False on non-chief workers.
       log: a print-like function for progress lines.
       data: a dataset object to use instead of loading config.dataset (tests,
@@ -91,6 +151,7 @@ class Experiment:
         with self.strategy.scope(), _precision(config.mixed_precision):
             self.model = sparsity.wrap(self._build(config.seed), output_rate=config.output_rate)
             train.compile_model(self.model, config, self.schedule)
+            # The optimizer's state includes `iterations` and the round's step offset.
             self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
         self.initial_weights = sparsity.get_weights(self.model)
         self.layers = sorted(sparsity.wrappers(self.model))
@@ -121,11 +182,10 @@ class Experiment:
         return summaries
 
     def dense_round(self) -> dict:
-        rdir = paths.round_dir(self.run_dir, 0)
         ones = masks.ones_like({n: self.initial_weights[f"{n}/kernel"] for n in self.layers})
-        return self._train_round(
-            rdir, 0, IMP, ones, self.initial_weights, start_step=0, record_rewind=True
-        )
+        start = Start(ones, self.initial_weights, 0)
+        rdir = paths.round_dir(self.run_dir, 0)
+        return self._train_round(_Round(rdir, 0, IMP, start, record_rewind=True))
 
     def rewind_weights(self) -> dict:
         path = paths.checkpoint_file(paths.round_dir(self.run_dir, 0), "rewind")
@@ -150,203 +210,182 @@ class Experiment:
         return new
 
     def imp_round(self, r: int, round_masks: dict) -> dict:
-        rdir = paths.round_dir(self.run_dir, r)
-        return self._train_round(
-            rdir, r, IMP, round_masks, self.rewind_weights(), start_step=self.schedule.rewind
-        )
+        return self._branch_round(IMP, r, round_masks)
 
     def control_round(self, control: str, r: int, imp_masks: dict) -> dict:
-        rdir = paths.round_dir(self.run_dir, r, control)
-        if control == "random_reinit":
-            # Same mask, weights drawn afresh from the initialiser.
-            weights = sparsity.get_weights(self._build(_seed_for(self.config.seed, "reinit", r)))
-            round_masks = imp_masks
-        elif control == "random_prune":
-            # Random mask with the IMP mask's per-layer densities, from the same W_k.
-            round_masks = masks.random_like(imp_masks, _seed_for(self.config.seed, "prune", r))
-            weights = self.rewind_weights()
-        else:
-            raise ValueError(f"Unknown control {control!r}.")
-        return self._train_round(
-            rdir, r, control, round_masks, weights, start_step=self.schedule.rewind
-        )
+        if control not in CONTROLS:
+            raise ValueError(f"Unknown control {control!r}. Known controls: {', '.join(CONTROLS)}.")
+        return self._branch_round(control, r, imp_masks)
 
-    # ---- one round ----------------------------------------------------------------------
+    def _branch_round(self, branch: str, r: int, imp_masks: dict) -> dict:
+        # The start is computed even when the round is done, as it always was: a
+        # reinitialised model is built in the same order whatever was finished.
+        start = STARTS[branch](self, r, imp_masks)
+        rdir = paths.round_dir(self.run_dir, r, None if branch == IMP else branch)
+        return self._train_round(_Round(rdir, r, branch, start))
 
     def train_branch(self, rdir, r, branch, round_masks, weights, start_step, data_seed=None):
         """Trains masked `weights` from `start_step` to the end into `rdir` (idempotent).
 
         Used by the stability analyses for copies trained with other data orders.
         """
-        return self._train_round(
-            rdir, r, branch, round_masks, weights, start_step, data_seed=data_seed
-        )
+        start = Start(round_masks, weights, start_step)
+        return self._train_round(_Round(rdir, r, branch, start, data_seed=data_seed))
 
-    def _train_round(
-        self, rdir, r, branch, round_masks, weights, start_step, record_rewind=False, data_seed=None
-    ):
-        summary_path = paths.summary_file(rdir)
+    # ---- one round: named steps --------------------------------------------------------------
+
+    def _train_round(self, rd: _Round) -> dict:
+        summary_path = paths.summary_file(rd.rdir)
         if files.exists(summary_path):
             return files.read_json(summary_path)
+        self._refuse_if_stopping(rd)
+        self.log(
+            f"== {rd.label}: density {masks.density(rd.start.masks):.4f}, "
+            f"steps {rd.start.step}..{self.schedule.total}"
+        )
+        self._verify_or_write_masks(rd)
+        checkpointer = checkpointing.RoundCheckpointer(
+            self.checkpoint, paths.resume_dir(rd.rdir), write=self.write, label=rd.label
+        )
+        start = self._restore_or_start(rd, checkpointer)
+        metrics_path = paths.metrics_file(rd.rdir)
+        kept = files.truncate_jsonl(metrics_path, start) if self.write else []
+        clock = _Clock(offset=kept[-1]["wall_seconds"] if kept else 0.0)
+        recorder = self._rewind_recorder(rd, start)
+        self._train(rd, start, checkpointer, recorder, clock)
+        return self._finish(rd, checkpointer, clock)
+
+    def _refuse_if_stopping(self, rd: _Round) -> None:
         if StopRequest.signal_name is not None:
             raise Interrupted(
-                f"Stopped by {StopRequest.signal_name} before round {r} ({branch}); every "
+                f"Stopped by {StopRequest.signal_name} before round {rd.r} ({rd.branch}); every "
                 "earlier round is finished. Rerun the same command to go on."
             )
-        label = f"round {r}" if branch == IMP else f"round {r} ({branch})"
-        density = masks.density(round_masks)
-        self.log(f"== {label}: density {density:.4f}, steps {start_step}..{self.schedule.total}")
-        masks_path = paths.masks_file(rdir)
+
+    def _verify_or_write_masks(self, rd: _Round) -> None:
+        """Writes the round's masks, or checks that a saved masks.npz is these masks."""
+        masks_path = paths.masks_file(rd.rdir)
         if files.exists(masks_path):
             saved = files.read_npz(masks_path)
-            if set(saved) != set(round_masks) or any(
-                not np.array_equal(saved[n], round_masks[n]) for n in saved
+            expected = rd.start.masks
+            if set(saved) != set(expected) or any(
+                not np.array_equal(saved[n], expected[n]) for n in saved
             ):
                 raise CorruptRunError(
                     f"{masks_path} does not match the masks that follow from the previous round "
-                    f"for {label}: the file was changed or the run is damaged. Delete "
-                    f"{rdir} to recompute the round."
+                    f"for {rd.label}: the file was changed or the run is damaged. Delete "
+                    f"{rd.rdir} to recompute the round."
                 )
         elif self.write:
-            files.write_npz(masks_path, round_masks)
-            files.write_json(paths.sparsity_file(rdir), masks.report(round_masks))
+            files.write_npz(masks_path, rd.start.masks)
+            files.write_json(paths.sparsity_file(rd.rdir), masks.report(rd.start.masks))
 
-        masked = _apply(weights, round_masks)
-        resume = paths.resume_dir(rdir)
-        latest = tf.train.latest_checkpoint(resume) if files.exists(resume) else None
-        if latest:
-            try:
-                self.checkpoint.restore(latest).assert_existing_objects_matched()
-            except (tf.errors.OpError, ValueError, AssertionError) as e:
+    def _restore_or_start(self, rd: _Round, checkpointer) -> int:
+        """Puts the model at the round's start, or at its last checkpoint; returns the step."""
+        # A damaged checkpoint raises checkpointing.CorruptCheckpointError, a CorruptRunError.
+        if checkpointer.restore():
+            start = train.global_step(self.model)
+            self.log(f"   resuming {rd.label} from its checkpoint at step {start}")
+            return start
+        masked = _apply(rd.start.weights, rd.start.masks)
+        sparsity.set_masks(self.model, rd.start.masks)
+        sparsity.set_weights(self.model, masked)
+        train.reset_optimizer(self.model, rd.start.step)
+        if self.write:
+            files.write_npz(paths.checkpoint_file(rd.rdir, "start"), masked, compress=False)
+        return rd.start.step
+
+    def _rewind_recorder(self, rd: _Round, start: int):
+        """Round 0's callback that saves W_k, or None when there is nothing to record."""
+        if not rd.record_rewind:
+            return None
+        at = self.schedule.rewind
+        path = paths.checkpoint_file(rd.rdir, "rewind")
+        if start > at:
+            if not files.exists(path):
                 raise CorruptRunError(
-                    f"The mid-round checkpoint {latest} cannot be restored ({type(e).__name__}: "
-                    f"{str(e)[:200]}). Delete {resume} to restart {label} from its start."
-                ) from e
-            start = int(self.model.optimizer.iterations.numpy())
-            self.log(f"   resuming {label} from its checkpoint at step {start}")
-        else:
-            sparsity.set_masks(self.model, round_masks)
-            sparsity.set_weights(self.model, masked)
-            train.reset_optimizer(self.model, start_step)
-            start = start_step
+                    f"{path} is missing but round 0 resumed past step {at}. "
+                    f"Delete {rd.rdir} to retrain the dense network."
+                )
+            return None  # recorded before the checkpoint we resumed from
+        # (Re)record W_k in this very trajectory, even if a file exists from an
+        # attempt that was killed before its first checkpoint.
+
+        def save(step):
             if self.write:
-                files.write_npz(paths.checkpoint_file(rdir, "start"), masked, compress=False)
-        metrics_path = paths.metrics_file(rdir)
-        kept = files.truncate_jsonl(metrics_path, start) if self.write else []
-        clock = _Clock(offset=kept[-1]["wall_seconds"] if kept else 0.0)
+                files.write_npz(path, sparsity.get_weights(self.model), compress=False)
 
-        rewind_path = paths.checkpoint_file(rdir, "rewind")
-        record_at = None
-        if record_rewind:
-            record_at = self.schedule.rewind
-            if start > record_at:
-                if not files.exists(rewind_path):
-                    raise CorruptRunError(
-                        f"{rewind_path} is missing but round 0 resumed past step {record_at}. "
-                        f"Delete {rdir} to retrain the dense network."
-                    )
-                record_at = None  # recorded before the checkpoint we resumed from
-            # else: (re)record W_k in this very trajectory, even if a file exists from an
-            # attempt that was killed before its first checkpoint.
+        return RecordWeights(at, save)
 
-        def save_rewind(step):
-            if self.write:
-                files.write_npz(rewind_path, sparsity.get_weights(self.model), compress=False)
-
+    def _train(self, rd: _Round, start: int, checkpointer, recorder, clock) -> None:
+        """Trains from `start` to the end with the round's callbacks; closes its writer."""
         total = self.schedule.total
-        # Workers of a multi-worker run must take the same checkpoints: they decide by
-        # step (every period end), never by their own clocks.
-        by_clock = not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        last_save = [time.time()]
-
-        def due():
-            return not by_clock or time.time() - last_save[0] >= self.checkpoint_seconds
-
-        def on_period_end(step):
-            if step < total and due():
-                self._save_checkpoint(resume)
-                last_save[0] = time.time()
-
-        def stop(step):
-            raise Interrupted(
-                f"Stopped by {StopRequest.signal_name} in {label} at step {step}, after saving a "
-                "checkpoint there. Rerun the same command to resume from it."
-            )
-
-        def on_batch_end(logs):
-            # Clean stops on signals (straight out of fit: no validation pass first) and
-            # mid-period checkpoints for preemptible machines; never a checkpoint of
-            # weights that already diverged.
-            # The loss is read (a host sync) only when a checkpoint is about to be saved.
-            stopping = StopRequest.signal_name is not None
-            if not stopping and (not by_clock or self.checkpoint_seconds <= 0 or not due()):
-                return
-            loss = logs.get("loss")
-            if loss is not None and not np.isfinite(float(loss)):
-                return
-            step = int(self.model.optimizer.iterations.numpy())
-            if stopping:
-                self._save_checkpoint(resume)
-                stop(step)
-            if step % self.schedule.eval_every and step < total:  # period ends: on_period_end
-                self._save_checkpoint(resume)
-                last_save[0] = time.time()
-
-        writer = tf.summary.create_file_writer(paths.tensorboard_dir(rdir)) if self.write else None
-        train.fit_segment(
-            self.model,
-            self.data,
-            self.config,
-            self.schedule,
-            start,
-            total,
-            record_at=record_at,
-            on_record=save_rewind,
-            metrics_path=metrics_path,
-            summary_writer=writer,
-            on_period_end=on_period_end,
-            write=self.write,
-            elapsed=clock,
-            data_seed=data_seed,
-            extra_callbacks=[BatchEnd(on_batch_end)],
-            should_stop=lambda: StopRequest.signal_name is not None,
+        writer = (
+            tf.summary.create_file_writer(paths.tensorboard_dir(rd.rdir)) if self.write else None
         )
-        step = int(self.model.optimizer.iterations.numpy())
-        if StopRequest.signal_name is not None and step < total:
-            # The signal came during an evaluation, after the last batch of a fit call.
-            self._save_checkpoint(resume)
-            stop(step)
-        self.trained.append((branch, r))
+        test_data = None
+        if self.config.test_every_period:
+            test_data = self.data.eval("test", train.eval_batch_size(self.config))
+        callbacks = [
+            PeriodEnd(paths.metrics_file(rd.rdir), writer, self.write, clock, test_data),
+            checkpointing.CheckpointPolicy(
+                checkpointer.save,
+                total=total,
+                seconds=self.checkpoint_seconds,
+                # Workers of a multi-worker run must take the same checkpoints: they
+                # decide by step (every period end), never by their own clocks.
+                by_clock=not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy),
+                label=rd.label,
+            ),
+        ]
+        if recorder is not None:
+            callbacks.insert(0, recorder)  # W_k is recorded before a checkpoint at k
+        mode = progress_mode(self.config.verbose, sys.stdout) if self.write else None
+        progress = Progress(start, total, label=rd.label, mode=mode) if mode else None
+        if progress is not None:
+            callbacks.append(progress)
+        try:
+            train.fit_segment(
+                self.model,
+                self.data,
+                self.config,
+                self.schedule,
+                start,
+                total,
+                callbacks=callbacks,
+                data_seed=rd.data_seed,
+            )
+        finally:
+            if progress is not None:
+                progress.close()
+            if writer is not None:
+                writer.close()
+
+    def _finish(self, rd: _Round, checkpointer, clock) -> dict:
+        """Tests the trained network, writes final weights and summary.json (last)."""
+        self.trained.append((rd.branch, rd.r))
         test = train.evaluate(self.model, self.data, "test", train.eval_batch_size(self.config))
         final = sparsity.get_weights(self.model)
         summary = _summary(
-            r,
-            branch,
-            density,
-            start_step,
+            rd.r,
+            rd.branch,
+            masks.density(rd.start.masks),
+            rd.start.step,
             self.schedule.total,
             test,
-            files.read_jsonl(metrics_path),
+            files.read_jsonl(paths.metrics_file(rd.rdir)),
             clock(),
         )
         if self.write:
-            files.write_npz(paths.checkpoint_file(rdir, "final"), final, compress=False)
-            files.write_json(summary_path, summary)  # written last: the round is done
-            if files.exists(resume):
-                tf.io.gfile.rmtree(resume)
+            files.write_npz(paths.checkpoint_file(rd.rdir, "final"), final, compress=False)
+            files.write_json(paths.summary_file(rd.rdir), summary)  # last: the round is done
+        checkpointer.discard()
         self.log(
-            f"   {label}: test accuracy {summary['test_accuracy']:.4f}, "
+            f"   {rd.label}: test accuracy {summary['test_accuracy']:.4f}, "
             f"best validation {summary['best_validation_accuracy']:.4f} at step "
             f"{summary['best_validation_step']}, {summary['wall_seconds']:.0f}s"
         )
         return summary
-
-    def _save_checkpoint(self, resume_dir):
-        if not self.write:
-            return
-        tf.io.gfile.makedirs(resume_dir)
-        manager = tf.train.CheckpointManager(self.checkpoint, resume_dir, max_to_keep=1)
-        manager.save(checkpoint_number=int(self.model.optimizer.iterations.numpy()))
 
 
 @contextlib.contextmanager

@@ -1,15 +1,19 @@
 """Compile a model with its recipe and fit one segment [start, end) of the schedule.
 
-The learning rate is a function of the optimizer's iteration counter, so a
-segment that starts at step s (a rewound round, a resumed checkpoint) uses the
-schedule's value at s. The data pipeline is started at s too (lth_tf.data), so
-the segment sees the batches the full schedule would have seen.
+Two counters make the global step of the schedule: the optimizer's own
+`iterations`, which restarts at 0 with the optimizer's fresh state each round
+(Adam's bias correction restarts, as in the authors' framework), and a step
+offset, the global step the round started from. The learning rate is the
+schedule's value at `offset + iterations` (`OffsetSchedule`), so a round
+rewound to step k continues the schedule from k. `global_step(model)` is the
+one reader of that sum. The data pipeline is started at the segment's first
+step too (lth_tf.data), so the segment sees the batches the full schedule
+would have seen.
 """
 
 import dataclasses
 
 from lth_tf import steps
-from lth_tf.callbacks import PeriodEnd, RecordWeights
 from lth_tf.keras import keras, tf
 
 
@@ -92,12 +96,75 @@ def check_reachable(step: int, period: int, steps_per_execution: int) -> None:
         )
 
 
+class OffsetSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """`schedule(offset + step)`: the schedule continues from the round's first global step.
+
+    The optimizer calls this with its own `iterations`, which restart at 0 each
+    round; `offset` is a variable (assigned at each round start, restored from
+    mid-round checkpoints), so changing it never retraces the train step.
+    """
+
+    def __init__(self, schedule, offset: tf.Variable):
+        self.schedule = schedule
+        self.offset = offset
+
+    def __call__(self, step):
+        return self.schedule(tf.cast(self.offset, tf.int64) + tf.cast(step, tf.int64))
+
+    def get_config(self):
+        return {"schedule": self.schedule.get_config()}
+
+
 def make_optimizer(config, schedule: Schedule):
-    lr = StepSchedule(config.lr, schedule.warmup, schedule.boundaries, config.lr_gamma)
+    """The recipe's optimizer; its `step_offset` variable is the round's first global step.
+
+    Build it inside the strategy's scope: the offset is a (mirrored) variable.
+    """
+    offset = tf.Variable(
+        0,
+        dtype=tf.int64,
+        trainable=False,
+        name="step_offset",
+        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+    )
+    lr = OffsetSchedule(
+        StepSchedule(config.lr, schedule.warmup, schedule.boundaries, config.lr_gamma), offset
+    )
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(learning_rate=lr, momentum=config.momentum)
-    # PyTorch's epsilon, as in the authors' framework.
-    return keras.optimizers.Adam(learning_rate=lr, epsilon=1e-8)
+        optimizer = keras.optimizers.SGD(learning_rate=lr, momentum=config.momentum)
+    else:
+        # PyTorch's epsilon, as in the authors' framework.
+        optimizer = keras.optimizers.Adam(learning_rate=lr, epsilon=1e-8)
+    # An attribute of the optimizer, so that tf.train.Checkpoint(optimizer=...) saves
+    # and restores it with `iterations`: a resumed round gets both back exactly.
+    optimizer.step_offset = offset
+    return optimizer
+
+
+def _inner(optimizer):
+    # Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer.
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+def step_offset(model) -> tf.Variable:
+    """The variable holding the global step at which the model's current round started."""
+    optimizer = _inner(model.optimizer)
+    offset = getattr(optimizer, "step_offset", None)
+    if offset is None:
+        raise ValueError(
+            f"{type(optimizer).__name__} has no step_offset: compile the model with "
+            "lth_tf.train.compile_model, which builds the optimizer with one."
+        )
+    return offset
+
+
+def global_step(model) -> int:
+    """Steps of the schedule done: the round's first step plus the optimizer's own count.
+
+    Everything that names a step (metrics, checkpoints, the rewind point, the
+    learning rate) uses this, never `optimizer.iterations` alone.
+    """
+    return int(step_offset(model).numpy()) + int(model.optimizer.iterations.numpy())
 
 
 def compile_model(model, config, schedule: Schedule) -> None:
@@ -118,16 +185,18 @@ def compile_model(model, config, schedule: Schedule) -> None:
 
 
 def reset_optimizer(model, step: int) -> None:
-    """Zeroes the optimizer's slots (momentum, Adam moments) and sets its step to `step`."""
-    optimizer = model.optimizer
-    # Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer whose
-    # own variables (the loss scale) must survive; only the inner slots reset.
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    """A fresh optimizer for a round that starts at global step `step`.
+
+    Zeroes the slots (momentum, Adam moments) and the optimizer's own step
+    counter, as a newly built optimizer has them: Adam's bias correction
+    restarts. The learning-rate schedule continues from `step` (the offset).
+    """
+    # Under mixed_float16 the LossScaleOptimizer's own variables (the loss scale)
+    # must survive; only the inner optimizer's state resets.
+    inner = _inner(model.optimizer)
     for var in inner.variables():
-        if var is inner.iterations:
-            continue
-        var.assign(tf.zeros_like(var))
-    optimizer.iterations.assign(step)
+        var.assign(tf.zeros_like(var))  # `iterations` is one of them
+    step_offset(model).assign(step)
 
 
 def pieces(start: int, end: int, period: int):
@@ -148,78 +217,42 @@ def pieces(start: int, end: int, period: int):
 
 
 def fit_segment(
-    model,
-    data,
-    config,
-    schedule: Schedule,
-    start: int,
-    end: int,
-    *,
-    record_at: int | None = None,
-    on_record=None,
-    metrics_path=None,
-    summary_writer=None,
-    on_period_end=None,
-    write=True,
-    data_seed=None,
-    elapsed=None,
-    extra_callbacks=(),
-    should_stop=None,
+    model, data, config, schedule: Schedule, start: int, end: int, *, callbacks=(), data_seed=None
 ):
-    """Trains `model` from step `start` to step `end` of the schedule.
+    """Trains `model` from global step `start` to `end` of the schedule.
+
+    [start, end) is cut at the evaluation periods into `fit` calls (`pieces`);
+    Keras runs silently (verbose=0): progress is a callback of the caller's.
 
     Args:
-      model: compiled model whose optimizer.iterations is `start`.
+      model: compiled model whose `global_step` is `start`.
       data: an lth_tf.data dataset.
-      record_at: global step whose weights `on_record(step)` saves (None: no recording).
-      metrics_path, summary_writer: where per-period metrics go.
-      on_period_end: `f(step)` after each evaluation period (checkpointing).
-      write: False on non-chief workers.
+      config: the run's config (batch sizes, data seed).
+      schedule: the resolved schedule (evaluation period).
+      start, end: global steps.
+      callbacks: Keras callbacks for every fit call, built once per round by the
+        caller. Those with a `start_fit(first_step, period)` method (the
+        lth_tf.callbacks.StepCallback ones) are told where each fit call starts,
+        so they map Keras' (epoch, batch) to global steps without reading a
+        variable.
       data_seed: overrides config.data_seed (stability analyses).
-      elapsed: `f()` -> seconds the round has run, for the metrics lines.
-      extra_callbacks: more Keras callbacks for every fit call.
-      should_stop: `f()` -> True once a callback stopped training for good (a
-        signal): the remaining fit calls are skipped.
     """
-    if int(model.optimizer.iterations.numpy()) != start:
-        raise RuntimeError(
-            f"The optimizer is at step {int(model.optimizer.iterations.numpy())}, not {start}."
-        )
+    if global_step(model) != start:
+        raise RuntimeError(f"The model is at global step {global_step(model)}, not {start}.")
     seed = config.data_seed if data_seed is None else data_seed
     validation = data.eval("validation", eval_batch_size(config))
-    test_data = data.eval("test", eval_batch_size(config)) if config.test_every_period else None
-    recorded = record_at is None
     for first, length, count in pieces(start, end, schedule.eval_every):
-        if should_stop is not None and should_stop():
-            return
-        callbacks = [
-            PeriodEnd(
-                first,
-                length,
-                metrics_path,
-                summary_writer,
-                on_period_end,
-                write,
-                elapsed,
-                test_data,
-            ),
-            *extra_callbacks,
-        ]
-        if not recorded and first <= record_at <= first + length * count:
-            callbacks.insert(0, RecordWeights(record_at, on_record, first, length))
-            recorded = True
+        for callback in callbacks:
+            if hasattr(callback, "start_fit"):
+                callback.start_fit(first, length)
         model.fit(
             data.train(config.batch_size, seed, start_step=first),
             steps_per_epoch=length,
             epochs=count,
             validation_data=validation,
-            callbacks=callbacks,
-            verbose=config.verbose if count > 1 or length > 1 else 0,
+            callbacks=list(callbacks),
+            verbose=0,
         )
-    if should_stop is not None and should_stop():
-        return
-    if not recorded and record_at == end:
-        on_record(end)
 
 
 def eval_batch_size(config) -> int:

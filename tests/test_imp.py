@@ -277,6 +277,64 @@ def test_random_reinit_uses_the_imp_mask_but_different_start_weights(main_run):
     )
 
 
+# ---- the optimizer at a rewind -------------------------------------------------------------
+
+
+def _dense_net(seed):
+    from lth_tf.keras import keras
+
+    x = keras.Input((8,))
+    h = keras.layers.Dense(16, activation="relu", name="fc1")(x)
+    y = keras.layers.Dense(4, name="output")(h)
+    model = keras.Model(x, y)
+    init = np.random.default_rng(seed)
+    model.set_weights([init.normal(0, 0.3, w.shape).astype(np.float32) for w in model.weights])
+    return model
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_first_update_after_a_rewind_to_k_is_a_fresh_optimizers_first_update_at_lr_of_k(
+    tiny_config, optimizer
+):
+    # The authors' framework builds a fresh optimizer per round (Adam's bias
+    # correction restarts) while the learning-rate schedule continues from k.
+    from lth_tf.keras import keras
+
+    k = 500
+    config = tiny_config(optimizer=optimizer, lr=0.01, momentum=0.9, lr_gamma=0.5)
+    schedule = train.Schedule(
+        steps_per_epoch=100, total=1000, rewind=k, eval_every=100, warmup=0, boundaries=(200,)
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8)).astype(np.float32)
+    y = rng.integers(0, 4, size=32)
+    rewound = _dense_net(1)
+    w_k = rewound.get_weights()
+    train.compile_model(rewound, config, schedule)
+    for _ in range(3):  # the previous round: moments, momentum and a step count
+        rewound.train_on_batch(x, y)
+    rewound.set_weights(w_k)
+    train.reset_optimizer(rewound, k)
+    rewound.train_on_batch(x, y)
+
+    lr_k = float(train.StepSchedule(0.01, 0, (200,), 0.5)(k))
+    assert lr_k == pytest.approx(0.005)  # past the drop: the schedule's value at k, not at 0
+    fresh = _dense_net(1)
+    if optimizer == "adam":
+        opt = keras.optimizers.Adam(learning_rate=lr_k, epsilon=1e-8)
+    else:
+        opt = keras.optimizers.SGD(learning_rate=lr_k, momentum=0.9)
+    fresh.compile(
+        optimizer=opt,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=config.jit_compile,
+    )
+    fresh.train_on_batch(x, y)
+    for w0, a, b in zip(w_k, rewound.get_weights(), fresh.get_weights(), strict=True):
+        assert np.abs(b - w0).max() > 0
+        np.testing.assert_allclose(a - w0, b - w0, rtol=1e-5, atol=1e-9)
+
+
 # ---- rerunning, extending and refusing ---------------------------------------------------
 
 
