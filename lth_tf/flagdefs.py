@@ -50,6 +50,7 @@ CONFIG_FIELDS_WITHOUT_FLAGS: frozenset[str] = frozenset()
 # imp's flags that are not RunConfig fields: where the run goes and how this
 # process runs it; none of them changes what the run computes.
 IMP_PROCESS_FLAGS = (
+    "replicates",
     "root_dir",
     "run_name",
     "checkpoint_seconds",
@@ -70,6 +71,7 @@ IMP_KEY_FLAGS = (
     "rounds",
     "target_density",
     "controls",
+    "replicates",
     "root_dir",
     "print_config",
 )
@@ -378,6 +380,14 @@ def define_imp_flags() -> None:
     )
     flags.DEFINE_boolean(
         "print_config", False, "Print the resolved config and run directory; train nothing."
+    )
+    flags.DEFINE_integer(
+        "replicates",
+        1,
+        "Independent runs of the same experiment: replicate i (1-based) uses seed+i-1 and "
+        "data_seed+i-1, in <root_dir>/<run_name>/replicate_i; the report aggregates them "
+        "(mean, std, min/max). Raising it later adds replicates to the same group.",
+        lower_bound=1,
     )
 
 

@@ -6,6 +6,7 @@ control, and prints the accuracy-vs-density table. `--flagfile=flags/...`
 runs a paper experiment. Rerunning the same command resumes the run.
 """
 
+import dataclasses
 import errno
 import os
 import sys
@@ -26,16 +27,22 @@ def main(argv):
         config = flagdefs.config_from_flags()
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    run_dir = paths.join(FLAGS.root_dir, FLAGS.run_name or paths.run_name(config))
+    replicates = replicate_configs(config, FLAGS.replicates)
+    if FLAGS.replicates == 1:
+        out_dir = paths.join(FLAGS.root_dir, FLAGS.run_name or paths.run_name(config))
+        runs = [(config, out_dir)]
+    else:
+        out_dir = paths.join(FLAGS.root_dir, FLAGS.run_name or paths.group_name(config))
+        runs = [(c, paths.replicate_dir(out_dir, i)) for i, c in enumerate(replicates, 1)]
     if FLAGS.print_config:
-        print(f"Run directory: {run_dir}\n{config.to_json()}")
+        for c, d in runs:
+            print(f"Run directory: {d}\n{c.to_json()}")
         return 0
-    problem = _root_dir_problem(FLAGS.root_dir)
+    problem = _root_dir_problem(FLAGS.root_dir) or _group_problem(out_dir, FLAGS.replicates)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     if FLAGS.deterministic:
-        keras.utils.set_random_seed(config.seed)
         tf.config.experimental.enable_op_determinism()
     try:
         strategy = distribute.get_strategy(FLAGS.strategy, num_gpus=FLAGS.num_gpus, tpu=FLAGS.tpu)
@@ -43,8 +50,32 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         return 2
     chief = distribute.is_chief(strategy)
-    my_dir = distribute.worker_run_dir(run_dir, strategy)
     log = print if chief else (lambda *a: None)
+    for i, (c, run_dir) in enumerate(runs, 1):
+        if len(runs) > 1:
+            log(f"=== replicate {i}/{len(runs)}: seed {c.seed}, data_seed {c.data_seed}")
+        code = _run_one(c, run_dir, strategy, log)
+        if code:
+            return code
+    if chief:
+        print(reporting.write_report(out_dir))
+        print(f"\nReport: {paths.report_file(out_dir)}\nPlot:   {paths.plot_file(out_dir)}")
+    return 0
+
+
+def replicate_configs(config, n: int) -> list:
+    """The configs of n replicates: replicate i (1-based) has seed+i-1 and data_seed+i-1."""
+    return [
+        dataclasses.replace(config, seed=config.seed + i, data_seed=config.data_seed + i)
+        for i in range(n)
+    ]
+
+
+def _run_one(config, run_dir, strategy, log) -> int:
+    """Runs (or resumes) one run; returns a non-zero exit code on failure."""
+    if FLAGS.deterministic:
+        keras.utils.set_random_seed(config.seed)
+    my_dir = distribute.worker_run_dir(run_dir, strategy)
     try:
         # Built first: it loads the data and checks the schedule (e.g. a rewind step
         # past the end) without writing anything, so bad input leaves no run directory.
@@ -79,10 +110,26 @@ def main(argv):
             )
             return 2
         raise
-    if chief:
-        print(reporting.write_report(run_dir))
-        print(f"\nReport: {paths.report_file(run_dir)}\nPlot:   {paths.plot_file(run_dir)}")
     return 0
+
+
+def _group_problem(out_dir: str, replicates: int) -> str | None:
+    """Why out_dir cannot hold this invocation's run or replicate group (nothing written)."""
+    has_config = files.exists(paths.config_file(out_dir))
+    if replicates > 1 and has_config:
+        return (
+            f"{out_dir} holds a single run, not a replicate group: --replicates={replicates} "
+            "would write its replicates inside it. Choose another --run_name for the group."
+        )
+    if replicates == 1 and not has_config and tf.io.gfile.isdir(out_dir):
+        names = [n.rstrip("/") for n in tf.io.gfile.listdir(out_dir)]
+        if any(paths.REPLICATE_RE.match(n) for n in names):
+            return (
+                f"{out_dir} is a replicate group (it holds {', '.join(sorted(names))}). Rerun "
+                "with the group's --replicates=N to extend or resume it, or choose another "
+                "--run_name for a single run."
+            )
+    return None
 
 
 def _root_dir_problem(root: str) -> str | None:

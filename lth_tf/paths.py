@@ -33,6 +33,11 @@ def run_name(config) -> str:
     return f"{config.arch}_{dataset}_{config.hash8()}"
 
 
+def group_name(config) -> str:
+    """Default directory name of a replicate group: its first replicate's run name."""
+    return f"{run_name(config)}_replicates"
+
+
 def config_file(run_dir):
     return join(run_dir, "config.json")
 
