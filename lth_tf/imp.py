@@ -1,7 +1,7 @@
 """`python -m lth_tf.imp`: iterative magnitude pruning with rewinding.
 
 With no flags it runs the MNIST demo: LeNet-300-100 on the bundled real MNIST,
-global IMP at 20% per round for 8 rounds with the random-reinitialisation
+global IMP at 20% per round for 15 rounds (to 3.5% density) with the random-reinitialisation
 control, and prints the accuracy-vs-density table. `--flagfile=flags/...`
 runs a paper experiment. Rerunning the same command resumes the run.
 """

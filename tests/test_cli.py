@@ -252,7 +252,7 @@ def test_one_name_per_concept():
 def test_no_flags_says_it_runs_the_mnist_demo(parse):
     (line,) = flagdefs.protocol_lines(parse())
     assert line.startswith("No --arch: running the MNIST demo (LeNet-300-100 on mnist")
-    assert "5ep per round" in line and "8 rounds" in line
+    assert "5ep per round" in line and "15 rounds" in line
     assert "--arch=lenet_300_100 runs the paper's 50K-iteration recipe" in line
 
 
@@ -318,7 +318,7 @@ def test_the_no_flag_main_job_is_unchanged(parse):
         "lenet_300_100",
         training_steps="5ep",
         eval_every="1ep",
-        rounds=8,
+        rounds=15,
         controls=("random_reinit",),
         steps_per_execution=100,
     )
