@@ -7,6 +7,7 @@ the segment sees the batches the full schedule would have seen.
 """
 
 import dataclasses
+import math
 
 from lth_tf import steps
 from lth_tf.callbacks import PeriodEnd, RecordWeights
@@ -205,9 +206,17 @@ def fit_segment(
             ),
             *extra_callbacks,
         ]
+        compiled = int(model.steps_per_execution.numpy())
+        executions = compiled
         if not recorded and first <= record_at <= first + length * count:
             callbacks.insert(0, RecordWeights(record_at, on_record, first, length))
             recorded = True
+            # A round resumed mid-period from a checkpoint saved with another
+            # steps_per_execution can start off the grid check_reachable assumed:
+            # this one fit call then runs executions that end exactly at record_at
+            # (a variable of the compiled model: no retrace).
+            executions = math.gcd((record_at - first) % length, compiled)
+            model.steps_per_execution = executions
         model.fit(
             data.train(config.batch_size, seed, start_step=first),
             steps_per_epoch=length,
@@ -216,6 +225,8 @@ def fit_segment(
             callbacks=callbacks,
             verbose=config.verbose if count > 1 or length > 1 else 0,
         )
+        if executions != compiled:  # only a speed setting: no harm if an error skips this
+            model.steps_per_execution = compiled
     if should_stop is not None and should_stop():
         return
     if not recorded and record_at == end:

@@ -7,7 +7,7 @@ import sys
 import pytest
 from absl import flags
 
-from lth_tf import flagdefs
+from lth_tf import flagdefs, imp
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,9 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture()
 def parse():
-    if "arch" not in FLAGS:
-        flagdefs.define_train_flags()
-        flagdefs.define_prune_flags()
+    # Every flag imp defines: the ResNet-50 flagfiles set --strategy and --mixed_precision.
+    imp.define_flags()
 
     def _parse(*argv):
         FLAGS.unparse_flags()
