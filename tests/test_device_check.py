@@ -70,7 +70,7 @@ def test_tiny_device_check_passes_every_check(tiny_result):
 def test_tiny_device_check_json_has_the_machine_throughput_imp_and_targets(tiny_result):
     _, out = tiny_result
     report = json.loads(out.read_text())
-    assert report["tiny"] is True
+    assert report["tiny"] is True and report["complete"] is True
     machine = report["machine"]
     assert machine["tensorflow"] and machine["date"]
     assert any(name.endswith("CPU:0") for name in machine["logical_devices"])
