@@ -17,8 +17,22 @@ CONTROLS = ("random_reinit", "random_prune")
 
 # Fields that do not change what a run computes: they may differ between the
 # invocations that build one run directory (e.g. `--rounds=5`, later `--rounds=10`
-# extends the same run; adding a control adds a branch).
-NON_IDENTITY_FIELDS = ("data_dir", "rounds", "controls", "verbose", "test_every_period")
+# extends the same run; adding a control adds a branch). jit_compile and
+# steps_per_execution change only the speed (up to floating-point rounding, as the
+# device does), so a run started on GPUs can be resumed on a TPU and the GPU and
+# TPU flagfiles name the same run. The rewind step is checked against the current
+# invocation's steps_per_execution when the schedule is resolved (train.resolve),
+# not the one in config.json. Precision and batch size change the results and
+# stay in the identity; the strategy is not a config field at all.
+NON_IDENTITY_FIELDS = (
+    "data_dir",
+    "rounds",
+    "controls",
+    "verbose",
+    "test_every_period",
+    "jit_compile",
+    "steps_per_execution",
+)
 
 
 @dataclasses.dataclass(frozen=True)

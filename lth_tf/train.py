@@ -12,6 +12,7 @@ would have seen.
 """
 
 import dataclasses
+import math
 
 from lth_tf import steps
 from lth_tf.keras import keras, tf
@@ -245,6 +246,10 @@ def fit_segment(
         for callback in callbacks:
             if hasattr(callback, "start_fit"):
                 callback.start_fit(first, length)
+        compiled = int(model.steps_per_execution.numpy())
+        executions = _executions_reaching(callbacks, first, length, count, compiled)
+        if executions != compiled:
+            model.steps_per_execution = executions
         model.fit(
             data.train(config.batch_size, seed, start_step=first),
             steps_per_epoch=length,
@@ -253,6 +258,27 @@ def fit_segment(
             callbacks=list(callbacks),
             verbose=0,
         )
+        if executions != compiled:  # only a speed setting: no harm if an error skips this
+            model.steps_per_execution = compiled
+
+
+def _executions_reaching(callbacks, first: int, length: int, count: int, compiled: int) -> int:
+    """Steps per execution for one fit call so that every pending recording step is reached.
+
+    A round resumed mid-period from a checkpoint saved with another
+    steps_per_execution (a speed setting, outside the run's identity) can start
+    off the grid `check_reachable` assumed: the one fit call that holds a
+    recording step (RecordWeights.at_step) then runs executions that end exactly
+    there. steps_per_execution is a variable of the compiled model: no retrace.
+    """
+    executions = compiled
+    for callback in callbacks:
+        at = getattr(callback, "at_step", None)
+        if at is None or getattr(callback, "done", False):
+            continue
+        if first < at <= first + length * count:
+            executions = math.gcd(executions, (at - first) % length)
+    return executions
 
 
 def eval_batch_size(config) -> int:

@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture()
 def parse():
-    flagdefs.define_imp_flags()
+    flagdefs.define_imp_flags()  # every flag imp defines (flagfiles set --strategy too)
 
     def _parse(*argv):
         FLAGS.unparse_flags()
@@ -322,7 +322,9 @@ def test_the_no_flag_main_job_is_unchanged(parse):
         controls=("random_reinit",),
         steps_per_execution=100,
     )
-    assert c.hash8() == "1234a8b2"
+    # Pinned: a change of the run identity renames every run directory. (It changed
+    # once, on purpose: jit_compile and steps_per_execution left the identity.)
+    assert c.hash8() == "cf60f868"
 
 
 def test_stability_parses_a_list_of_rewind_steps():
