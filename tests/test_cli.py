@@ -325,6 +325,23 @@ def test_the_no_flag_main_job_is_unchanged(parse):
     assert c.hash8() == "1234a8b2"
 
 
+def test_conv_rate_and_validation_holdout_flags_reach_the_config(parse):
+    c = parse("--arch=conv2")
+    assert (c.conv_rate, c.output_rate, c.prune_scope, c.validation_holdout) == (
+        0.5,
+        0.5,
+        "layerwise",
+        5000,
+    )
+    c = parse("--arch=conv6", "--conv_rate=1", "--validation_holdout=0")
+    assert (c.conv_rate, c.validation_holdout) == (1.0, 0)
+    c = parse("--arch=resnet20", "--conv_rate=0.5", "--prune_scope=layerwise")
+    assert (c.conv_rate, c.output_rate, c.prune_scope) == (0.5, 1.0, "layerwise")
+    assert parse("--arch=resnet20").hash8() == "0a5e9a33"  # unset: the recipe's run dir
+    with pytest.raises(flags.IllegalFlagValueError):
+        parse("--validation_holdout=-1")
+
+
 def test_stability_parses_a_list_of_rewind_steps():
     flagdefs.define_stability_flags()
     FLAGS.unparse_flags()
