@@ -81,6 +81,19 @@ def test_cifar_flagfiles(parse, name, arch, rewind):
     assert c.lr_drops == ("80ep", "120ep") and c.augment
 
 
+def test_conv2_flagfile_is_the_2019_protocol_and_the_recipe(parse):
+    c = parse(f"--flagfile={ROOT}/flags/conv2_cifar10.cfg")
+    assert c == config_lib.make_config(
+        "conv2", rounds=20, controls=("random_reinit", "random_prune")
+    )
+    assert (c.prune_scope, c.conv_rate, c.output_rate, c.validation_holdout) == (
+        "layerwise",
+        0.5,
+        0.5,
+        5000,
+    )
+
+
 @pytest.mark.parametrize("kind", ["tpu", "gpu"])
 def test_resnet50_flagfiles(parse, kind):
     c = parse(f"--flagfile={ROOT}/flags/resnet50_imagenet_{kind}.cfg")
