@@ -34,6 +34,12 @@ NON_IDENTITY_FIELDS = (
     "steps_per_execution",
 )
 
+# Fields added after run directories were already named by the hash of the
+# identity, with their default values. A field at its default is left out of the
+# identity, so that every config that does not use it keeps its hash (and so its
+# run directory); set to anything else it is part of the identity like any field.
+DEFAULT_OMITTED_FIELDS = {"conv_rate": 1.0, "validation_holdout": 0}
+
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
@@ -53,6 +59,13 @@ class RunConfig:
     eval_every: str
     augment: bool
     output_rate: float
+    # Prune-rate multiplier of the conv kernels (Conv2D layers): 1 prunes them like
+    # the dense hidden layers, 0.5 at half the rate (the 2019 paper's Conv-2/4).
+    conv_rate: float = 1.0
+    # Training examples held out for validation (early stopping); 0 keeps the
+    # dataset's convention (CIFAR-10: validate on the test set, as the authors'
+    # framework does; MNIST, npz, synthetic: the last 5,000 or 10%).
+    validation_holdout: int = 0
     seed: int = 0
     data_seed: int = 0
     data_dir: str | None = None
@@ -107,6 +120,9 @@ class RunConfig:
             if name == "rounds" and self.target_density is not None:
                 continue
             d.pop(name)
+        for name, default in DEFAULT_OMITTED_FIELDS.items():
+            if d[name] == default:
+                d.pop(name)
         return d
 
     def hash8(self) -> str:
@@ -116,7 +132,12 @@ class RunConfig:
     def differences(self, other: "RunConfig") -> dict:
         """{field: (self value, other value)} over the identity fields."""
         a, b = self.identity(), other.identity()
-        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+        # A field left out of one identity (a default-omitted field at its default)
+        # still differs from the other's non-default value.
+        keys = sorted(a.keys() | b.keys())
+        a = {k: a.get(k, getattr(self, k)) for k in keys}
+        b = {k: b.get(k, getattr(other, k)) for k in keys}
+        return {k: (a[k], b[k]) for k in keys if a[k] != b[k]}
 
 
 def make_config(arch: str, **overrides) -> RunConfig:
@@ -160,6 +181,24 @@ def _check(c: RunConfig) -> None:
             "output_rate",
             c.output_rate,
             "a multiplier >= 0 of the prune fraction (0 keeps it dense)",
+        )
+    if not 0 <= c.conv_rate <= 1 / max(c.prune_fraction, 1e-12):
+        fail(
+            "conv_rate",
+            c.conv_rate,
+            "a multiplier >= 0 of the prune fraction with conv_rate * prune_fraction <= 1 "
+            "(0 keeps the conv layers dense, 0.5 prunes them at half rate)",
+        )
+    if (
+        not isinstance(c.validation_holdout, int)
+        or isinstance(c.validation_holdout, bool)
+        or c.validation_holdout < 0
+    ):
+        fail(
+            "validation_holdout",
+            c.validation_holdout,
+            "an integer >= 0: training examples held out for validation (0: the dataset's "
+            "convention, e.g. 5000 for the 2019 paper's CIFAR-10 protocol)",
         )
     steps.parse(c.warmup, "warmup")
     for drop in c.lr_drops:

@@ -235,6 +235,15 @@ def define_train_flags() -> None:
         "data_dir", None, "TensorFlow Datasets data_dir where tfds datasets are prepared."
     )
     flags.DEFINE_integer(
+        "validation_holdout",
+        None,
+        "Training examples held out for validation (early stopping); the training set "
+        "shrinks by as many. 0: the dataset's convention (CIFAR-10 validates on the test "
+        "set, as the authors' framework does; MNIST holds out 5,000). Default: the recipe's "
+        "(5000 for conv2/4/6, the 2019 paper's protocol).",
+        lower_bound=0,
+    )
+    flags.DEFINE_integer(
         "batch_size", None, "Global batch size (split over replicas).", lower_bound=1
     )
     flags.DEFINE_string("training_steps", None, "Training length T: '50000it' or '160ep'.")
@@ -329,19 +338,29 @@ def define_prune_flags() -> None:
         None,
         config_lib.PRUNE_SCOPES,
         "prune scope",
-        "global: one magnitude threshold over all layers; layerwise: one per layer.",
+        "global: one magnitude threshold over the layers at rate 1 (the others are pruned "
+        "layer-wise at their --conv_rate/--output_rate); layerwise: one per layer.",
     )
     flags.DEFINE_float(
         "target_density",
         None,
         "Prune to this density in --rounds rounds (one round by default: one-shot pruning). "
         "The layers at rate 1 reach it exactly; with --output_rate=0 the output layer stays "
-        "dense, at another rate it prunes at that multiple of each round's fraction.",
+        "dense, at another rate (--output_rate, --conv_rate) a layer prunes at that multiple "
+        "of each round's fraction.",
     )
     flags.DEFINE_float(
         "output_rate",
         None,
         "Prune-rate multiplier of the output layer (0 keeps it dense, 0.5 half rate).",
+    )
+    flags.DEFINE_float(
+        "conv_rate",
+        None,
+        "Prune-rate multiplier of the conv kernels (Conv2D layers); dense hidden layers "
+        "prune at rate 1. With --prune_scope=global the rate-1 layers share one threshold "
+        "and layers at another rate are pruned layer-wise at rate * --prune_fraction. "
+        "Default: the recipe's (1; 0.5 for conv2/4, 0.75 for conv6).",
     )
     flags.DEFINE_list(
         "controls",

@@ -6,10 +6,48 @@ here touches TensorFlow, so every rule can be tested on plain arrays.
 Per-layer rates: each prunable layer has a rate r that multiplies the prune
 fraction p. Layers with r == 1 share one global magnitude threshold (global
 scope) or get p each (layerwise scope); layers with 0 < r != 1 are pruned
-layer-wise at r * p in either scope; r == 0 keeps a layer dense.
+layer-wise at r * p in either scope; r == 0 keeps a layer dense. A layer's rate
+follows from its kind (`layer_rates`): conv kernels at `conv_rate`, dense hidden
+layers at 1, the output layer at `output_rate`. So the 2019 paper's Conv-2
+(layer-wise; conv 10%, dense 20%, output 10% per round) is p = 0.2 with
+conv_rate = output_rate = 0.5 and layerwise scope. After r rounds a layer at
+rate c has density (1 - c * p)^r; with a target density (one fraction p per
+round chosen so that (1 - p)^rounds = target), the rate-1 layers reach the
+target exactly and the others end where their rate takes them.
 """
 
 import numpy as np
+
+# Layer kinds, as `lth_tf.sparsity.layer_kinds` reads them from a model.
+CONV = "conv"
+DENSE = "dense"
+OUTPUT = "output"
+KINDS = (CONV, DENSE, OUTPUT)
+
+
+def layer_rates(kinds: dict, *, conv_rate: float = 1.0, output_rate: float = 1.0) -> dict:
+    """Each prunable layer's rate multiplier of the prune fraction, from its kind.
+
+    Args:
+      kinds: {layer name: CONV, DENSE or OUTPUT} (see `lth_tf.sparsity.layer_kinds`).
+      conv_rate: the rate of conv kernels.
+      output_rate: the rate of the output layer (0 keeps it dense).
+
+    Returns:
+      {layer name: rate}, for `prune`'s `rates`: conv layers at `conv_rate`, dense
+      hidden layers at 1, the output layer at `output_rate`.
+
+    Raises:
+      ValueError: for a kind that is not one of KINDS, or a negative rate.
+    """
+    for name, rate in (("conv_rate", conv_rate), ("output_rate", output_rate)):
+        if not rate >= 0:
+            raise ValueError(f"{name} must be a multiplier >= 0 of the prune fraction, got {rate}.")
+    by_kind = {CONV: float(conv_rate), DENSE: 1.0, OUTPUT: float(output_rate)}
+    unknown = {n: k for n, k in kinds.items() if k not in by_kind}
+    if unknown:
+        raise ValueError(f"Unknown layer kinds {unknown}; expected one of {', '.join(KINDS)}.")
+    return {name: by_kind[kind] for name, kind in kinds.items()}
 
 
 def _count(fraction: float, surviving: int) -> int:

@@ -145,6 +145,7 @@ class Experiment:
                 data_dir=config.data_dir,
                 augment=config.augment,
                 arch_dataset=recipe["dataset"],
+                validation_holdout=config.validation_holdout,
             )
         self.data = data
         self.schedule = train.resolve(config, self.data.steps_per_epoch(config.batch_size))
@@ -155,9 +156,7 @@ class Experiment:
             self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
         self.initial_weights = sparsity.get_weights(self.model)
         self.layers = sorted(sparsity.wrappers(self.model))
-        self.rates = {
-            n: config.output_rate if n == models.OUTPUT_LAYER else 1.0 for n in self.layers
-        }
+        self.rates = sparsity.layer_rates(self.model, config)
         self.trained = []  # (branch, round) trained by this process, for tests and logs
 
     def _build(self, seed):

@@ -24,6 +24,7 @@ import contextlib
 import numpy as np
 from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
 
+from lth_tf import masks as masks_lib
 from lth_tf.keras import keras, tf, tfmot
 
 # tfmot's public API exports the wrapping function, not the wrapper class that
@@ -136,6 +137,43 @@ def wrappers(model) -> dict:
     return {
         layer.layer.name: layer for layer in model.layers if isinstance(layer, _PruneLowMagnitude)
     }
+
+
+def layer_kinds(model, output_name: str = "output") -> dict:
+    """{inner layer name: kind} of every wrapped (prunable) layer of `model`.
+
+    The kind comes from the layer's class, not its name: a Conv2D kernel is
+    `masks.CONV`, a Dense one `masks.DENSE`, and the Dense logits layer named
+    `output_name` (lth_tf.models.OUTPUT_LAYER) is `masks.OUTPUT`.
+
+    Raises:
+      TypeError: for a wrapped layer that is neither Conv2D nor Dense.
+    """
+    kinds = {}
+    for name, wrapper in wrappers(model).items():
+        layer = wrapper.layer
+        if isinstance(layer, keras.layers.Conv2D):
+            kinds[name] = masks_lib.CONV
+        elif isinstance(layer, keras.layers.Dense):
+            kinds[name] = masks_lib.OUTPUT if name == output_name else masks_lib.DENSE
+        else:
+            raise TypeError(
+                f"Layer {name!r} is a {type(layer).__name__}; lth_tf prunes only Conv2D and "
+                "Dense kernels."
+            )
+    return kinds
+
+
+def layer_rates(model, config) -> dict:
+    """{layer name: prune-rate multiplier} of `model`'s wrapped layers under `config`.
+
+    Conv2D kernels prune at `config.conv_rate`, dense hidden layers at 1 and the
+    output layer at `config.output_rate` (see lth_tf.masks for what a rate means in
+    each prune scope).
+    """
+    return masks_lib.layer_rates(
+        layer_kinds(model), conv_rate=config.conv_rate, output_rate=config.output_rate
+    )
 
 
 def _inner(layer):

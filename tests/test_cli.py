@@ -81,6 +81,19 @@ def test_cifar_flagfiles(parse, name, arch, rewind):
     assert c.lr_drops == ("80ep", "120ep") and c.augment
 
 
+def test_conv2_flagfile_is_the_2019_protocol_and_the_recipe(parse):
+    c = parse(f"--flagfile={ROOT}/flags/conv2_cifar10.cfg")
+    assert c == config_lib.make_config(
+        "conv2", rounds=20, controls=("random_reinit", "random_prune")
+    )
+    assert (c.prune_scope, c.conv_rate, c.output_rate, c.validation_holdout) == (
+        "layerwise",
+        0.5,
+        0.5,
+        5000,
+    )
+
+
 @pytest.mark.parametrize("kind", ["tpu", "gpu"])
 def test_resnet50_flagfiles(parse, kind):
     c = parse(f"--flagfile={ROOT}/flags/resnet50_imagenet_{kind}.cfg")
@@ -325,6 +338,23 @@ def test_the_no_flag_main_job_is_unchanged(parse):
     # Pinned: a change of the run identity renames every run directory. (It changed
     # once, on purpose: jit_compile and steps_per_execution left the identity.)
     assert c.hash8() == "cf60f868"
+
+
+def test_conv_rate_and_validation_holdout_flags_reach_the_config(parse):
+    c = parse("--arch=conv2")
+    assert (c.conv_rate, c.output_rate, c.prune_scope, c.validation_holdout) == (
+        0.5,
+        0.5,
+        "layerwise",
+        5000,
+    )
+    c = parse("--arch=conv6", "--conv_rate=1", "--validation_holdout=0")
+    assert (c.conv_rate, c.validation_holdout) == (1.0, 0)
+    c = parse("--arch=resnet20", "--conv_rate=0.5", "--prune_scope=layerwise")
+    assert (c.conv_rate, c.output_rate, c.prune_scope) == (0.5, 1.0, "layerwise")
+    assert parse("--arch=resnet20").hash8() == "0a5e9a33"  # unset: the recipe's run dir
+    with pytest.raises(flags.IllegalFlagValueError):
+        parse("--validation_holdout=-1")
 
 
 def test_stability_parses_a_list_of_rewind_steps():

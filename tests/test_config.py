@@ -151,3 +151,74 @@ def test_closed_sets_of_the_config_are_the_ones_the_flags_offer():
     assert flags["arch"].parser.enum_values == list(models.ARCHITECTURES)
     for control in config_lib.CONTROLS:
         assert control in flags["controls"].help
+
+
+# Run directory hashes of the recipes written before conv_rate and
+# validation_holdout existed: the new fields at their defaults must not rename them.
+HASHES_BEFORE_NEW_FIELDS = {
+    "lenet_300_100": "b9531735",
+    "vgg16": "f604bd33",
+    "vgg19": "7fbddd7f",
+    "resnet20": "0a5e9a33",
+    "resnet56": "3f70f531",
+    "resnet50": "03925582",
+}
+
+
+@pytest.mark.parametrize("arch, hash8", sorted(HASHES_BEFORE_NEW_FIELDS.items()))
+def test_new_fields_at_their_defaults_keep_existing_run_directories(arch, hash8):
+    c = config_lib.make_config(arch)
+    assert c.hash8() == hash8
+    for name, default in config_lib.DEFAULT_OMITTED_FIELDS.items():
+        assert getattr(c, name) == default
+        assert name not in c.identity()
+
+
+def test_new_fields_set_away_from_their_defaults_change_the_identity():
+    base = config_lib.make_config("resnet20")
+    for name, value in (("conv_rate", 0.5), ("validation_holdout", 5000)):
+        other = config_lib.make_config("resnet20", **{name: value})
+        assert other.hash8() != base.hash8()
+        assert other.identity()[name] == value
+        assert base.differences(other) == {name: (getattr(base, name), value)}
+        assert other.differences(base) == {name: (value, getattr(base, name))}
+
+
+def test_a_config_json_written_before_the_new_fields_still_reads():
+    import json
+
+    c = config_lib.make_config("lenet_300_100", rounds=3)
+    d = json.loads(c.to_json())
+    for name in config_lib.DEFAULT_OMITTED_FIELDS:
+        d.pop(name)
+    assert config_lib.RunConfig.from_json(json.dumps(d)) == c
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("conv_rate", -0.5),
+        ("conv_rate", 6.0),  # 6 * 0.2 > 1: more than every survivor
+        ("validation_holdout", -1),
+        ("validation_holdout", 2.5),
+        ("validation_holdout", True),
+    ],
+)
+def test_bad_new_field_values_get_errors_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        config_lib.make_config("conv2", **{field: value})
+
+
+@pytest.mark.parametrize("arch, conv_rate", [("conv2", 0.5), ("conv4", 0.5), ("conv6", 0.75)])
+def test_conv_recipes_follow_the_2019_protocol(arch, conv_rate):
+    c = config_lib.make_config(arch)
+    assert (c.prune_scope, c.prune_fraction) == ("layerwise", 0.2)
+    assert (c.conv_rate, c.output_rate) == (conv_rate, 0.5)  # conv 10%/15%, output 10%
+    assert c.validation_holdout == 5000
+    assert c.dataset == "cifar10"
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "vgg19", "resnet20", "resnet56"])
+def test_cifar_resnet_and_vgg_recipes_keep_the_frameworks_validation_on_test(arch):
+    c = config_lib.make_config(arch)
+    assert (c.validation_holdout, c.conv_rate, c.prune_scope) == (0, 1.0, "global")

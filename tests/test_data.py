@@ -198,6 +198,81 @@ def test_cifar10_trains_on_all_50000_images_and_validates_on_test(monkeypatch):
     assert mnist.num_train == 450  # MNIST-like data holds out validation images
 
 
+def _cifar_with_ids(monkeypatch, num_train=500, num_test=100):
+    """Fakes tfds' CIFAR-10 with each training image's label its index (a unique id)."""
+    from lth_tf.data import tfds as tfds_lib
+
+    rng = np.random.default_rng(0)
+    fake = dict(
+        x_train=rng.integers(0, 256, (num_train, 32, 32, 3), dtype=np.uint8),
+        y_train=np.arange(num_train),
+        x_test=rng.integers(0, 256, (num_test, 32, 32, 3), dtype=np.uint8),
+        y_test=np.arange(num_test),
+    )
+    monkeypatch.setattr(tfds_lib, "load_arrays", lambda name, data_dir: fake)
+    return fake
+
+
+def test_cifar10_validation_holdout_is_a_fixed_split_of_the_training_images(monkeypatch):
+    fake = _cifar_with_ids(monkeypatch)
+    cifar = data.load("cifar10", augment=True, validation_holdout=100)
+    # The 2019 paper's protocol at 1/100 scale: 45,000 train + 5,000 validation.
+    assert cifar.num_train == 400 and cifar.num_examples("validation") == 100
+    assert cifar.steps_per_epoch(60) == 400 // 60  # epochs are over the kept images only
+    # The last 100 stored training images, whatever the data seed; the test set is apart.
+    np.testing.assert_array_equal(cifar.arrays.y_val, np.arange(400, 500))
+    np.testing.assert_array_equal(cifar.arrays.x_val, fake["x_train"][400:])
+    np.testing.assert_array_equal(cifar.arrays.x_test, fake["x_test"])
+    again = data.load("cifar10", validation_holdout=100)
+    np.testing.assert_array_equal(again.arrays.x_val, cifar.arrays.x_val)
+
+
+@pytest.mark.parametrize("data_seed", [0, 7])
+def test_cifar10_held_out_images_never_reach_training(monkeypatch, data_seed):
+    _cifar_with_ids(monkeypatch)
+    cifar = data.load("cifar10", augment=True, validation_holdout=100)
+    held_out = set(cifar.arrays.y_val.tolist())
+    spe = cifar.steps_per_epoch(50)
+    seen = set()
+    for _, y in _take(cifar.train(50, data_seed=data_seed), 3 * spe):  # three epochs
+        seen.update(y.tolist())
+    assert not seen & held_out
+    assert seen == set(range(400))  # every kept image trains (8 full batches, none dropped)
+    # The normalisation statistics come from the training images only.
+    x = cifar.arrays.x_train.reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(cifar.mean, x.mean(axis=0), rtol=1e-5)
+
+
+def test_cifar10_on_mocked_tfds_holds_out_disjoint_images(tmp_path):
+    import tensorflow_datasets as tfds
+
+    write_mock_metadata(tmp_path, "cifar10", {"train": 40, "test": 20})
+    with tfds.testing.mock_data(num_examples=40, data_dir=os.fspath(tmp_path)):
+        ds = data.load("cifar10", data_dir="/ignored/by/mock_data", validation_holdout=10)
+        default = data.load("cifar10", data_dir="/ignored/by/mock_data")
+    assert (ds.num_train, ds.num_examples("validation")) == (30, 10)
+    train = {x.tobytes() for x in ds.arrays.x_train}
+    assert not train & {x.tobytes() for x in ds.arrays.x_val}
+    # The same 40 training images as without a holdout, split in two.
+    everything = np.concatenate([ds.arrays.x_train, ds.arrays.x_val])
+    np.testing.assert_array_equal(everything, default.arrays.x_train)
+    np.testing.assert_array_equal(default.arrays.x_val, default.arrays.x_test)
+
+
+def test_bundled_mnist_keeps_its_55000_5000_split(mnist):
+    held = data.load("mnist", validation_holdout=5000)
+    np.testing.assert_array_equal(held.arrays.y_val, mnist.arrays.y_val)
+    assert held.num_train == mnist.num_train == 55000
+
+
+def test_a_holdout_the_dataset_cannot_take_is_refused():
+    with pytest.raises(ValueError, match="validation_holdout=2048 leaves no training"):
+        data.load("synthetic:4x4x1:3", validation_holdout=2048)
+    assert data.load("synthetic:4x4x1:3", validation_holdout=48).num_train == 2000
+    with pytest.raises(ValueError, match="validation_holdout=5000.*imagenet2012"):
+        data.load("imagenet2012", validation_holdout=5000)
+
+
 # --------------------------------------------------------------------------- #
 # The Dataset protocol, on every kind of dataset                              #
 # --------------------------------------------------------------------------- #

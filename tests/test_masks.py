@@ -122,6 +122,18 @@ def test_density_after_r_rounds_is_0_8_pow_r(scope):
         assert all(v.dtype == np.float32 and v.shape == SHAPES[n] for n, v in m.items())
 
 
+def test_layerwise_densities_after_r_rounds_follow_each_layers_rate():
+    # The 2019 paper's Conv protocol on kinds: conv at 0.5 * 20%, dense 20%, output 10%.
+    kinds = {"fc1": masks.CONV, "fc2": masks.DENSE, "output": masks.OUTPUT}
+    rates = masks.layer_rates(kinds, conv_rate=0.5, output_rate=0.5)
+    w, m = _weights(), _ones()
+    for _ in range(5):
+        m = masks.prune(w, m, 0.2, "layerwise", rates)
+    for name, per_round in (("fc1", 0.1), ("fc2", 0.2), ("output", 0.1)):
+        size = m[name].size
+        assert m[name].sum() / size == pytest.approx((1 - per_round) ** 5, abs=2.5 / size)
+
+
 def test_random_like_keeps_per_layer_counts_exactly_and_differs_from_the_input():
     m = _ones()
     for r in range(3):

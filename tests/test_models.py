@@ -161,6 +161,39 @@ def test_lenet_uses_gaussian_glorot(small_models):
     assert np.all(small_models["lenet_300_100"].get_layer("fc1").bias.numpy() == 0)
 
 
+@pytest.mark.parametrize("arch", ["conv2", "conv4", "conv6"])
+def test_conv_nets_use_gaussian_glorot_like_the_2019_paper(small_models, arch):
+    # conv2 is 3x3x64 -> 64: Glorot std sqrt(2 / (576 + 576)) = 0.042, He's would be
+    # sqrt(2 / 576) = 0.059, so the check tells the two apart.
+    model = small_models[arch]
+    kernel = model.get_layer("conv2").kernel.numpy()
+    fan_in = fan_out = 3 * 3 * 64
+    assert kernel.std() == pytest.approx(np.sqrt(2.0 / (fan_in + fan_out)), rel=0.03)
+    fc2 = model.get_layer("fc2").kernel.numpy()
+    assert fc2.std() == pytest.approx(np.sqrt(2.0 / (256 + 256)), rel=0.03)
+    assert np.all(model.get_layer("conv2").bias.numpy() == 0)
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "vgg16"])
+def test_resnet_and_vgg_keep_he_normal(small_models, arch):
+    convs = [
+        layer
+        for layer in small_models[arch].layers
+        if isinstance(layer, keras.layers.Conv2D) and layer.kernel.shape[-1] >= 64
+    ]
+    kernel = convs[-1].kernel.numpy()
+    fan_in = int(np.prod(kernel.shape[:-1]))
+    assert kernel.std() == pytest.approx(np.sqrt(2.0 / fan_in), rel=0.03)
+
+
+def test_kernel_init_per_architecture():
+    from lth_tf.models import kernel_init
+
+    glorot = {"lenet_300_100", "conv2", "conv4", "conv6"}
+    for arch in ARCHITECTURES:
+        assert kernel_init(arch) == ("glorot_normal" if arch in glorot else "he_normal"), arch
+
+
 @pytest.mark.parametrize("arch", ["vgg16", "resnet20", "resnet50"])
 def test_batchnorm_init_and_hyperparameters(small_models, arch):
     bns = [

@@ -7,7 +7,9 @@ Dataset names (`--dataset`):
   cifar10          CIFAR-10 from TensorFlow Datasets; augmentation is random
                    flip + 4-pixel pad-and-crop, per-channel normalisation; all
                    50,000 images train, the test set doubles as validation (as in
-                   the authors' framework)
+                   the authors' framework), unless validation_holdout > 0 holds
+                   out the last N training images (5,000 for Conv-2/4/6, as in
+                   the 2019 paper)
   imagenet2012     ImageNet from TensorFlow Datasets (streaming pipeline)
   npz:PATH         a user's .npz with x_train, y_train, x_test, y_test
   synthetic        random images of the architecture's natural input shape;
@@ -98,7 +100,12 @@ def check_name(name: str) -> None:
 
 
 def load(
-    name: str, *, data_dir: str | None = None, augment: bool = False, arch_dataset: str = "mnist"
+    name: str,
+    *,
+    data_dir: str | None = None,
+    augment: bool = False,
+    arch_dataset: str = "mnist",
+    validation_holdout: int = 0,
 ) -> Dataset:
     """Returns the dataset called `name` (see the module docstring).
 
@@ -107,24 +114,37 @@ def load(
       data_dir: where tfds datasets are prepared.
       augment: apply the dataset's training augmentation.
       arch_dataset: the architecture's natural dataset; `synthetic` copies its shape.
+      validation_holdout: hold the last this many training examples out for
+        validation (a fixed split, independent of the data seed); 0 keeps the
+        dataset's convention. In-memory datasets only (not imagenet2012).
 
     Raises:
-      ValueError: for an unknown name or a malformed npz file.
+      ValueError: for an unknown name, a malformed npz file, or a
+        validation_holdout the dataset cannot take.
       FileNotFoundError: for a missing npz file or a tfds dataset not prepared in
         `data_dir` (the message says how to prepare it).
     """
     check_name(name)
+    holdout = validation_holdout
     if name == "mnist":
-        return ArrayData(name, load_npz(bundled_mnist_path(), BUNDLED_MNIST_SHA256), augment)
+        arrays = load_npz(bundled_mnist_path(), BUNDLED_MNIST_SHA256, holdout)
+        return ArrayData(name, arrays, augment)
     if name.startswith("npz:"):
-        return ArrayData(name, load_npz(os.path.abspath(name[4:])), augment)
+        return ArrayData(name, load_npz(os.path.abspath(name[4:]), None, holdout), augment)
     if name.startswith("synthetic"):
         shape, classes = synthetic_shape(name, arch_dataset)
-        return ArrayData(name, synthetic_arrays(shape, classes), augment)
+        return ArrayData(
+            name, synthetic_arrays(shape, classes, validation_holdout=holdout), augment
+        )
     if name == "imagenet2012":
+        if holdout:
+            raise ValueError(
+                f"validation_holdout={holdout}: imagenet2012 validates on its own held-out "
+                "split and cannot hold training images out; use --validation_holdout=0."
+            )
         from lth_tf.data.imagenet import ImageNetData
 
         return ImageNetData(data_dir, augment=augment)
     from lth_tf.data import tfds
 
-    return ArrayData(name, tfds.arrays(_TFDS_NAMES[name], data_dir), augment)
+    return ArrayData(name, tfds.arrays(_TFDS_NAMES[name], data_dir, holdout), augment)

@@ -139,11 +139,26 @@ def _flip_and_crop(images, seed, pad: int = 4):
     return tf.gather(images, cols, axis=2, batch_dims=1)
 
 
-def split_validation(x, y, x_test, y_test, num_classes) -> Arrays:
-    # The last examples of the training split are held out for validation (early
-    # stopping), as the paper holds out 5,000 MNIST training images; npz and
-    # synthetic data hold out 10%, at most 5,000.
-    n_val = min(VALIDATION_SIZE, len(x) // 10)
+def split_validation(x, y, x_test, y_test, num_classes, size: int = 0) -> Arrays:
+    """Holds the last `size` training examples out for validation (early stopping).
+
+    The last examples in the stored order, so the split is the same in every run
+    whatever its data_seed, and the training split never contains a validation
+    example. `size` 0 is the default: 10% of the training split, at most 5,000 (the
+    paper holds out 5,000 of MNIST's 60,000).
+
+    Raises:
+      ValueError: if `size` leaves no training example.
+    """
+    if not isinstance(size, int) or size < 0:
+        raise ValueError(f"validation_holdout must be an integer >= 0, got {size!r}.")
+    if size >= len(x):
+        raise ValueError(
+            f"validation_holdout={size} leaves no training examples: the training split has "
+            f"{len(x)}. Hold out fewer (--validation_holdout below {len(x)}), or 0 for the "
+            "dataset's default validation split."
+        )
+    n_val = size or min(VALIDATION_SIZE, len(x) // 10)
     return Arrays(x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:], x_test, y_test, num_classes)
 
 
@@ -163,8 +178,12 @@ def bundled_mnist_path() -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def load_npz(path: str, expected_sha256: str | None = None) -> Arrays:
-    """Reads an .npz with x_train, y_train, x_test, y_test (uint8 images, integer labels)."""
+def load_npz(path: str, expected_sha256: str | None = None, validation_holdout: int = 0) -> Arrays:
+    """Reads an .npz with x_train, y_train, x_test, y_test (uint8 images, integer labels).
+
+    The last `validation_holdout` training examples (0: the default, see
+    `split_validation`) are held out for validation.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"--dataset=npz:{path}: no such file. Give the path of an .npz file holding "
@@ -214,15 +233,21 @@ def load_npz(path: str, expected_sha256: str | None = None) -> Arrays:
         raise ValueError(f"{path}: labels have {num_classes} class; need at least 2.")
     if len(x_train) < 20:
         raise ValueError(f"{path}: only {len(x_train)} training examples; need at least 20.")
-    return split_validation(x_train, labels["y_train"], x_test, labels["y_test"], num_classes)
+    return split_validation(
+        x_train, labels["y_train"], x_test, labels["y_test"], num_classes, validation_holdout
+    )
 
 
-def synthetic_arrays(shape, num_classes, num_train=2048, num_test=512, seed=0) -> Arrays:
+def synthetic_arrays(
+    shape, num_classes, num_train=2048, num_test=512, seed=0, validation_holdout: int = 0
+) -> Arrays:
     """Uniform random uint8 images of `shape` with random labels (benchmarks, tests)."""
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 256, size=(num_train + num_test, *shape), dtype=np.uint8)
     y = rng.integers(0, num_classes, size=num_train + num_test).astype(np.int64)
-    return split_validation(x[:num_train], y[:num_train], x[num_train:], y[num_train:], num_classes)
+    return split_validation(
+        x[:num_train], y[:num_train], x[num_train:], y[num_train:], num_classes, validation_holdout
+    )
 
 
 def synthetic_shape(name: str, arch_dataset: str) -> tuple[tuple[int, int, int], int]:

@@ -51,7 +51,19 @@ ARCHITECTURES: tuple[str, ...] = (
 # The name of every model's final Dense (logits) layer.
 OUTPUT_LAYER = "output"
 
-__all__ = ["ARCHITECTURES", "OUTPUT_LAYER", "build_model"]
+# Kernel initialiser per architecture. The 2019 lottery ticket paper (Frankle &
+# Carbin) used Gaussian Glorot for all its networks (LeNet-300-100, Conv-2/4/6);
+# the authors' framework (open_lth), whose recipes the VGG and ResNet presets
+# follow, uses He normal.
+GLOROT_NORMAL_ARCHS = frozenset({"lenet_300_100", "conv2", "conv4", "conv6"})
+
+
+def kernel_init(arch: str) -> str:
+    """The kernel initialiser of `arch`: "glorot_normal" or "he_normal" (see LayerFactory)."""
+    return "glorot_normal" if arch in GLOROT_NORMAL_ARCHS else "he_normal"
+
+
+__all__ = ["ARCHITECTURES", "OUTPUT_LAYER", "build_model", "kernel_init"]
 
 
 def _min_image_size(arch: str) -> int:
@@ -114,9 +126,10 @@ def build_model(
 ) -> keras.Model:
     """Builds a freshly initialised functional Keras model.
 
-    Initialisation follows the authors' framework (open_lth): He normal (fan_in,
-    untruncated) kernels, zero biases, BatchNorm gamma ~ U[0, 1] and beta = 0;
-    LeNet-300-100 uses Gaussian Glorot kernels as in the 2019 paper. Each layer's
+    Initialisation follows the authors' framework (open_lth) for VGG and ResNets:
+    He normal (fan_in, untruncated) kernels, zero biases, BatchNorm gamma ~ U[0, 1]
+    and beta = 0; LeNet-300-100 and Conv-2/4/6 use Gaussian Glorot kernels (and
+    zero biases) as in the 2019 paper (`kernel_init(arch)`). Each layer's
     initialiser is seeded from `seed` and the layer's build order, so the weights
     do not depend on the global RNG state.
 
@@ -143,8 +156,7 @@ def build_model(
     """
     input_shape = _check_args(arch, input_shape, num_classes, seed, weight_decay)
     num_classes, seed, weight_decay = int(num_classes), int(seed), float(weight_decay)
-    kernel_init = "glorot_normal" if arch == "lenet_300_100" else "he_normal"
-    layers = LayerFactory(seed, weight_decay, kernel_init)
+    layers = LayerFactory(seed, weight_decay, kernel_init(arch))
 
     inputs = keras.Input(shape=input_shape, name="input")
     x = inputs

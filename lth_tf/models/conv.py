@@ -1,7 +1,8 @@
 """Conv-2, Conv-4 and Conv-6: the VGG-like CIFAR-10 networks of Frankle & Carbin (2019).
 
 3x3 same-padding convolutions with ReLU and 2x2 max-pools, then two 256-unit ReLU
-dense layers and the output layer. No BatchNorm.
+dense layers and the output layer. No BatchNorm. Kernels are Gaussian Glorot, as
+in the paper (build_model picks the initialiser per architecture).
 """
 
 from lth_tf.keras import keras
