@@ -15,6 +15,7 @@ import dataclasses
 import functools
 
 from lth_tf import distribute, steps
+from lth_tf.data import base
 from lth_tf.keras import keras, tf
 
 
@@ -302,24 +303,14 @@ def eval_data(model, data, split: str, batch_size: int):
       dataset where each input pipeline evaluates a disjoint share of the
       examples (Keras reduces the metrics over the replicas), and the number of
       steps that reads every share to its end: Keras needs it for a distributed
-      dataset, and every worker must run the same number of steps (a pipeline
-      whose share ends first feeds empty batches, TF's partial-batch handling).
+      dataset, and every worker must run the same number of steps.
     """
     strategy = model.distribute_strategy
     if not distribute.is_distributed(strategy):
         return data.eval(split, batch_size), None
-    contexts = []
-
-    def make(input_context):
-        contexts.append(input_context)  # called at once, once per local pipeline
-        return data.eval(split, batch_size, input_context)
-
-    dataset = distribute.distribute_input(strategy, make)
-    context = contexts[0]
-    n, pipelines = context.num_replicas_in_sync, context.num_input_pipelines
-    per_replica = max(1, -(-batch_size // n))  # as lth_tf.data.base.eval_per_replica
-    largest_share = -(-data.num_examples(split) // pipelines)  # pipeline 0's
-    steps = max(1, -(-largest_share // (per_replica * (n // pipelines))))
+    dataset = distribute.distribute_input(strategy, functools.partial(data.eval, split, batch_size))
+    # lth_tf.data.base.eval_share: every pipeline runs this many steps.
+    steps = base.eval_steps(data.num_examples(split), batch_size, strategy.num_replicas_in_sync)
     return dataset, steps
 
 

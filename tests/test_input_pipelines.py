@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from lth_tf import train
-from lth_tf.data import arrays
+from lth_tf.data import arrays, base
 from lth_tf.keras import tf
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
@@ -105,14 +105,35 @@ def test_one_epoch_is_split_disjointly_between_two_pipelines():
     assert len(epoch) == len(set(epoch)) == spe * BATCH
 
 
-def test_eval_shares_cover_the_split_once():
+@pytest.mark.parametrize(
+    "pipelines,replicas,batch", [(2, 2, 4), (2, 4, 4), (2, 2, 500), (3, 3, 4), (1, 2, 3)]
+)
+def test_eval_shares_cover_the_split_once_in_the_same_number_of_steps(pipelines, replicas, batch):
     data = arrays.ArrayData("ids", id_arrays())
-    seen = [
-        np.concatenate([y.numpy() for _, y in data.eval("validation", 4, _context(2, i, 2))])
-        for i in (0, 1)
-    ]
-    assert sorted(np.concatenate(seen)) == list(range(7))
-    assert not set(seen[0]) & set(seen[1])
+    steps = base.eval_steps(7, batch, replicas)
+    seen, sizes = [], []
+    for i in range(pipelines):
+        context = _context(pipelines, i, replicas)
+        batches = [y.numpy() for _, y in data.eval("validation", batch, context)]
+        # Every worker runs the same steps, one batch per replica each; only when the
+        # last step has fewer examples than replicas can a pipeline have no share of
+        # it (TF's partial-batch handling then feeds its replicas empty batches).
+        g = -(-batch // replicas) * replicas
+        last = 7 - (steps - 1) * g
+        has_last = (i + 1) * last // pipelines > i * last // pipelines
+        assert len(batches) == (steps - 1 + has_last) * (replicas // pipelines)
+        seen.append(np.concatenate(batches))
+        sizes.append([len(b) for b in batches])
+    assert sorted(np.concatenate(seen)) == list(range(7))  # the split, once
+    assert not set(seen[0]) & set(seen[-1]) or pipelines == 1
+    # Each step's examples are spread evenly over the replicas.
+    for s in range(steps):
+        step = [
+            n
+            for share in sizes
+            for n in share[s * (replicas // pipelines) :][: replicas // pipelines]
+        ]
+        assert max(step) - min(step) <= 1
 
 
 def test_a_batch_that_does_not_split_over_the_replicas_is_refused():
@@ -137,8 +158,8 @@ def test_imagenet_pipeline_shares_make_up_the_global_batch(imagenet_dir):
     for s, (x, y) in enumerate(full):
         np.testing.assert_array_equal(np.concatenate([shares[0][s][1], shares[1][s][1]]), y)
         np.testing.assert_array_equal(np.concatenate([shares[0][s][0], shares[1][s][0]]), x)
-    evals = [sum(len(y) for _, y in data.eval("validation", 4, _context(2, i, 2))) for i in (0, 1)]
-    assert sum(evals) == data.num_examples("validation") and min(evals) > 0
+    evals = [[len(y) for _, y in data.eval("validation", 4, _context(2, i, 2))] for i in (0, 1)]
+    assert evals == [[2, 1], [2, 1]]  # 6 examples: steps of 4 and 2, spread evenly
 
 
 # One worker of a 2-worker MultiWorkerMirroredStrategy run on 127.0.0.1: records
@@ -150,7 +171,7 @@ WORKER = textwrap.dedent(
     sys.path.insert(0, sys.argv[2])
     from test_input_pipelines import id_arrays, BATCH
     from lth_tf import distribute, train
-    from lth_tf.data import arrays
+    from lth_tf.data import arrays, base
     from lth_tf.keras import keras, tf
     strategy = distribute.get_strategy("multi_worker")
     data = arrays.ArrayData("ids", id_arrays(), augment=True)

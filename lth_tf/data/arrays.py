@@ -149,21 +149,25 @@ class ArrayData:
     ) -> tf.data.Dataset:
         """One pass over 'train' (no augmentation), 'validation' or 'test'.
 
-        With `input_context`, pipeline i of P reads examples i, i + P, i + 2P, ...
-        in per-replica batches of ceil(batch_size / replicas).
+        With `input_context`, this pipeline's per-replica batches of its share of
+        the split (`base.eval_share`).
         """
         base.check_split(split)
         key = {"train": "train", "validation": "val", "test": "test"}[split]
         x, y = self._tensor(f"x_{key}"), self._tensor(f"y_{key}")
         ds = tf.data.Dataset.from_tensor_slices((x, y))
-        options = base.in_memory_options()
         if input_context is not None:
-            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-            batch_size = base.eval_per_replica(batch_size, input_context)
-            options = base.per_pipeline_options(options)
+            ds = base.eval_share(
+                ds,
+                self.num_examples(split),
+                batch_size,
+                input_context,
+                lambda a, b: (self._normalize(a), b),
+            )
+            return ds.with_options(base.per_pipeline_options(base.in_memory_options()))
         ds = ds.batch(batch_size)
         ds = ds.map(lambda a, b: (self._normalize(a), b), num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(base.in_memory_options())
 
     def num_examples(self, split: str) -> int:
         """The number of examples of 'train', 'validation' or 'test'."""

@@ -147,13 +147,69 @@ def share(batch_size: int, input_context: tf.distribute.InputContext) -> Share:
     )
 
 
-def eval_per_replica(batch_size: int, input_context: tf.distribute.InputContext) -> int:
-    """Per-replica evaluation batch: the global one spread over the replicas, rounded up.
+def eval_steps(num_examples: int, batch_size: int, num_replicas: int) -> int:
+    """Steps of a per-pipeline evaluation pass (`eval_share`); the same on every worker.
 
-    Evaluation results do not depend on the batch, so it need not divide evenly.
+    The global evaluation batch is `batch_size` rounded up to a multiple of the
+    replicas; the last step holds the remainder.
     """
-    n = input_context.num_replicas_in_sync
-    return max(1, -(-batch_size // n))
+    global_batch = -(-batch_size // num_replicas) * num_replicas
+    return max(1, -(-num_examples // global_batch))
+
+
+def eval_share(
+    examples: tf.data.Dataset,
+    num_examples: int,
+    batch_size: int,
+    input_context: tf.distribute.InputContext,
+    preprocess,
+) -> tf.data.Dataset:
+    """One input pipeline's per-replica batches of an evaluation pass.
+
+    The pass is cut into global batches of G = ceil(batch_size / N) * N examples
+    (N replicas in sync); the last one holds the remainder m. Pipeline i of P
+    keeps positions [i * m // P, (i + 1) * m // P) of each (m = G but for the
+    last), so every pipeline runs `eval_steps` steps and the remainder is spread
+    evenly: a replica gets an empty batch only when the last global batch has
+    fewer than N examples. The pipelines' shares are disjoint and together are
+    the split, once. Each pipeline's share of a step is split evenly among its
+    N / P replicas.
+
+    Args:
+      examples: the split's examples, unbatched, in order (e.g. encoded images
+        and labels: they are filtered before `preprocess`).
+      num_examples: how many `examples` holds.
+      batch_size: the global evaluation batch.
+      input_context: the pipeline's context.
+      preprocess: maps one kept example to (image, label).
+    """
+    n, p = input_context.num_replicas_in_sync, input_context.num_input_pipelines
+    i, replicas = input_context.input_pipeline_id, n // p
+    global_batch = -(-batch_size // n) * n
+    last = num_examples - (eval_steps(num_examples, batch_size, n) - 1) * global_batch
+
+    def keep(index, _):
+        # The examples of the last step: `last` (fewer when the split does not fill it).
+        is_last = index // global_batch == num_examples // global_batch
+        step_size = tf.where(is_last, tf.constant(last, tf.int64), global_batch)
+        position = index % global_batch
+        return (position >= i * step_size // p) & (position < (i + 1) * step_size // p)
+
+    ds = examples.enumerate().filter(keep)
+    ds = ds.map(lambda index, example: preprocess(*example), num_parallel_calls=tf.data.AUTOTUNE)
+    # Full steps give exactly G / P examples; the last share is the remainder.
+    ds = ds.batch(global_batch // p)
+    if replicas > 1:
+
+        def split(images, labels):
+            bounds = tf.range(replicas + 1, dtype=tf.int64) * tf.shape(labels, tf.int64)[0]
+            bounds = bounds // replicas
+            return tf.data.Dataset.range(replicas).map(
+                lambda j: (images[bounds[j] : bounds[j + 1]], labels[bounds[j] : bounds[j + 1]])
+            )
+
+        ds = ds.flat_map(split)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def per_pipeline_options(options: tf.data.Options) -> tf.data.Options:

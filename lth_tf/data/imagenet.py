@@ -200,8 +200,8 @@ def imagenet_dataset(
         decodes and augments only its share, though it reads every record) and
         yields them as per-replica batches of ``B/N``; the union over pipelines at
         step s is the single-pipeline batch of step s (see lth_tf.data.base).
-        Evaluation: pipeline i reads examples i, i + P, ... in per-replica batches
-        of ceil(B/N).
+        Evaluation: the pipeline's share of every evaluation step, in per-replica
+        batches (`lth_tf.data.base.eval_share`).
 
     Returns:
       A `tf.data.Dataset` of ``(images, labels)``: images ``(B, S, S, 3)`` of
@@ -257,18 +257,23 @@ def imagenet_dataset(
             decoders=_decoders(),
             read_config=tfds.ReadConfig(try_autocache=False),
         )
+        num_examples = int(ds.cardinality())
+        if num_examples < 0:
+            num_examples = int(builder.info.splits[split].num_examples)
         ds = ds.map(lambda ex: (ex["image"], ex["label"]))
-        if input_context is not None:
-            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-            batch_size = base.eval_per_replica(batch_size, input_context)
 
         def preprocess(image_bytes, label):
             image = decode_and_center_crop(image_bytes, image_size, dtype)
             return image, tf.cast(label, tf.int32)
 
-    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
+    if input_context is not None and not training:
+        # Every example once, in per-replica batches; only this pipeline's share
+        # is decoded (drop_remainder does not apply: the last step is partial).
+        ds = base.eval_share(ds, num_examples, batch_size, input_context, preprocess)
+    else:
+        ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        ds = ds.prefetch(tf.data.AUTOTUNE)
     # Unlike the in-memory pipelines, autotune stays on: decoding JPEGs needs all the
     # host's cores. Parallel map and interleave keep their input order, so the
     # batches of a given step are the same in every run.
