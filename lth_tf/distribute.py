@@ -9,6 +9,9 @@ Only the chief writes the run directory; other workers write their own copy to
 a scratch directory (the Keras multi-worker convention), so every worker runs
 the same code, computes the same masks from the same weights, and never reads a
 half-written file of another worker.
+
+Input under a strategy is built per input pipeline (`distribute_input`): each
+worker's pipeline reads only its share of every global batch (lth_tf.data).
 """
 
 import json
@@ -99,3 +102,28 @@ def worker_run_dir(run_dir: str, strategy) -> str:
     # A sibling, not a subdirectory: the chief's directory stays exactly a run.
     resolver = strategy.cluster_resolver
     return f"{run_dir.rstrip('/')}.{resolver.task_type}_{resolver.task_id}"
+
+
+def is_distributed(strategy) -> bool:
+    """True for every strategy but the default one-device strategy.
+
+    The default strategy is the one `tf.distribute.get_strategy()` returns outside
+    any scope; its class is private, hence the name check.
+    """
+    return "DefaultDistributionStrategy" not in type(strategy).__name__
+
+
+def distribute_input(strategy, make_dataset):
+    """A distributed dataset built per input pipeline.
+
+    Args:
+      strategy: the model's strategy.
+      make_dataset: `make_dataset(input_context) -> tf.data.Dataset` of this
+        pipeline's per-replica batches (e.g. `partial(data.train, ...)` of an
+        lth_tf.data dataset).
+
+    Returns:
+      `strategy.distribute_datasets_from_function(make_dataset)`: no auto-sharding;
+      each worker builds and reads only its own pipeline.
+    """
+    return strategy.distribute_datasets_from_function(make_dataset)

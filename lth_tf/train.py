@@ -12,9 +12,11 @@ would have seen.
 """
 
 import dataclasses
+import functools
 import math
 
-from lth_tf import steps
+from lth_tf import distribute, steps
+from lth_tf.data import base
 from lth_tf.keras import keras, tf
 
 
@@ -237,11 +239,15 @@ def fit_segment(
         so they map Keras' (epoch, batch) to global steps without reading a
         variable.
       data_seed: overrides config.data_seed (stability analyses).
+
+    Under a strategy other than the default, each input pipeline reads its share
+    of every global batch (`train_data`); the global batch of each step is the
+    same examples as on one device.
     """
     if global_step(model) != start:
         raise RuntimeError(f"The model is at global step {global_step(model)}, not {start}.")
     seed = config.data_seed if data_seed is None else data_seed
-    validation = data.eval("validation", eval_batch_size(config))
+    validation, validation_steps = eval_data(model, data, "validation", eval_batch_size(config))
     for first, length, count in pieces(start, end, schedule.eval_every):
         for callback in callbacks:
             if hasattr(callback, "start_fit"):
@@ -251,10 +257,11 @@ def fit_segment(
         if executions != compiled:
             model.steps_per_execution = executions
         model.fit(
-            data.train(config.batch_size, seed, start_step=first),
+            train_data(model, data, config.batch_size, seed, first),
             steps_per_epoch=length,
             epochs=count,
             validation_data=validation,
+            validation_steps=validation_steps,
             callbacks=list(callbacks),
             verbose=0,
         )
@@ -286,7 +293,65 @@ def eval_batch_size(config) -> int:
     return max(config.batch_size, 500)
 
 
+def train_data(model, data, batch_size: int, data_seed: int, start_step: int):
+    """Training batches for `model.fit`, from global step `start_step`.
+
+    On the default strategy: `data.train(batch_size, data_seed, start_step)`, the
+    global batches, exactly as they always were. Under any other strategy (the
+    model's `distribute_strategy`): a distributed dataset built per input pipeline
+    with `distribute_datasets_from_function`, where each worker reads only its
+    share of each global batch, as per-replica batches of
+    batch_size / num_replicas_in_sync. What is guaranteed: at every step s the
+    replicas together train on exactly the examples (and augmentations) of the
+    one-device batch of step s, so rewinding and resuming see the same batches
+    and results do not depend on the number of workers or replicas, up to the
+    order of float reductions.
+
+    Raises:
+      ValueError: if `batch_size` is not divisible by the number of replicas.
+    """
+    strategy = model.distribute_strategy
+    if not distribute.is_distributed(strategy):
+        return data.train(batch_size, data_seed, start_step=start_step)
+    check_global_batch(batch_size, strategy)
+    return distribute.distribute_input(
+        strategy,
+        functools.partial(data.train, batch_size, data_seed, start_step),
+    )
+
+
+def eval_data(model, data, split: str, batch_size: int):
+    """One pass over `split` for `model.evaluate` (or fit's validation_data).
+
+    Returns:
+      (dataset, steps). On the default strategy `data.eval(split, batch_size)`
+      and None (Keras reads to the end). Under another strategy, a distributed
+      dataset where each input pipeline evaluates a disjoint share of the
+      examples (Keras reduces the metrics over the replicas), and the number of
+      steps that reads every share to its end: Keras needs it for a distributed
+      dataset, and every worker must run the same number of steps.
+    """
+    strategy = model.distribute_strategy
+    if not distribute.is_distributed(strategy):
+        return data.eval(split, batch_size), None
+    dataset = distribute.distribute_input(strategy, functools.partial(data.eval, split, batch_size))
+    # lth_tf.data.base.eval_share: every pipeline runs this many steps.
+    steps = base.eval_steps(data.num_examples(split), batch_size, strategy.num_replicas_in_sync)
+    return dataset, steps
+
+
+def check_global_batch(batch_size: int, strategy) -> None:
+    """Raises a ValueError unless the global batch splits evenly over the replicas."""
+    n = strategy.num_replicas_in_sync
+    if batch_size % n:
+        raise ValueError(
+            f"--batch_size={batch_size} is not divisible by the {n} replicas: the batch size "
+            f"is global and every replica trains on an equal share. Use a multiple of {n}."
+        )
+
+
 def evaluate(model, data, split: str, batch_size: int) -> dict:
-    """{'loss', 'accuracy'} of the model on a split."""
-    result = model.evaluate(data.eval(split, batch_size), verbose=0, return_dict=True)
+    """{'loss', 'accuracy'} of the model on a split (per input pipeline under a strategy)."""
+    dataset, steps = eval_data(model, data, split, batch_size)
+    result = model.evaluate(dataset, steps=steps, verbose=0, return_dict=True)
     return {k: float(v) for k, v in result.items()}

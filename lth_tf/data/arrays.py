@@ -77,39 +77,95 @@ class ArrayData:
         images = tf.cast(images, tf.float32) / 255.0
         return (images - self.mean) / self.std
 
-    def train(self, batch_size: int, data_seed: int, start_step: int = 0) -> tf.data.Dataset:
-        """Infinite training batches (images, labels) from global step `start_step`."""
+    def train(
+        self,
+        batch_size: int,
+        data_seed: int,
+        start_step: int = 0,
+        input_context: tf.distribute.InputContext | None = None,
+    ) -> tf.data.Dataset:
+        """Infinite training batches (images, labels) from global step `start_step`.
+
+        Args:
+          batch_size: the global batch.
+          data_seed: the order and augmentation seed.
+          start_step: the first step yielded (rewinding, resuming).
+          input_context: under `distribute_datasets_from_function`: yield only this
+            pipeline's share of every global batch, as per-replica batches (see
+            lth_tf.data.base). None: the whole global batches.
+        """
         n = self.num_train
         spe = self.steps_per_epoch(batch_size)
         start_epoch, offset = divmod(start_step, spe)
         seed = tf.constant(base.seed_word(data_seed), tf.int64)
         x, y = self._tensor("x_train"), self._tensor("y_train")
+        if input_context is None:
+            # One pipeline: whole global batches.
+            part = base.Share(batch_size, batch_size, 1, 0)
+        else:
+            part = base.share(batch_size, input_context)
 
         def epoch_batches(epoch):
             perm = tf.random.experimental.stateless_shuffle(
                 tf.range(n, dtype=tf.int64), seed=tf.stack([seed, epoch])
             )
             idx = tf.reshape(perm[: spe * batch_size], [spe, batch_size])
-            return tf.data.Dataset.from_tensor_slices(
-                (epoch * spe + tf.range(spe, dtype=tf.int64), idx)
+            # This pipeline's positions of each global batch, cut into its replicas'
+            # consecutive batches: [spe * replicas, per_replica].
+            idx = tf.reshape(
+                idx[:, part.first : part.first + part.size],
+                [spe * part.replicas, part.per_replica],
             )
+            steps = tf.repeat(epoch * spe + tf.range(spe, dtype=tf.int64), part.replicas)
+            firsts = part.first + part.per_replica * tf.tile(
+                tf.range(part.replicas, dtype=tf.int32), [spe]
+            )
+            return tf.data.Dataset.from_tensor_slices((steps, firsts, idx))
 
-        def load(step, idx):
+        def load(step, first, idx):
             images = tf.gather(x, idx)
             if self.augment:
-                images = _flip_and_crop(images, tf.stack([seed + 1, step]))
+                # Random numbers are drawn for the whole global batch and this share
+                # picked from them, so that an example's augmentation does not depend
+                # on how many pipelines there are.
+                images = _flip_and_crop(
+                    images, tf.stack([seed + 1, step]), batch_size=batch_size, first=first
+                )
             return self._normalize(images), tf.gather(y, idx)
 
-        ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_batches).skip(offset)
+        ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_batches)
+        ds = ds.skip(offset * part.replicas)
         ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.prefetch(tf.data.AUTOTUNE).with_options(base.in_memory_options())
+        options = base.in_memory_options()
+        if input_context is not None:
+            options = base.per_pipeline_options(options)
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
-    def eval(self, split: str, batch_size: int) -> tf.data.Dataset:
-        """One pass over 'train' (no augmentation), 'validation' or 'test'."""
+    def eval(
+        self,
+        split: str,
+        batch_size: int,
+        input_context: tf.distribute.InputContext | None = None,
+    ) -> tf.data.Dataset:
+        """One pass over 'train' (no augmentation), 'validation' or 'test'.
+
+        With `input_context`, this pipeline's per-replica batches of its share of
+        the split (`base.eval_share`).
+        """
         base.check_split(split)
         key = {"train": "train", "validation": "val", "test": "test"}[split]
         x, y = self._tensor(f"x_{key}"), self._tensor(f"y_{key}")
-        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+        ds = tf.data.Dataset.from_tensor_slices((x, y))
+        if input_context is not None:
+            ds = base.eval_share(
+                ds,
+                self.num_examples(split),
+                batch_size,
+                input_context,
+                lambda a, b: (self._normalize(a), b),
+            )
+            return ds.with_options(base.per_pipeline_options(base.in_memory_options()))
+        ds = ds.batch(batch_size)
         ds = ds.map(lambda a, b: (self._normalize(a), b), num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE).with_options(base.in_memory_options())
 
@@ -125,14 +181,20 @@ class ArrayData:
         )
 
 
-def _flip_and_crop(images, seed, pad: int = 4):
-    """Random horizontal flip and pad-and-crop, independently per image, stateless."""
+def _flip_and_crop(images, seed, pad: int = 4, *, batch_size=None, first=0):
+    """Random horizontal flip and pad-and-crop, independently per image, stateless.
+
+    The random numbers are drawn for a batch of `batch_size` (default: the
+    images') and those of positions [first, first + len(images)) are used.
+    """
     b, h, w = tf.shape(images)[0], images.shape[1], images.shape[2]
+    n = b if batch_size is None else batch_size
     flip_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    flip = tf.random.stateless_uniform([b], flip_seed) < 0.5
+    flip = tf.random.stateless_uniform([n], flip_seed)[first : first + b] < 0.5
     images = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
     padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-    offsets = tf.random.stateless_uniform([b, 2], crop_seed, 0, 2 * pad + 1, dtype=tf.int32)
+    offsets = tf.random.stateless_uniform([n, 2], crop_seed, 0, 2 * pad + 1, dtype=tf.int32)
+    offsets = offsets[first : first + b]
     rows = offsets[:, :1] + tf.range(h)[None, :]
     cols = offsets[:, 1:] + tf.range(w)[None, :]
     images = tf.gather(padded, rows, axis=1, batch_dims=1)

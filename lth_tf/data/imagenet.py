@@ -160,6 +160,7 @@ def imagenet_dataset(
     drop_remainder: bool = True,
     shuffle_buffer_size: int = 10_000,
     name: str = IMAGENET_NAME,
+    input_context: tf.distribute.InputContext | None = None,
 ) -> tf.data.Dataset:
     """ImageNet (tfds ``imagenet2012``) batches of normalized images and labels.
 
@@ -192,6 +193,15 @@ def imagenet_dataset(
       shuffle_buffer_size: examples (still JPEG-encoded, ~110 kB each) held in the
         shuffle buffer.
       name: tfds name, e.g. ``'imagenet2012:5.0.0'`` for an older preparation.
+      input_context: one input pipeline's view under
+        ``strategy.distribute_datasets_from_function``; ``batch_size`` stays global.
+        Training: the pipeline keeps positions ``[i * B/P, (i+1) * B/P)`` of every
+        global batch (by the example's global index, before decoding, so it
+        decodes and augments only its share, though it reads every record) and
+        yields them as per-replica batches of ``B/N``; the union over pipelines at
+        step s is the single-pipeline batch of step s (see lth_tf.data.base).
+        Evaluation: the pipeline's share of every evaluation step, in per-replica
+        batches (`lth_tf.data.base.eval_share`).
 
     Returns:
       A `tf.data.Dataset` of ``(images, labels)``: images ``(B, S, S, 3)`` of
@@ -222,6 +232,18 @@ def imagenet_dataset(
             image = decode_and_random_crop(image_bytes, example_seed, image_size, dtype)
             return image, tf.cast(label, tf.int32)
 
+        if input_context is not None:
+            part = base.share(batch_size, input_context)
+            # The global index numbers the run's examples in order, and epochs hold
+            # whole batches, so index % B is the position in its global batch.
+            ds = ds.filter(
+                lambda index, image_bytes, label: (
+                    (index % batch_size >= part.first)
+                    & (index % batch_size < part.first + part.size)
+                )
+            )
+            batch_size = part.per_replica
+
     else:
         if start_step or steps_per_epoch is not None:
             raise ValueError(
@@ -235,20 +257,30 @@ def imagenet_dataset(
             decoders=_decoders(),
             read_config=tfds.ReadConfig(try_autocache=False),
         )
+        num_examples = int(ds.cardinality())
+        if num_examples < 0:
+            num_examples = int(builder.info.splits[split].num_examples)
         ds = ds.map(lambda ex: (ex["image"], ex["label"]))
 
         def preprocess(image_bytes, label):
             image = decode_and_center_crop(image_bytes, image_size, dtype)
             return image, tf.cast(label, tf.int32)
 
-    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
+    if input_context is not None and not training:
+        # Every example once, in per-replica batches; only this pipeline's share
+        # is decoded (drop_remainder does not apply: the last step is partial).
+        ds = base.eval_share(ds, num_examples, batch_size, input_context, preprocess)
+    else:
+        ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        ds = ds.prefetch(tf.data.AUTOTUNE)
     # Unlike the in-memory pipelines, autotune stays on: decoding JPEGs needs all the
     # host's cores. Parallel map and interleave keep their input order, so the
     # batches of a given step are the same in every run.
     options = tf.data.Options()
     options.deterministic = True
+    if input_context is not None:
+        options = base.per_pipeline_options(options)
     return ds.with_options(options)
 
 
@@ -374,8 +406,18 @@ class ImageNetData:
         """Full batches per epoch; raises a ValueError when not even one fits."""
         return base.steps_per_epoch(self.name, self.num_train, batch_size)
 
-    def train(self, batch_size: int, data_seed: int, start_step: int = 0) -> tf.data.Dataset:
-        """Infinite augmented training batches from global step `start_step`."""
+    def train(
+        self,
+        batch_size: int,
+        data_seed: int,
+        start_step: int = 0,
+        input_context: tf.distribute.InputContext | None = None,
+    ) -> tf.data.Dataset:
+        """Infinite augmented training batches from global step `start_step`.
+
+        `batch_size` is global; with `input_context`, this pipeline's share of each
+        global batch as per-replica batches (see `imagenet_dataset`).
+        """
         return imagenet_dataset(
             self.data_dir,
             "train",
@@ -385,10 +427,20 @@ class ImageNetData:
             image_size=self.image_size,
             start_step=start_step,
             steps_per_epoch=self.steps_per_epoch(batch_size),
+            input_context=input_context,
         )
 
-    def eval(self, split: str, batch_size: int) -> tf.data.Dataset:
-        """One ordered pass, center-cropped; 'test' reads the validation split."""
+    def eval(
+        self,
+        split: str,
+        batch_size: int,
+        input_context: tf.distribute.InputContext | None = None,
+    ) -> tf.data.Dataset:
+        """One ordered pass, center-cropped; 'test' reads the validation split.
+
+        With `input_context`, this pipeline's share of the examples (see
+        `imagenet_dataset`).
+        """
         base.check_split(split)
         return imagenet_dataset(
             self.data_dir,
@@ -398,6 +450,7 @@ class ImageNetData:
             seed=0,
             image_size=self.image_size,
             drop_remainder=False,
+            input_context=input_context,
         )
 
     def num_examples(self, split: str) -> int:
