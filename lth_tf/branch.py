@@ -12,11 +12,12 @@ report then shows the branch as one more series. The kinds are described in
 lth_tf/branching.py; this module is only the command line.
 """
 
+import dataclasses
 import sys
 
 from absl import app, flags, logging
 
-from lth_tf import branching, distribute, files, flagdefs, reporting, rounds, rundir
+from lth_tf import branching, distribute, flagdefs, paths, reporting, rounds, rundir
 from lth_tf.callbacks import DivergedError, Interrupted, StopRequest
 
 FLAGS = flags.FLAGS
@@ -38,7 +39,12 @@ def main(argv):
     try:
         run_dir = flagdefs.one_run_dir(FLAGS.run_dir)
         config = rundir.load_config(run_dir)
-        branching.check_shares_round_0(config, flagdefs.explicit_config_flags())
+        requested = flagdefs.explicit_config_flags()
+        branching.check_shares_round_0(config, requested)
+        # What changes nothing computed may differ from the run's (e.g. where the data is).
+        config = dataclasses.replace(
+            config, **{k: v for k, v in requested.items() if k in branching.PROCESS_FIELDS}
+        )
         strategy = distribute.get_strategy(FLAGS.strategy, num_gpus=FLAGS.num_gpus, tpu=FLAGS.tpu)
         chief = distribute.is_chief(strategy)
         experiment = rounds.Experiment(
@@ -59,7 +65,7 @@ def main(argv):
             finetune_steps=FLAGS.finetune_steps,
         )
         branching.Branch(experiment, spec).run()
-    except (ValueError, FileNotFoundError, distribute.StrategyError) as e:
+    except (ValueError, FileNotFoundError) as e:  # BranchError, RunDirError, CorruptRunError...
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
@@ -68,12 +74,9 @@ def main(argv):
     except DivergedError as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
         return 3
-    except (files.DamagedFileError, rundir.CorruptRunError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if chief:
         print(reporting.write_report(run_dir))
-        print(f"\nBranch {spec.name}: {run_dir}/branches/{spec.name}")
+        print(f"\nBranch {spec.name}: {paths.branch_dir(run_dir, spec.name)}")
     return 0
 
 

@@ -47,6 +47,8 @@ KINDS = {
 # What a branch may set differently from its run: everything else would need
 # another round 0 (another arch, dataset, batch, seed, schedule, pruning rule).
 BRANCH_FIELDS = ("rewind_step", "rounds")
+# Config fields a branch's command may set for itself: they change nothing computed.
+PROCESS_FIELDS = ("data_dir", "verbose", "test_every_period")
 
 
 class BranchError(ValueError):

@@ -69,9 +69,14 @@ def rewind_file(rdir, step: int):
     return join(rdir, "checkpoints", f"rewind_step_{step:07d}.npz")
 
 
+def branch_dir(run_dir, branch: str):
+    """A branch of a run: a control, or one of lth_tf.branch (its rounds are round_dir's)."""
+    return join(run_dir, "branches", branch)
+
+
 def branch_file(run_dir, branch: str):
     """branch.json: what a branch of lth_tf.branch is (its kind and parameters)."""
-    return join(run_dir, "branches", branch, "branch.json")
+    return join(branch_dir(run_dir, branch), "branch.json")
 
 
 def resume_dir(rdir):
