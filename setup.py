@@ -50,6 +50,7 @@ setup(
             "lth-report=lth_tf.report:run",
             "lth-stability=lth_tf.stability:run",
             "lth-export=lth_tf.export:run",
+            "lth-branch=lth_tf.branch:run",
         ]
     },
 )

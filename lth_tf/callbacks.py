@@ -49,30 +49,42 @@ class StepCallback(keras.callbacks.Callback):
 
 
 class RecordWeights(StepCallback):
-    """Records the weights at global step `at_step`: the rewind point W_k.
+    """Records the weights at global step `at_step` (the rewind point W_k), or at several.
 
-    `save(step)` is called once, when exactly `at_step` steps are done; when a
-    fit call starts at `at_step`, that is before it trains. With
+    `save(step)` is called once per step, when exactly that many steps are done;
+    when a fit call starts at one of them, that is before it trains. With
     steps_per_execution > 1 Keras only calls back at execution boundaries, so
-    `at_step` must be a multiple of it within its period (checked before
+    each step must be a multiple of it within its period (checked before
     training starts; see `train.check_reachable`).
+
+    Args:
+      at_step: one global step, or a collection of them (one dense training
+        records W_k for every k of `imp --rewind_steps`).
+      save: `save(step)`, called once for each step.
     """
 
-    def __init__(self, at_step: int, save):
+    def __init__(self, at_step, save):
         super().__init__()
-        self.at_step = at_step
+        steps = [at_step] if isinstance(at_step, int) else list(at_step)
+        self.at_step = min(steps)
+        self.pending = set(steps)
         self.save = save
-        self.done = False
+
+    @property
+    def done(self) -> bool:
+        return not self.pending
+
+    def _record(self, step: int) -> None:
+        if step in self.pending:
+            self.pending.discard(step)
+            self.save(step)
 
     def on_train_begin(self, logs=None):
-        if self.at_step == self.first_step and not self.done:
-            self.save(self.at_step)
-            self.done = True
+        self._record(self.first_step)
 
     def on_train_batch_end(self, batch, logs=None):
-        if not self.done and self.global_step(batch) == self.at_step:
-            self.save(self.at_step)
-            self.done = True
+        if self.pending:
+            self._record(self.global_step(batch))
 
 
 class PeriodEnd(StepCallback):

@@ -12,12 +12,14 @@ Only entry points (and this module, on their behalf) read FLAGS: imp calls
 
 Names, one per concept across entry points:
   --rewind_step   the run's rewind point k: one duration ('0', '500it', '5ep').
-  --rewind_steps  a list of rewind points k (stability: the k to analyse).
+  --rewind_steps  a list of rewind points k (imp: more W_k that round 0
+                  records; stability: the k to analyse).
   --round         one round index (0: the dense network); stability, export.
   --rounds        how many pruning rounds a run has after round 0 (imp).
   --root_dir, --run_name   where imp writes a run: <root_dir>/<run_name>.
   --run_dir       an existing run directory (<root_dir>/<run_name>) that
-                  stability, export and report read.
+                  stability, export, report and branch read.
+  --branch        one branch of a run (a directory under <run_dir>/branches/).
 """
 
 import dataclasses
@@ -50,6 +52,7 @@ CONFIG_FIELDS_WITHOUT_FLAGS: frozenset[str] = frozenset()
 # imp's flags that are not RunConfig fields: where the run goes and how this
 # process runs it; none of them changes what the run computes.
 IMP_PROCESS_FLAGS = (
+    "rewind_steps",  # more W_k recorded by round 0: files added, nothing trained differs
     "replicates",
     "root_dir",
     "run_name",
@@ -321,7 +324,8 @@ def define_prune_flags() -> None:
         "rewind_step",
         None,
         "The run's rewind point k, one duration: '0' (reset to init), '500it', '5ep'. "
-        "(--rewind_steps, plural, is a list of k, e.g. the k that lth_tf.stability analyses.)",
+        "(--rewind_steps, plural, is a list of k: more W_k that imp's round 0 records, the k "
+        "that lth_tf.stability analyses.) lth_tf.branch: the branch's k.",
     )
     flags.DEFINE_integer(
         "rounds",
@@ -372,18 +376,7 @@ def define_prune_flags() -> None:
 
 
 @_idempotent
-def define_imp_flags() -> None:
-    """Every flag of `python -m lth_tf.imp`."""
-    define_train_flags()
-    define_prune_flags()
-    define_distribute_flags()
-    flags.DEFINE_string("root_dir", "runs", "Where runs are written (a local path or gs://).")
-    flags.DEFINE_string(
-        "run_name",
-        None,
-        "Run directory name under root_dir; default <arch>_<dataset>_<hash of the config>. "
-        "The other entry points take the result as --run_dir=<root_dir>/<run_name>.",
-    )
+def _define_checkpoint_seconds_flag() -> None:
     flags.DEFINE_float(
         "checkpoint_seconds",
         300.0,
@@ -391,6 +384,23 @@ def define_imp_flags() -> None:
         "most this often (seconds; 0 = every evaluation period).",
         lower_bound=0,
     )
+
+
+@_idempotent
+def define_imp_flags() -> None:
+    """Every flag of `python -m lth_tf.imp`."""
+    define_train_flags()
+    define_prune_flags()
+    define_distribute_flags()
+    _define_rewind_steps_flag()
+    flags.DEFINE_string("root_dir", "runs", "Where runs are written (a local path or gs://).")
+    flags.DEFINE_string(
+        "run_name",
+        None,
+        "Run directory name under root_dir; default <arch>_<dataset>_<hash of the config>. "
+        "The other entry points take the result as --run_dir=<root_dir>/<run_name>.",
+    )
+    _define_checkpoint_seconds_flag()
     flags.DEFINE_boolean(
         "deterministic",
         False,
@@ -450,6 +460,19 @@ def _define_eval_examples_flag() -> None:
 
 
 @_idempotent
+def _define_rewind_steps_flag() -> None:
+    flags.DEFINE_list(
+        "rewind_steps",
+        None,
+        "A list of rewind points k, durations, e.g. 0,100it,500it,2ep. lth_tf.imp: round 0 "
+        "records W_k at each of them too (the run's own --rewind_step always; not part of the "
+        "run's identity), for `lth_tf.branch --kind=rewind`. lth_tf.stability: the k to analyse "
+        "(default: the --branch's k, else the run's --rewind_step, its single k).",
+    )
+    flags.register_validator("rewind_steps", _duration_validator("rewind_steps"))
+
+
+@_idempotent
 def define_stability_flags() -> None:
     """Every flag of `python -m lth_tf.stability`."""
     define_run_dir_flag()
@@ -458,13 +481,7 @@ def define_stability_flags() -> None:
     # define function sets it (a process runs one entry point; where tests define
     # several, the last defined wins).
     FLAGS.set_default("round", 0)
-    flags.DEFINE_list(
-        "rewind_steps",
-        None,
-        "The rewind points k to analyse, a list of durations, e.g. 0,100,500it,2ep "
-        "(default: the run's --rewind_step, its single k).",
-    )
-    flags.register_validator("rewind_steps", _duration_validator("rewind_steps"))
+    _define_rewind_steps_flag()
     flags.DEFINE_integer("num_alphas", 30, "Points on the interpolation path.", lower_bound=2)
     flags.DEFINE_integer(
         "repeats", 1, "Pairs of data orders per point (the paper uses 3).", lower_bound=1
@@ -476,6 +493,91 @@ def define_stability_flags() -> None:
         "batches at each interpolated point (default: interpolate them).",
     )
     _define_eval_examples_flag()
+    _define_branch_flag()
+    _define_choice(
+        "subnetwork",
+        "imp",
+        SUBNETWORKS,
+        "subnetwork",
+        "Which subnetwork of round --round to analyse: imp (the IMP mask of the run, or of "
+        "--branch), random_prune (a random mask with its per-layer densities, from W_k) or "
+        "random_reinit (its mask, weights drawn afresh from the initialiser).",
+    )
+
+
+# The subnetworks lth_tf.stability analyses (lth_tf.linear_mode.SUBNETWORKS).
+SUBNETWORKS = ("imp", "random_prune", "random_reinit")
+# The kinds of lth_tf.branch (lth_tf.branching.KINDS; listed here so flags stay off TF).
+BRANCH_KINDS = ("rewind", "lr_rewind", "finetune", "oneshot")
+
+
+@_idempotent
+def _define_branch_flag() -> None:
+    flags.DEFINE_string(
+        "branch",
+        None,
+        "A branch of the run written by lth_tf.branch, by its directory name under "
+        "<run_dir>/branches/, e.g. rewind_100it (default: the run's own IMP rounds).",
+    )
+
+
+def _densities_validator(value):
+    for item in value or ():
+        try:
+            ok = 0 < float(item) < 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise flags.ValidationError(
+                f"--densities: {item!r} is not a density in (0, 1); expected a comma-separated "
+                "list such as 0.2,0.05,0.01."
+            )
+    return True
+
+
+@_idempotent
+def define_branch_flags() -> None:
+    """Every flag of `python -m lth_tf.branch`.
+
+    The training and pruning flags are defined too, so that a run's flagfile can
+    be passed: a branch shares the run's round 0, so any of them set to another
+    value than the run's is refused (lth_tf.branching.check_shares_round_0),
+    except --rewind_step (the branch's k) and --rounds (the branch's rounds).
+    """
+    define_run_dir_flag()
+    define_train_flags()
+    define_prune_flags()
+    define_distribute_flags()
+    _define_choice(
+        "kind",
+        None,
+        BRANCH_KINDS,
+        "branch kind",
+        "What the branch does with the run's round 0: rewind (IMP rewound to another "
+        "--rewind_step, with its own masks), lr_rewind (each round keeps the previous round's "
+        "final weights and replays the learning rate from k to T; Renda et al. 2020), finetune "
+        "(final weights, constant --finetune_lr for --finetune_steps), oneshot (prune round 0 "
+        "straight to each of --densities, retrain from W_k).",
+    )
+    flags.DEFINE_float(
+        "finetune_lr",
+        None,
+        "--kind=finetune: the constant learning rate (default: the schedule's last one).",
+    )
+    flags.DEFINE_string(
+        "finetune_steps",
+        None,
+        "--kind=finetune: steps of fine-tuning per round, e.g. '2ep' (default: T - k, "
+        "the rewinding rounds' budget).",
+    )
+    flags.register_validator("finetune_steps", _duration_validator("finetune_steps"))
+    flags.DEFINE_list(
+        "densities",
+        None,
+        "--kind=oneshot: the target densities, e.g. 0.2,0.05,0.01 (each one round of the branch).",
+    )
+    flags.register_validator("densities", _densities_validator)
+    _define_checkpoint_seconds_flag()
 
 
 @_idempotent
@@ -512,6 +614,21 @@ def one_run_dir(values) -> str:
             "works on one run. Run it once per run, or use lth_tf.report to compare runs."
         )
     return values[0]
+
+
+def explicit_config_flags() -> dict:
+    """{config field: value} of the RunConfig flags set on the command line (or a flagfile).
+
+    lth_tf.branch checks them against the run's config: a branch shares round 0.
+    """
+    out = {}
+    for name in _CONFIG_FLAGS:
+        if name in FLAGS and FLAGS[name].present:
+            value = FLAGS[name].value
+            if isinstance(value, list):
+                value = tuple(v for v in value if v)
+            out[name] = value
+    return out
 
 
 def config_from_flags() -> config_lib.RunConfig:

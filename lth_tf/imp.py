@@ -80,7 +80,12 @@ def _run_one(config, run_dir, strategy, log) -> int:
         # Built first: it loads the data and checks the schedule (e.g. a rewind step
         # past the end) without writing anything, so bad input leaves no run directory.
         experiment = rounds.Experiment(
-            config, my_dir, strategy=strategy, checkpoint_seconds=FLAGS.checkpoint_seconds, log=log
+            config,
+            my_dir,
+            strategy=strategy,
+            checkpoint_seconds=FLAGS.checkpoint_seconds,
+            log=log,
+            rewind_points=[k for k in FLAGS.rewind_steps or () if k],
         )
         rundir.open_run_dir(config, my_dir)
     except (ValueError, FileNotFoundError) as e:

@@ -15,7 +15,13 @@ BatchNorm: the interpolated network uses the interpolated running statistics
 unless recompute_bn, which re-estimates them on training batches.
 Outputs: <run_dir>/stability/round_NN/k_XXXXXXX/{interpolation.json, path.png},
 <run_dir>/stability/round_NN/sweep.json and barrier_vs_k.png. Every trained
-copy is a resumable round directory. `python -m lth_tf.stability` is the
+copy is a resumable round directory.
+Which subnetwork (`subnetwork`, `branch` of point() and sweep()): round r's
+IMP mask of the run or of a branch of it (lth_tf.branching, e.g. IMP rewound
+to its own k: the LMC paper runs IMP separately per k), or a control at the
+same density: random_prune (a random mask with the IMP mask's per-layer
+densities, from W_k) or random_reinit (the IMP mask, weights drawn afresh);
+they are written under stability/<series>/round_NN/ (`series_name`). `python -m lth_tf.stability` is the
 command line; lth_tf/reporting.py formats the results.
 """
 
@@ -25,6 +31,18 @@ from lth_tf import files, masks, paths, plots, rounds, rundir, sparsity, train
 from lth_tf.keras import keras, tf
 
 STABLE_BARRIER = 0.02
+SUBNETWORKS = ("imp", *rounds.CONTROLS)  # = lth_tf.flagdefs.SUBNETWORKS
+
+
+def series_name(subnetwork: str = "imp", branch: str | None = None) -> str | None:
+    """The directory under stability/ of a subnetwork's points; None: the run's IMP rounds."""
+    if subnetwork not in SUBNETWORKS:
+        raise ValueError(
+            f"Unknown subnetwork {subnetwork!r}. Known subnetworks: {', '.join(SUBNETWORKS)}."
+        )
+    if branch is None:
+        return None if subnetwork == "imp" else subnetwork
+    return branch if subnetwork == "imp" else f"{branch}.{subnetwork}"
 
 
 def interpolate(a: dict, b: dict, alpha: float) -> dict:
@@ -115,7 +133,17 @@ class Stability:
         self.experiment = rounds.Experiment(self.config, run_dir, checkpoint_seconds=300, log=log)
         self.schedule = self.experiment.schedule
 
-    def masks_of(self, r: int) -> dict:
+    def masks_of(self, r: int, branch: str | None = None) -> dict:
+        """Round r's masks of the run's IMP rounds, or of one of its branches."""
+        if branch is not None and r > 0:
+            path = paths.masks_file(paths.round_dir(self.run_dir, r, branch))
+            if not files.exists(path):
+                raise FileNotFoundError(
+                    f"Round {r} of branch {branch} of {self.run_dir} has no masks.npz. Known "
+                    f"branches: {', '.join(rundir.branches(self.run_dir)) or 'none'}; run "
+                    f"`python -m lth_tf.branch` with --rounds>={r} for it first."
+                )
+            return files.read_npz(path)
         path = paths.masks_file(paths.round_dir(self.run_dir, r))
         if not files.exists(path):
             raise FileNotFoundError(
@@ -124,6 +152,19 @@ class Stability:
             )
         return files.read_npz(path)
 
+    def subnetwork(self, r: int, k: int, subnetwork: str = "imp", branch: str | None = None):
+        """(masks, start weights) of round r's subnetwork rewound to k (see the module doc)."""
+        series_name(subnetwork, branch)  # checks the name
+        imp_masks = self.masks_of(r, branch)
+        if subnetwork == "imp":
+            return imp_masks, self.weights_at(k)
+        # The controls' own rules (lth_tf.rounds.STARTS): the run's control branches
+        # got the same masks and weights.
+        start = rounds.STARTS[subnetwork](self.experiment, r, imp_masks)
+        if subnetwork == "random_prune":
+            return start.masks, self.weights_at(k)
+        return imp_masks, start.weights
+
     def weights_at(self, k: int) -> dict:
         """Dense W_k: recorded by round 0 where possible, else trained from W_0 to k."""
         if not 0 <= k < self.schedule.total:
@@ -131,6 +172,8 @@ class Stability:
         r0 = paths.round_dir(self.run_dir, 0)
         if k == self.schedule.rewind and files.exists(paths.checkpoint_file(r0, "rewind")):
             return files.read_npz(paths.checkpoint_file(r0, "rewind"))
+        if files.exists(paths.rewind_file(r0, k)):  # recorded by round 0 (imp --rewind_steps)
+            return files.read_npz(paths.rewind_file(r0, k))
         start = paths.checkpoint_file(r0, "start")
         if k == 0 and files.exists(start):
             return files.read_npz(start)
@@ -149,9 +192,19 @@ class Stability:
         files.write_npz(path, weights)
         return weights
 
-    def point(self, r: int, k: int) -> dict:
-        """Instability and distances of round r's network rewound to step k."""
-        out_path = paths.join(paths.stability_point_dir(self.run_dir, r, k), "interpolation.json")
+    def point(self, r: int, k: int, *, subnetwork: str = "imp", branch: str | None = None) -> dict:
+        """Instability and distances of round r's network rewound to step k.
+
+        Args:
+          r: the round (0: the dense network).
+          k: the rewind step.
+          subnetwork: imp, random_prune or random_reinit (module doc).
+          branch: a branch of the run whose round r mask is used (default: the run's).
+        """
+        series = series_name(subnetwork, branch)
+        out_path = paths.join(
+            paths.stability_point_dir(self.run_dir, r, k, series), "interpolation.json"
+        )
         settings = {
             "batchnorm": "recomputed" if self.recompute_bn else "interpolated",
             "num_alphas": self.num_alphas,
@@ -164,8 +217,7 @@ class Stability:
                 done.get(key) == value for key, value in settings.items()
             ):
                 return done
-        round_masks = self.masks_of(r)
-        start = self.weights_at(k)
+        round_masks, start = self.subnetwork(r, k, subnetwork, branch)
         kernels = [f"{n}/kernel" for n in round_masks]
         repeats = []
         accuracies = []  # test accuracy of every trained copy (accuracy against k)
@@ -173,7 +225,7 @@ class Stability:
             finals = []
             for c in (1, 2):
                 seed = self.config.data_seed + 1000 * (j + 1) + c
-                rdir = paths.stability_copy_dir(self.run_dir, r, k, j, c)
+                rdir = paths.stability_copy_dir(self.run_dir, r, k, j, c, series)
                 self.experiment.train_branch(
                     rdir, r, f"k{k}_r{j}_c{c}", round_masks, start, k, data_seed=seed
                 )
@@ -204,6 +256,8 @@ class Stability:
         result = {
             "round": r,
             "rewind_step": k,
+            "subnetwork": subnetwork,
+            "branch": branch,
             "density": masks.density(round_masks),
             **settings,
             "repeats": repeats,
@@ -216,8 +270,9 @@ class Stability:
         result["stable"] = result["test_barrier_mean"] < STABLE_BARRIER
         result["test_accuracy_mean"] = float(np.mean(accuracies))
         result["test_accuracy_std"] = float(np.std(accuracies))
-        if r > 0 and k == self.schedule.rewind:
-            sub = paths.checkpoint_file(paths.round_dir(self.run_dir, r), "final")
+        trained_as = self._trained_as(r, subnetwork, branch)
+        if r > 0 and trained_as is not None and k == trained_as[1]:
+            sub = paths.checkpoint_file(trained_as[0], "final")
             full = paths.checkpoint_file(paths.round_dir(self.run_dir, 0), "final")
             if files.exists(sub) and files.exists(full):
                 a, b = files.read_npz(sub), files.read_npz(full)
@@ -226,14 +281,25 @@ class Stability:
                 result["pruning_distance_normalized"] = d / max(_norm(b, kernels, a), 1e-12)
         files.write_json(out_path, result)
         files.write_bytes(
-            paths.join(paths.stability_point_dir(self.run_dir, r, k), "path.png"),
+            paths.join(paths.stability_point_dir(self.run_dir, r, k, series), "path.png"),
             plots.interpolation_path(result),
         )
         return result
 
-    def sweep(self, r: int, ks) -> list:
-        results = [self.point(r, k) for k in ks]
-        directory = paths.stability_dir(self.run_dir, r)
+    def _trained_as(self, r: int, subnetwork: str, branch: str | None):
+        """(round directory, start step) where the run trained this subnetwork, or None."""
+        if branch is None and subnetwork == "imp":
+            return paths.round_dir(self.run_dir, r), self.schedule.rewind
+        if branch is not None and subnetwork != "imp":
+            return None  # controls of a branch are only trained here
+        rdir = paths.round_dir(self.run_dir, r, branch or subnetwork)
+        summary = paths.summary_file(rdir)
+        return (rdir, files.read_json(summary)["start_step"]) if files.exists(summary) else None
+
+    def sweep(self, r: int, ks, *, subnetwork: str = "imp", branch: str | None = None) -> list:
+        """point() for each k; writes sweep.json and barrier_vs_k.png of the series."""
+        results = [self.point(r, k, subnetwork=subnetwork, branch=branch) for k in ks]
+        directory = paths.stability_dir(self.run_dir, r, series_name(subnetwork, branch))
         files.write_json(paths.join(directory, "sweep.json"), results)
         files.write_bytes(
             paths.join(directory, "barrier_vs_k.png"), plots.barrier_vs_k(results, STABLE_BARRIER)

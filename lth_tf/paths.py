@@ -5,10 +5,14 @@
       round_00/                                 the dense network
         masks.npz  sparsity.json
         checkpoints/start.npz  rewind.npz  final.npz   (rewind.npz: W_k, round 0 only)
+        checkpoints/rewind_step_0000100.npz     W_k of other k (imp --rewind_steps)
         ckpt/                                   mid-round TF checkpoint (resume)
         metrics.jsonl  tb/  summary.json        (summary.json last: the round is done)
       round_01/ ...
       branches/<control>/round_NN/ ...          random_reinit, random_prune
+      branches/<branch>/branch.json round_NN/   lth_tf.branch: rewind_100it, lr_rewind_20it,
+                                                finetune_lr0.0001_200it, oneshot_20it, ...
+      stability/[<series>/]round_NN/k_XXXXXXX/  lth_tf.stability (series: a branch, a control)
       report.md  report.json  accuracy_vs_density.png
     <group>/replicate_1/ replicate_2/ ...       a replicate group: each one a run as above
       report.md  report.json  accuracy_vs_density.png   (aggregated over the replicates)
@@ -58,6 +62,21 @@ def sparsity_file(rdir):
 def checkpoint_file(rdir, which: str):
     """which: 'start', 'rewind' (W_k) or 'final'."""
     return join(rdir, "checkpoints", f"{which}.npz")
+
+
+def rewind_file(rdir, step: int):
+    """W_k at another step k than the run's own (whose file stays checkpoint_file(rdir, 'rewind'))."""
+    return join(rdir, "checkpoints", f"rewind_step_{step:07d}.npz")
+
+
+def branch_dir(run_dir, branch: str):
+    """A branch of a run: a control, or one of lth_tf.branch (its rounds are round_dir's)."""
+    return join(run_dir, "branches", branch)
+
+
+def branch_file(run_dir, branch: str):
+    """branch.json: what a branch of lth_tf.branch is (its kind and parameters)."""
+    return join(branch_dir(run_dir, branch), "branch.json")
 
 
 def resume_dir(rdir):
@@ -110,16 +129,21 @@ def export_report_file(run_dir, round_index: int):
     return join(export_dir(run_dir, round_index), "export.json")
 
 
-def stability_dir(run_dir, round_index: int):
-    return join(run_dir, "stability", f"round_{round_index:02d}")
+def stability_dir(run_dir, round_index: int, series: str | None = None):
+    """stability/round_NN of the run's IMP subnetworks; stability/<series>/round_NN of others."""
+    name = f"round_{round_index:02d}"
+    return join(run_dir, "stability", series, name) if series else join(run_dir, "stability", name)
 
 
-def stability_point_dir(run_dir, round_index: int, step: int):
-    return join(stability_dir(run_dir, round_index), f"k_{step:07d}")
+def stability_point_dir(run_dir, round_index: int, step: int, series: str | None = None):
+    return join(stability_dir(run_dir, round_index, series), f"k_{step:07d}")
 
 
-def stability_copy_dir(run_dir, round_index: int, step: int, repeat: int, copy: int):
-    return join(stability_point_dir(run_dir, round_index, step), f"repeat_{repeat}", f"copy_{copy}")
+def stability_copy_dir(
+    run_dir, round_index: int, step: int, repeat: int, copy: int, series: str | None = None
+):
+    point = stability_point_dir(run_dir, round_index, step, series)
+    return join(point, f"repeat_{repeat}", f"copy_{copy}")
 
 
 def rewind_point_file(run_dir, step: int):

@@ -55,15 +55,35 @@ def layer_densities(run_dir: str, rounds) -> dict:
 
 
 def stability_points(run_dir: str) -> list:
-    """Every interpolation.json of `python -m lth_tf.stability`, by round then rewind step."""
+    """Every interpolation.json of `python -m lth_tf.stability`, by round then rewind step.
+
+    The run's IMP subnetworks (stability/round_NN) first, then each other series
+    (stability/<series>/round_NN: a branch's masks or a control), by name.
+    """
     root = paths.join(run_dir, "stability")
+    series = [root]
+    if tf.io.gfile.isdir(root):
+        names = sorted(n.rstrip("/") for n in tf.io.gfile.listdir(root))
+        series += [
+            paths.join(root, n)
+            for n in names
+            if not paths.ROUND_RE.match(n) and _round_names(paths.join(root, n))
+        ]
     points = []
-    for rname in _round_names(root):
-        for kname in sorted(tf.io.gfile.listdir(paths.join(root, rname))):
-            path = paths.join(root, rname, kname.rstrip("/"), "interpolation.json")
-            if files.exists(path):
-                points.append(files.read_json(path))
+    for directory in series:
+        for rname in _round_names(directory):
+            for kname in sorted(tf.io.gfile.listdir(paths.join(directory, rname))):
+                path = paths.join(directory, rname, kname.rstrip("/"), "interpolation.json")
+                if files.exists(path):
+                    points.append(files.read_json(path))
     return points
+
+
+def _subnetwork_label(point: dict) -> str:
+    sub, branch = point.get("subnetwork", "imp"), point.get("branch")
+    if branch is None:
+        return sub
+    return branch if sub == "imp" else f"{branch} / {sub}"
 
 
 def export_reports(run_dir: str) -> list:
@@ -84,8 +104,9 @@ def accuracy_table(results: dict) -> str:
 
     Args:
       results: {branch: {round: summary}} (lth_tf.rundir.finished_rounds). One
-        row per finished IMP round; a control's cell is empty where that round
-        of the control is not finished.
+        row per finished IMP round; a branch's cell is empty where that round
+        of the branch is not finished or has another density than the IMP round
+        (one-shot branches: the aggregate table lists every series by density).
     """
     branches = [b for b in results if b != rundir.IMP]
     header = [
@@ -104,9 +125,18 @@ def accuracy_table(results: dict) -> str:
             f"{_pct(s['best_validation_accuracy'])} ({s['best_validation_step']})",
             str(s.get("early_stopping_step")),
         ]
-        cells += [_pct(results[b].get(r, {}).get("test_accuracy")) for b in branches]
+        cells += [_pct(_same_density(results[b].get(r), s).get("test_accuracy")) for b in branches]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _same_density(summary, imp_summary) -> dict:
+    """summary, or {} where it is missing or its density is not the IMP round's."""
+    if not summary or abs(summary["density"] - imp_summary["density"]) > 1e-3 * max(
+        imp_summary["density"], 1e-12
+    ):
+        return {}
+    return summary
 
 
 def layer_table(run_dir: str, results: dict) -> str:
@@ -129,8 +159,8 @@ def stability_table(run_dir: str) -> str:
     """Markdown table of every stability point of a run ('' if none)."""
     rows = [
         "| round | density % | k | test barrier % | train barrier % | stable | "
-        "copies' test acc % | data-order dist. | pruning dist. | BN |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "copies' test acc % | data-order dist. | pruning dist. | BN | subnetwork |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in stability_points(run_dir):
         rows.append(
@@ -140,7 +170,8 @@ def stability_table(run_dir: str) -> str:
             f"{'yes' if p['stable'] else 'no'} | "
             f"{100 * p.get('test_accuracy_mean', float('nan')):.2f} | "
             f"{p['data_order_distance_mean']:.3f} | "
-            f"{p.get('pruning_distance', float('nan')):.3f} | {p['batchnorm']} |"
+            f"{p.get('pruning_distance', float('nan')):.3f} | {p['batchnorm']} | "
+            f"{_subnetwork_label(p)} |"
         )
     return "\n".join(rows) if len(rows) > 2 else ""
 

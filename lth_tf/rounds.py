@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from lth_tf import checkpointing, files, masks, models, paths, presets, sparsity, train
+from lth_tf import checkpointing, files, masks, models, paths, presets, sparsity, steps, train
 from lth_tf import data as data_lib
 from lth_tf.callbacks import (
     Interrupted,
@@ -119,6 +119,10 @@ class Experiment:
       log: a print-like function for progress lines.
       data: a dataset object to use instead of loading config.dataset (tests,
         custom pipelines); it must have lth_tf.data.ArrayData's interface.
+      rewind_points: durations ('100it', '2ep') or steps of more rewind points k
+        whose weights W_k round 0 records besides the run's own k (`imp
+        --rewind_steps`), for branches rewound elsewhere (lth_tf.branching). Not
+        part of the run's identity: they add files, they change nothing trained.
     """
 
     def __init__(
@@ -131,6 +135,7 @@ class Experiment:
         write: bool = True,
         log=print,
         data=None,
+        rewind_points=(),
     ):
         self.config = config
         self.run_dir = run_dir
@@ -149,6 +154,7 @@ class Experiment:
             )
         self.data = data
         self.schedule = train.resolve(config, self.data.steps_per_epoch(config.batch_size))
+        self.rewind_points = resolve_rewind_points(rewind_points, config, self.schedule)
         with self.strategy.scope(), _precision(config.mixed_precision):
             self.model = sparsity.wrap(self._build(config.seed), output_rate=config.output_rate)
             train.compile_model(self.model, config, self.schedule)
@@ -184,7 +190,65 @@ class Experiment:
         ones = masks.ones_like({n: self.initial_weights[f"{n}/kernel"] for n in self.layers})
         start = Start(ones, self.initial_weights, 0)
         rdir = paths.round_dir(self.run_dir, 0)
+        if files.exists(paths.summary_file(rdir)):
+            missing = [k for k in self.rewind_points if not self._recorded(k)]
+            if missing:
+                self.log(
+                    f"   round 0 is finished without W_k for k = {missing}: too late to record "
+                    "them; lth_tf.branch trains the dense network from W_0 to k where needed."
+                )
         return self._train_round(_Round(rdir, 0, IMP, start, record_rewind=True))
+
+    def _recorded(self, k: int) -> bool:
+        r0 = paths.round_dir(self.run_dir, 0)
+        if k == self.schedule.rewind:
+            return files.exists(paths.checkpoint_file(r0, "rewind"))
+        return files.exists(paths.rewind_file(r0, k))
+
+    def dense_weights_at(self, k: int) -> dict:
+        """The dense W_k of this run: recorded by round 0 where it was, else trained to k.
+
+        Round 0 records the run's own k (checkpoints/rewind.npz) and every k of
+        `rewind_points` (checkpoints/rewind_step_NNNNNNN.npz); W_0 is round 0's
+        start.npz. Any other k is trained from W_0 with the run's data order and a
+        fresh optimizer (k steps; it does not count as a trained round), and cached
+        where lth_tf.stability caches its rewind points.
+
+        Raises:
+          ValueError: k is outside the schedule [0, T).
+          FileNotFoundError: round 0 has not started (no start.npz).
+        """
+        if not 0 <= k < self.schedule.total:
+            raise ValueError(
+                f"Rewind step {k} is outside the run's schedule [0, {self.schedule.total}) "
+                f"(--training_steps={self.config.training_steps}). Choose an earlier step."
+            )
+        r0 = paths.round_dir(self.run_dir, 0)
+        if k == self.schedule.rewind:
+            return self.rewind_weights()
+        start = paths.checkpoint_file(r0, "start")
+        for path in [paths.rewind_file(r0, k), paths.rewind_point_file(self.run_dir, k)] + (
+            [start] if k == 0 else []
+        ):
+            if files.exists(path):
+                return files.read_npz(path)
+        if not files.exists(start):
+            raise FileNotFoundError(
+                f"{start} is missing: round 0 must run before rewinding to {k}."
+            )
+        self.log(f"== W_{k} was not recorded by round 0: training the dense network 0..{k}")
+        init = files.read_npz(start)
+        sparsity.set_masks(
+            self.model, masks.ones_like({n: init[f"{n}/kernel"] for n in self.layers})
+        )
+        sparsity.set_weights(self.model, init)
+        train.reset_optimizer(self.model, 0)
+        train.fit_segment(self.model, self.data, self.config, self.schedule, 0, k)
+        self.trained.append(("dense_to_k", k))
+        weights = sparsity.get_weights(self.model)
+        if self.write:
+            files.write_npz(paths.rewind_point_file(self.run_dir, k), weights, compress=False)
+        return weights
 
     def rewind_weights(self) -> dict:
         path = paths.checkpoint_file(paths.round_dir(self.run_dir, 0), "rewind")
@@ -198,13 +262,21 @@ class Experiment:
         """Masks of IMP round r: round r-1's masks pruned by magnitude of its final weights."""
         # Always recomputed (cheap): _train_round checks a saved masks.npz against it,
         # so a mask file that does not follow from the previous round is detected.
-        prev = paths.round_dir(self.run_dir, r - 1)
-        prev_masks = files.read_npz(paths.masks_file(prev))
-        final = files.read_npz(paths.checkpoint_file(prev, "final"))
+        return self.masks_after(paths.round_dir(self.run_dir, r - 1))
+
+    def masks_after(self, prev_rdir: str, fraction: float | None = None) -> dict:
+        """The masks that prune a finished round's masks by the magnitude of its final weights.
+
+        Args:
+          prev_rdir: a finished round directory (masks.npz, checkpoints/final.npz).
+          fraction: of the survivors to remove; default: the run's round fraction.
+        """
+        prev_masks = files.read_npz(paths.masks_file(prev_rdir))
+        final = files.read_npz(paths.checkpoint_file(prev_rdir, "final"))
         kernels = {n: final[f"{n}/kernel"] for n in self.layers}
-        new = masks.prune(
-            kernels, prev_masks, round_fraction(self.config), self.config.prune_scope, self.rates
-        )
+        if fraction is None:
+            fraction = round_fraction(self.config)
+        new = masks.prune(kernels, prev_masks, fraction, self.config.prune_scope, self.rates)
         masks.check_subset(new, prev_masks)
         return new
 
@@ -300,21 +372,32 @@ class Experiment:
             return None
         at = self.schedule.rewind
         path = paths.checkpoint_file(rd.rdir, "rewind")
+        targets = {}  # step -> file, for the steps still ahead of `start`
         if start > at:
             if not files.exists(path):
                 raise CorruptRunError(
                     f"{path} is missing but round 0 resumed past step {at}. "
                     f"Delete {rd.rdir} to retrain the dense network."
                 )
-            return None  # recorded before the checkpoint we resumed from
-        # (Re)record W_k in this very trajectory, even if a file exists from an
-        # attempt that was killed before its first checkpoint.
+            # else: recorded before the checkpoint we resumed from
+        else:
+            # (Re)record W_k in this very trajectory, even if a file exists from an
+            # attempt that was killed before its first checkpoint.
+            targets[at] = path
+        for k in self.rewind_points:
+            if k != at and k >= start:
+                targets[k] = paths.rewind_file(rd.rdir, k)
+            elif k != at and not self._recorded(k):
+                self.log(f"   W_{k} cannot be recorded: round 0 resumed at step {start} past it")
+        if not targets:
+            return None
 
         def save(step):
             if self.write:
-                files.write_npz(path, sparsity.get_weights(self.model), compress=False)
+                weights = sparsity.get_weights(self.model)
+                files.write_npz(targets[step], weights, compress=False)
 
-        return RecordWeights(at, save)
+        return RecordWeights(sorted(targets), save)
 
     def _train(self, rd: _Round, start: int, checkpointer, recorder, clock) -> None:
         """Trains from `start` to the end with the round's callbacks; closes its writer."""
@@ -385,6 +468,29 @@ class Experiment:
             f"{summary['best_validation_step']}, {summary['wall_seconds']:.0f}s"
         )
         return summary
+
+
+def resolve_rewind_points(points, config: RunConfig, schedule) -> tuple:
+    """Durations or steps of rewind points -> sorted steps, checked against the schedule.
+
+    Raises:
+      ValueError: a point is not a duration, lies outside [0, T), or cannot be
+        recorded with the config's steps_per_execution (train.check_reachable).
+    """
+    out = set()
+    for point in points:
+        if isinstance(point, str):
+            k = steps.to_steps(point, schedule.steps_per_epoch, "rewind_steps")
+        else:
+            k = int(point)
+        if not 0 <= k < schedule.total:
+            raise ValueError(
+                f"--rewind_steps: {point!r} is step {k}, outside the schedule [0, {schedule.total}) "
+                f"(--training_steps={config.training_steps}). Choose steps before the end."
+            )
+        train.check_reachable(k, schedule.eval_every, config.steps_per_execution)
+        out.add(k)
+    return tuple(sorted(out))
 
 
 @contextlib.contextmanager

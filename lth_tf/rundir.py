@@ -107,7 +107,8 @@ def _scan_rounds(directory: str) -> dict:
 
 
 def branches(run_dir: str) -> list:
-    """Names of the control branches of a run (directories under branches/), sorted."""
+    """Names of the branches of a run (directories under branches/: the controls and
+    those of lth_tf.branch), sorted."""
     directory = paths.join(run_dir, "branches")
     if not tf.io.gfile.isdir(directory):
         return []

@@ -13,6 +13,9 @@ For a run's round r (0: the dense network) and each rewind point k:
     over round r's surviving weights (stability to pruning, 1903.01611).
 BatchNorm: the interpolated network uses the interpolated running statistics
 unless --recompute_bn, which re-estimates them on training batches.
+--subnetwork=random_prune|random_reinit analyses the controls at the same
+density, --branch=NAME the round's mask of a branch (lth_tf.branch), e.g. the
+IMP mask found with that branch's own k (its k is then the default k).
 Outputs: <run_dir>/stability/round_NN/k_XXXXXXX/{interpolation.json, path.png},
 <run_dir>/stability/round_NN/sweep.json and barrier_vs_k.png, and a section of
 the run's report.md. Every trained copy is a resumable round directory.
@@ -23,7 +26,7 @@ import sys
 
 from absl import app, flags, logging
 
-from lth_tf import flagdefs, linear_mode, paths, reporting, steps
+from lth_tf import files, flagdefs, linear_mode, paths, reporting, steps
 from lth_tf.callbacks import Interrupted, StopRequest
 
 
@@ -40,7 +43,12 @@ def main(argv):
             eval_examples=f.eval_examples,
         )
         spe = analysis.schedule.steps_per_epoch
-        texts = f.rewind_steps or [analysis.config.rewind_step]
+        default = analysis.config.rewind_step
+        if f.branch is not None:
+            described = paths.branch_file(run_dir, f.branch)
+            if files.exists(described):
+                default = files.read_json(described)["rewind_step"]  # the branch's own k
+        texts = f.rewind_steps or [default]
         ks = [steps.to_steps(t, spe, "rewind_steps") for t in texts]
         for k in ks:
             if not 0 <= k < analysis.schedule.total:
@@ -48,8 +56,8 @@ def main(argv):
                     f"--rewind_steps: step {k} is outside the run's schedule [0, "
                     f"{analysis.schedule.total}) (--training_steps={analysis.config.training_steps})."
                 )
-        analysis.masks_of(f.round)
-        analysis.sweep(f.round, ks)
+        analysis.masks_of(f.round, f.branch)
+        analysis.sweep(f.round, ks, subnetwork=f.subnetwork, branch=f.branch)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -58,7 +66,8 @@ def main(argv):
         return 130 if StopRequest.signal_name == "SIGINT" else 143
     reporting.write_report(run_dir)
     print(reporting.stability_table(run_dir))
-    print(f"\nPlots: {paths.stability_dir(run_dir, f.round)}")
+    series = linear_mode.series_name(f.subnetwork, f.branch)
+    print(f"\nPlots: {paths.stability_dir(run_dir, f.round, series)}")
     return 0
 
 

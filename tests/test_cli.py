@@ -171,6 +171,7 @@ ENTRY_POINTS = {
     "stability": flagdefs.define_stability_flags,
     "export": flagdefs.define_export_flags,
     "report": flagdefs.define_report_flags,
+    "branch": flagdefs.define_branch_flags,
 }
 
 
@@ -250,10 +251,14 @@ def test_one_name_per_concept():
         define()
     imp = flagdefs.flag_names(flagdefs.define_imp_flags)
     stability = flagdefs.flag_names(flagdefs.define_stability_flags)
-    # Singular: one value of the run; plural: a list or a count.
-    assert "rewind_step" in imp and "rewind_steps" not in imp
+    branch = flagdefs.flag_names(flagdefs.define_branch_flags)
+    # Singular: one value of the run; plural: a list or a count. imp has both: the
+    # run's k (part of its identity) and the list of more k that round 0 records.
+    assert "rewind_step" in imp and "rewind_steps" in imp
     assert "rewind_steps" in stability and "rewind_step" not in stability
     assert "rounds" in imp and "round" not in imp
+    # A branch names its k and its rounds as imp names the run's.
+    assert {"run_dir", "rewind_step", "rounds"} <= branch and not {"round", "rewind_steps"} & branch
     assert "--rewind_steps" in FLAGS["rewind_step"].help
     assert "--rewind_step" in FLAGS["rewind_steps"].help
     assert "--rounds" in FLAGS["round"].help and "--round," in FLAGS["rounds"].help

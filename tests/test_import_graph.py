@@ -151,7 +151,7 @@ def test_each_entry_point_imports_alone():
             cwd=str(ROOT),
             env=env,
         )
-        for name in ("imp", "stability", "export", "report")
+        for name in ("imp", "stability", "export", "report", "branch")
     }
     failed = {}
     for name, proc in procs.items():

@@ -1,0 +1,99 @@
+"""`python -m lth_tf.branch`: an experiment that branches off an existing run's round 0.
+
+    python -m lth_tf.branch --run_dir=RUN --kind=rewind --rewind_step=500it --rounds=N
+    python -m lth_tf.branch --run_dir=RUN --kind=lr_rewind --rounds=N
+    python -m lth_tf.branch --run_dir=RUN --kind=finetune --finetune_lr=1e-4 \\
+        --finetune_steps=2ep --rounds=N
+    python -m lth_tf.branch --run_dir=RUN --kind=oneshot --densities=0.2,0.05,0.01
+
+The branch reuses the run's dense round 0 and writes <RUN>/branches/<name>/;
+rerunning the command resumes it, or does nothing once it is done. The run's
+report then shows the branch as one more series. The kinds are described in
+lth_tf/branching.py; this module is only the command line.
+"""
+
+import dataclasses
+import sys
+
+from absl import app, flags, logging
+
+from lth_tf import branching, distribute, flagdefs, paths, reporting, rounds, rundir
+from lth_tf.callbacks import DivergedError, Interrupted, StopRequest
+
+FLAGS = flags.FLAGS
+
+KEY_FLAGS = (
+    "run_dir",
+    "kind",
+    "rewind_step",
+    "rounds",
+    "finetune_lr",
+    "finetune_steps",
+    "densities",
+)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments {argv[1:]}; every option is a --flag.")
+    try:
+        run_dir = flagdefs.one_run_dir(FLAGS.run_dir)
+        config = rundir.load_config(run_dir)
+        requested = flagdefs.explicit_config_flags()
+        branching.check_shares_round_0(config, requested)
+        # What changes nothing computed may differ from the run's (e.g. where the data is).
+        config = dataclasses.replace(
+            config, **{k: v for k, v in requested.items() if k in branching.PROCESS_FIELDS}
+        )
+        strategy = distribute.get_strategy(FLAGS.strategy, num_gpus=FLAGS.num_gpus, tpu=FLAGS.tpu)
+        chief = distribute.is_chief(strategy)
+        experiment = rounds.Experiment(
+            config,
+            run_dir,
+            strategy=strategy,
+            checkpoint_seconds=FLAGS.checkpoint_seconds,
+            write=chief,
+            log=print if chief else (lambda *a: None),
+        )
+        spec = branching.make_spec(
+            experiment,
+            FLAGS.kind,
+            rewind_step=FLAGS.rewind_step,
+            num_rounds=FLAGS.rounds,
+            densities=[float(d) for d in FLAGS.densities or () if d],
+            finetune_lr=FLAGS.finetune_lr,
+            finetune_steps=FLAGS.finetune_steps,
+        )
+        branching.Branch(experiment, spec).run()
+    except (ValueError, FileNotFoundError) as e:  # BranchError, RunDirError, CorruptRunError...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130 if StopRequest.signal_name == "SIGINT" else 143
+    except DivergedError as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return 3
+    if chief:
+        print(reporting.write_report(run_dir))
+        print(f"\nBranch {spec.name}: {paths.branch_dir(run_dir, spec.name)}")
+    return 0
+
+
+def define_flags() -> None:
+    """Defines this entry point's flags (lth_tf/flagdefs.py; idempotent)."""
+    flagdefs.define_branch_flags()
+
+
+def run():
+    StopRequest.install()
+    define_flags()
+    flagdefs.declare_key_flags(KEY_FLAGS)
+    flags.mark_flag_as_required("run_dir")
+    flags.mark_flag_as_required("kind")
+    logging.set_verbosity(logging.WARNING)
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,390 @@
+"""Branches of a run: experiments that share its dense round 0 (`python -m lth_tf.branch`).
+
+The comparisons of the papers are made on one dense network: which rewind
+point k makes IMP work, weight rewinding against learning-rate rewinding and
+fine-tuning (Renda, Frankle & Carbin, ICLR 2020), one-shot against iterative
+pruning. A branch reuses the run's finished round 0 (its final weights and the
+W_k it recorded) and trains only its own rounds, into
+
+    <run>/branches/<name>/branch.json     its kind and parameters
+    <run>/branches/<name>/round_NN/       rounds as the run's (lth_tf/paths.py)
+
+Each round is trained by `rounds.Experiment.train_branch`: idempotent (a round
+with a summary.json is skipped) and resumable from its mid-round checkpoint.
+The name says what the branch is, so that it is its series' label in reports:
+
+    rewind_<k>it            IMP with weight rewinding to another step k: its own
+                            masks (round r prunes its round r-1; round 1 prunes
+                            the run's round 0), each round restarts from W_k.
+    lr_rewind_<k>it         learning-rate rewinding: round r prunes its round r-1
+                            and keeps that round's final weights (masked); the
+                            data order and learning rate replay the schedule from
+                            k to T.
+    finetune_lr<lr>_<n>it   fine-tuning: as lr_rewind, but n steps at the
+                            constant learning rate lr.
+    oneshot_<k>it           round i prunes round 0's final weights straight to
+                            the i-th target density (in the order asked for;
+                            more densities later add rounds) and retrains from W_k.
+
+A kind is how its masks are found (`MASKS`: iterative or one-shot) and how
+each round starts (`RETRAINING`: one start function per retraining mode);
+a new mode is one more entry.
+"""
+
+import dataclasses
+
+from lth_tf import files, paths, rounds, steps, train
+from lth_tf.config import NON_IDENTITY_FIELDS, RunConfig
+
+# kind -> (how the masks are found, how each round starts)
+KINDS = {
+    "rewind": ("iterative", "weight_rewind"),
+    "lr_rewind": ("iterative", "lr_rewind"),
+    "finetune": ("iterative", "finetune"),
+    "oneshot": ("oneshot", "weight_rewind"),
+}
+
+# What a branch may set differently from its run: everything else would need
+# another round 0 (another arch, dataset, batch, seed, schedule, pruning rule).
+BRANCH_FIELDS = ("rewind_step", "rounds")
+# Config fields a branch's command may set for itself: they change nothing computed.
+PROCESS_FIELDS = ("data_dir", "verbose", "test_every_period")
+
+
+class BranchError(ValueError):
+    """A branch that cannot be made from this run, or that contradicts one already there."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A branch, resolved to steps against its run's schedule."""
+
+    kind: str
+    rewind_step: int  # k: W_k and the first step (weight rewinding); where lr_rewind replays from
+    rounds: int = 0  # iterative kinds
+    densities: tuple[float, ...] = ()  # oneshot
+    finetune_lr: float | None = None
+    finetune_steps: int | None = None
+
+    @property
+    def name(self) -> str:
+        """Its directory under <run>/branches/ and its label in reports."""
+        if self.kind == "finetune":
+            return f"finetune_lr{self.finetune_lr:g}_{self.finetune_steps}it"
+        return f"{self.kind}_{self.rewind_step}it"
+
+    def description(self) -> dict:
+        """branch.json: what the branch is (rounds are not part of it: they extend)."""
+        masks_rule, retraining = KINDS[self.kind]
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "masks": masks_rule,
+            "retraining": retraining,
+            "rewind_step": self.rewind_step,
+            "densities": list(self.densities),
+            "finetune_lr": self.finetune_lr,
+            "finetune_steps": self.finetune_steps,
+        }
+
+
+def check_shares_round_0(config: RunConfig, requested: dict) -> None:
+    """Refuses settings that a branch of this run cannot have.
+
+    Args:
+      config: the run's config.
+      requested: {config field: value} the user set for the branch (e.g. from a
+        flagfile); a branch may set only BRANCH_FIELDS (and fields that change
+        nothing computed) differently.
+
+    Raises:
+      BranchError: listing each field that differs from the run's.
+    """
+    identity = config.identity()
+    diff = {}
+    for key, value in requested.items():
+        if key in BRANCH_FIELDS or key in NON_IDENTITY_FIELDS or key not in identity:
+            continue
+        ours = identity[key]
+        if isinstance(value, list):
+            value = tuple(value)
+        if isinstance(ours, list):
+            ours = tuple(ours)
+        if _normalise(key, value) != _normalise(key, ours):
+            diff[key] = (ours, value)
+    if diff:
+        lines = "\n".join(
+            f"  {k}: run has {a!r}, you asked for {b!r}" for k, (a, b) in diff.items()
+        )
+        raise BranchError(
+            "A branch shares its run's round 0 (the dense network, its W_k and the pruning rule), "
+            f"so it cannot change:\n{lines}\nDrop these flags to branch from this run, or start "
+            "a new run with lth_tf.imp for other settings."
+        )
+
+
+def _normalise(key, value):
+    duration_fields = ("training_steps", "eval_every", "warmup")
+    if key in duration_fields and value is not None:
+        return str(steps.parse(value, key))
+    if key == "lr_drops":
+        return tuple(str(steps.parse(v, key)) for v in value)
+    return value
+
+
+def _final_lr(config: RunConfig, schedule: train.Schedule) -> float:
+    lr = train.StepSchedule(config.lr, schedule.warmup, schedule.boundaries, config.lr_gamma)
+    return float(lr(schedule.total - 1).numpy())
+
+
+def make_spec(
+    experiment: rounds.Experiment,
+    kind: str,
+    *,
+    rewind_step=None,
+    num_rounds: int | None = None,
+    densities=(),
+    finetune_lr: float | None = None,
+    finetune_steps=None,
+) -> Spec:
+    """Resolves a branch's parameters against its run, with the defaults filled in.
+
+    Args:
+      experiment: the run's Experiment.
+      kind: one of KINDS.
+      rewind_step: a duration or step: k of `rewind` (required, not the run's own),
+        where `lr_rewind` replays from and `oneshot` rewinds to (default: the run's k).
+      num_rounds: rounds of an iterative kind (default: the run's finished IMP rounds).
+      densities: `oneshot`'s target densities, each in (0, 1).
+      finetune_lr: `finetune`'s constant rate (default: the schedule's last rate).
+      finetune_steps: `finetune`'s steps per round (default: T - k of the run).
+
+    Raises:
+      BranchError: a parameter that does not fit the kind or the run.
+    """
+    if kind not in KINDS:
+        raise BranchError(f"Unknown branch kind {kind!r}. Known kinds: {', '.join(KINDS)}.")
+    config, schedule = experiment.config, experiment.schedule
+    spe, total = schedule.steps_per_epoch, schedule.total
+    r0 = paths.round_dir(experiment.run_dir, 0)
+    if not files.exists(paths.summary_file(r0)):
+        raise BranchError(
+            f"{experiment.run_dir} has no finished round 0 ({paths.summary_file(r0)}): a branch "
+            "reuses the run's dense network. Run `python -m lth_tf.imp` for this run first."
+        )
+
+    def used(flag, what, value):
+        if value not in (None, (), []):
+            raise BranchError(f"--{flag} is for {what}, not --kind={kind}; drop it.")
+
+    k = schedule.rewind
+    if rewind_step is not None:
+        if kind == "finetune":
+            raise BranchError(
+                "--rewind_step is for rewind, lr_rewind and oneshot, not --kind=finetune (it "
+                "trains for --finetune_steps at --finetune_lr); drop it."
+            )
+        k = steps.to_steps(rewind_step, spe, "rewind_step")
+        if not 0 <= k < total:
+            raise BranchError(
+                f"--rewind_step={rewind_step} is step {k}, outside the run's schedule [0, {total}) "
+                f"(--training_steps={config.training_steps}). Choose an earlier step."
+            )
+    if kind == "rewind":
+        if rewind_step is None:
+            raise BranchError(
+                "--kind=rewind needs --rewind_step=K, the other rewind point (e.g. 500it or 2ep)."
+            )
+        if k == schedule.rewind:
+            raise BranchError(
+                f"--rewind_step={rewind_step} is the run's own rewind step {k}: its IMP rounds "
+                f"are the run's round_NN directories. Choose another k."
+            )
+    if kind == "oneshot":
+        used("rounds", "the iterative kinds (oneshot has one round per density)", num_rounds)
+        if not densities:
+            raise BranchError("--kind=oneshot needs --densities, e.g. --densities=0.2,0.05,0.01.")
+        for d in densities:
+            if not 0 < d < 1:
+                raise BranchError(f"--densities: {d} is not a density in (0, 1).")
+        if len(set(densities)) != len(densities):
+            raise BranchError(f"--densities: {list(densities)} repeats a density.")
+        return Spec(kind, k, densities=tuple(float(d) for d in densities))
+    used("densities", "--kind=oneshot", densities)
+    if kind != "finetune":
+        used("finetune_lr", "--kind=finetune", finetune_lr)
+        used("finetune_steps", "--kind=finetune", finetune_steps)
+    if num_rounds is None:
+        num_rounds = max(rounds_finished(experiment.run_dir), default=0)
+        if num_rounds == 0:
+            raise BranchError(
+                f"{experiment.run_dir} has no pruned rounds to compare with: give the branch "
+                "--rounds=N."
+            )
+    if num_rounds < 1:
+        raise BranchError(f"--rounds={num_rounds}: a branch needs at least one round.")
+    if kind == "finetune":
+        lr = _final_lr(config, schedule) if finetune_lr is None else float(finetune_lr)
+        if not lr > 0:
+            raise BranchError(f"--finetune_lr={finetune_lr}: expected a positive learning rate.")
+        n = total - schedule.rewind
+        if finetune_steps is not None:
+            n = steps.to_steps(finetune_steps, spe, "finetune_steps")
+        if n < 1:
+            raise BranchError(f"--finetune_steps={finetune_steps}: expected at least one step.")
+        # Fine-tuning starts at its own step 0: no k.
+        return Spec(kind, 0, rounds=num_rounds, finetune_lr=lr, finetune_steps=n)
+    return Spec(kind, k, rounds=num_rounds)
+
+
+def rounds_finished(run_dir: str) -> list:
+    """Indices >= 1 of the run's finished IMP rounds."""
+    out = []
+    r = 1
+    while files.exists(paths.summary_file(paths.round_dir(run_dir, r))):
+        out.append(r)
+        r += 1
+    return out
+
+
+# ---- how each round of a branch starts: one entry per retraining mode ----------------------
+
+
+def _final(rdir: str) -> dict:
+    return files.read_npz(paths.checkpoint_file(rdir, "final"))
+
+
+def _weight_rewind(b: "Branch", round_masks: dict, prev_rdir: str) -> rounds.Start:
+    k = b.spec.rewind_step
+    return rounds.Start(round_masks, b.experiment.dense_weights_at(k), k)
+
+
+def _lr_rewind(b: "Branch", round_masks: dict, prev_rdir: str) -> rounds.Start:
+    # Renda et al.: the previous round's final weights, the schedule replayed from k.
+    return rounds.Start(round_masks, _final(prev_rdir), b.spec.rewind_step)
+
+
+def _finetune(b: "Branch", round_masks: dict, prev_rdir: str) -> rounds.Start:
+    # Step 0 of the fine-tuning schedule (a constant rate; lth_tf.branching.Branch.trainer).
+    return rounds.Start(round_masks, _final(prev_rdir), 0)
+
+
+RETRAINING = {
+    "weight_rewind": _weight_rewind,
+    "lr_rewind": _lr_rewind,
+    "finetune": _finetune,
+}
+
+
+class Branch:
+    """One branch of a run, trained with the run's Experiment (its model, data, round 0).
+
+    Args:
+      experiment: the run's rounds.Experiment.
+      spec: make_spec()'s result.
+    """
+
+    def __init__(self, experiment: rounds.Experiment, spec: Spec):
+        self.experiment = experiment
+        self.spec = spec
+        self.name = spec.name
+        self.masks_rule, self.retraining = KINDS[spec.kind]
+        self._trainer = None
+
+    @property
+    def trainer(self) -> rounds.Experiment:
+        """The Experiment that trains the rounds: the run's, or one with the fine-tuning rate.
+
+        Fine-tuning trains with a constant learning rate for its own budget: a
+        schedule of its own, so another compiled model (built once, lazily).
+        """
+        if self.retraining != "finetune":
+            return self.experiment
+        if self._trainer is None:
+            e = self.experiment
+            config = dataclasses.replace(
+                e.config,
+                lr=self.spec.finetune_lr,
+                warmup="0",
+                lr_drops=(),
+                training_steps=f"{self.spec.finetune_steps}it",
+                rewind_step="0",
+                rounds=0,
+                controls=(),
+                target_density=None,
+            )
+            self._trainer = rounds.Experiment(
+                config,
+                e.run_dir,
+                strategy=e.strategy,
+                checkpoint_seconds=e.checkpoint_seconds,
+                write=e.write,
+                log=e.log,
+                data=e.data,
+            )
+        return self._trainer
+
+    @property
+    def trained(self) -> list:
+        """(branch, round) trained by this process: the run's Experiment's, then the trainer's."""
+        extra = self._trainer.trained if self._trainer is not None else []
+        return list(self.experiment.trained) + list(extra)
+
+    def densities(self) -> tuple:
+        """oneshot: the densities of rounds 1, 2, ...: those already there, then new ones."""
+        known = list(self._described().get("densities", []))
+        return tuple(known + [d for d in self.spec.densities if d not in known])
+
+    def _described(self) -> dict:
+        path = paths.branch_file(self.experiment.run_dir, self.name)
+        return files.read_json(path) if files.exists(path) else {}
+
+    def _write_description(self) -> None:
+        described = self._described()
+        mine = self.spec.description()
+        if self.spec.kind == "oneshot":
+            mine["densities"] = list(self.densities())
+        if described:
+            differs = {
+                k
+                for k in set(described) | set(mine)
+                if k != "densities" and described.get(k) != mine.get(k)
+            }
+            if differs:
+                raise BranchError(
+                    f"{paths.branch_file(self.experiment.run_dir, self.name)} describes another "
+                    f"branch ({', '.join(sorted(differs))} differ): the directory was changed by "
+                    "hand. Delete it to recompute the branch."
+                )
+        if self.experiment.write and described != mine:
+            files.write_json(paths.branch_file(self.experiment.run_dir, self.name), mine)
+
+    def run(self) -> list:
+        """Trains (or resumes) every round of the branch; returns their summaries."""
+        self._write_description()
+        e = self.experiment
+        e.log(f"== branch {self.name} of {e.run_dir}")
+        if self.masks_rule == "oneshot":
+            plan = [
+                (i, paths.round_dir(e.run_dir, 0), 1.0 - d)
+                for i, d in enumerate(self.densities(), 1)
+            ]
+        else:
+            plan = [
+                (r, paths.round_dir(e.run_dir, r - 1, self.name if r > 1 else None), None)
+                for r in range(1, self.spec.rounds + 1)
+            ]
+        summaries = []
+        for r, prev, fraction in plan:
+            rdir = paths.round_dir(e.run_dir, r, self.name)
+            if files.exists(paths.summary_file(rdir)):
+                summaries.append(files.read_json(paths.summary_file(rdir)))
+                continue
+            round_masks = e.masks_after(prev, fraction)
+            start = RETRAINING[self.retraining](self, round_masks, prev)
+            summaries.append(
+                self.trainer.train_branch(
+                    rdir, r, self.name, start.masks, start.weights, start.step
+                )
+            )
+        return summaries

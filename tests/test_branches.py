@@ -1,0 +1,326 @@
+"""Contracts of branches (lth_tf.branching, `python -m lth_tf.branch`): experiments that
+share a run's round 0 — IMP at other rewind points, learning-rate rewinding, fine-tuning,
+one-shot pruning — and the stability of their subnetworks and of the controls."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lth_tf import branching, files, linear_mode, masks, paths, reporting, rounds, rundir
+
+K = 20  # the run's own rewind step (tiny_config)
+OTHER_K = 10  # recorded too, by --rewind_steps
+ROUNDS = 2
+
+
+def _quiet(*args):
+    pass
+
+
+def _rdir(run_dir, r, branch=None):
+    return paths.round_dir(str(run_dir), r, branch)
+
+
+def _npz(rdir, which):
+    return files.read_npz(paths.checkpoint_file(rdir, which))
+
+
+def _metrics(rdir):
+    return files.read_jsonl(paths.metrics_file(rdir))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_config, tmp_path_factory):
+    """One run: round 0 records W_k at k = 20 (its own) and at 0 and 10; 2 IMP rounds."""
+    config = tiny_config(rounds=ROUNDS, eval_every="10it")
+    run_dir = str(tmp_path_factory.mktemp("branches") / "run")
+    rundir.open_run_dir(config, run_dir)
+    e = rounds.Experiment(
+        config, run_dir, checkpoint_seconds=0, log=_quiet, rewind_points=["0", f"{OTHER_K}it"]
+    )
+    e.run()
+    return {"config": config, "run_dir": run_dir, "tmp": tmp_path_factory}
+
+
+def _experiment(base):
+    # A fresh process's view: a new Experiment on the finished run, nothing trained yet.
+    return rounds.Experiment(base["config"], base["run_dir"], checkpoint_seconds=0, log=_quiet)
+
+
+def _branch(base, kind, **params):
+    e = _experiment(base)
+    b = branching.Branch(e, branching.make_spec(e, kind, **params))
+    return b, b.run()
+
+
+@pytest.fixture(scope="module")
+def rewind_branch(base):
+    return _branch(base, "rewind", rewind_step=f"{OTHER_K}it")
+
+
+# ---- round 0 records several W_k -----------------------------------------------------------
+
+
+def test_round_0_records_every_rewind_point_and_keeps_rewind_npz_for_its_own_k(base):
+    r0 = _rdir(base["run_dir"], 0)
+    assert files.exists(paths.checkpoint_file(r0, "rewind"))  # the run's own k, as before
+    assert files.exists(paths.rewind_file(r0, OTHER_K))
+    # W_0 is the initialisation itself.
+    assert _same(files.read_npz(paths.rewind_file(r0, 0)), _npz(r0, "start"))
+    assert not files.exists(paths.rewind_file(r0, K))  # no duplicate of rewind.npz
+
+
+def test_w_k_of_a_rewind_point_is_bit_equal_to_a_separate_run_with_that_k(base, tiny_config):
+    config = tiny_config(rounds=0, eval_every="10it", rewind_step=f"{OTHER_K}it")
+    run_dir = str(base["tmp"].mktemp("separate") / "run")
+    rundir.open_run_dir(config, run_dir)
+    rounds.Experiment(config, run_dir, checkpoint_seconds=0, log=_quiet).run()
+    separate = _npz(_rdir(run_dir, 0), "rewind")
+    recorded = files.read_npz(paths.rewind_file(_rdir(base["run_dir"], 0), OTHER_K))
+    assert _same(separate, recorded)
+
+
+def test_rewind_points_do_not_change_the_run_identity(base, tiny_config):
+    # Same config, same directory: imp with other --rewind_steps resumes the same run.
+    e = rounds.Experiment(
+        base["config"], base["run_dir"], log=_quiet, rewind_points=[f"{OTHER_K}it", "30it"]
+    )
+    rundir.open_run_dir(base["config"], base["run_dir"])  # no RunDirError
+    e.dense_round()
+    assert e.trained == []
+
+
+@pytest.mark.parametrize("point", ["40it", "5ep"])
+def test_a_rewind_point_outside_the_schedule_is_refused(base, point):
+    with pytest.raises(ValueError, match="rewind_steps"):
+        rounds.Experiment(base["config"], base["run_dir"], log=_quiet, rewind_points=[point])
+
+
+def test_an_unreachable_rewind_point_is_refused(base, tiny_config):
+    config = tiny_config(steps_per_execution=4, eval_every="20it")
+    with pytest.raises(ValueError, match="steps_per_execution"):
+        rounds.Experiment(config, base["run_dir"], log=_quiet, rewind_points=["10it"])
+
+
+# ---- rewind: IMP from another k --------------------------------------------------------------
+
+
+def test_a_branch_reuses_round_0_and_trains_only_its_rounds(rewind_branch):
+    b, summaries = rewind_branch
+    assert b.trained == [(b.name, r) for r in range(1, ROUNDS + 1)]
+    assert b.name == f"rewind_{OTHER_K}it"
+    assert [s["start_step"] for s in summaries] == [OTHER_K] * ROUNDS
+
+
+def test_rewind_branch_has_its_own_masks_from_its_own_rounds(base, rewind_branch):
+    b, _ = rewind_branch
+    e, run_dir = b.experiment, base["run_dir"]
+    first = files.read_npz(paths.masks_file(_rdir(run_dir, 1, b.name)))
+    assert _same(first, e.masks_after(_rdir(run_dir, 0)))  # round 1: from the run's round 0
+    second = files.read_npz(paths.masks_file(_rdir(run_dir, 2, b.name)))
+    assert _same(second, e.masks_after(_rdir(run_dir, 1, b.name)))  # then its own rounds
+    assert not _same(second, files.read_npz(paths.masks_file(_rdir(run_dir, 2))))
+    w_k = files.read_npz(paths.rewind_file(_rdir(run_dir, 0), OTHER_K))
+    start = _npz(_rdir(run_dir, 2, b.name), "start")
+    for name, m in second.items():
+        np.testing.assert_array_equal(start[f"{name}/kernel"], w_k[f"{name}/kernel"] * m)
+
+
+def test_a_branch_rerun_trains_nothing(base, rewind_branch):
+    b, summaries = _branch(base, "rewind", rewind_step=f"{OTHER_K}it")
+    assert b.trained == []
+    assert summaries == rewind_branch[1]
+
+
+def test_a_k_round_0_did_not_record_is_trained_from_w_0_and_says_so(base):
+    b, _ = _branch(base, "rewind", rewind_step="30it", num_rounds=1)
+    assert b.trained == [("dense_to_k", 30), ("rewind_30it", 1)]  # no ("imp", 0)
+    assert files.exists(paths.rewind_point_file(base["run_dir"], 30))
+
+
+# ---- retraining modes ------------------------------------------------------------------------
+
+
+def test_lr_rewind_keeps_final_weights_and_replays_the_schedule_from_k(base):
+    b, summaries = _branch(base, "lr_rewind")
+    run_dir = base["run_dir"]
+    assert b.name == f"lr_rewind_{K}it" and b.trained == [(b.name, 1), (b.name, 2)]
+    for r in (1, 2):
+        prev = _rdir(run_dir, r - 1, b.name if r > 1 else None)
+        start = _npz(_rdir(run_dir, r, b.name), "start")
+        round_masks = files.read_npz(paths.masks_file(_rdir(run_dir, r, b.name)))
+        final = _npz(prev, "final")
+        for name, m in round_masks.items():
+            np.testing.assert_array_equal(start[f"{name}/kernel"], final[f"{name}/kernel"] * m)
+        # The learning rate and steps of the IMP round's k..T, period by period.
+        logged = [(m["step"], m["lr"]) for m in _metrics(_rdir(run_dir, r, b.name))]
+        imp = [(m["step"], m["lr"]) for m in _metrics(_rdir(run_dir, r))]
+        assert logged == imp and logged[0][0] > K
+    assert summaries[0]["start_step"] == K
+
+
+def test_lr_rewind_replays_a_decaying_schedule_from_k(tiny_config, tmp_path):
+    config = tiny_config(
+        rounds=1, eval_every="10it", optimizer="sgd", lr=0.1, lr_drops=("30it",), lr_gamma=0.1
+    )
+    run_dir = str(tmp_path / "run")
+    rundir.open_run_dir(config, run_dir)
+    e = rounds.Experiment(config, run_dir, checkpoint_seconds=0, log=_quiet)
+    e.dense_round()
+    b = branching.Branch(e, branching.make_spec(e, "lr_rewind", num_rounds=1))
+    b.run()
+    lrs = [(m["step"], m["lr"]) for m in _metrics(_rdir(run_dir, 1, b.name))]
+    assert lrs == [(30, pytest.approx(0.1)), (40, pytest.approx(0.01))]
+
+
+def test_finetune_uses_the_constant_rate_for_its_budget_from_final_weights(base):
+    b, summaries = _branch(base, "finetune", finetune_lr=1e-4, finetune_steps="10it", num_rounds=1)
+    run_dir = base["run_dir"]
+    assert b.name == "finetune_lr0.0001_10it"
+    assert b.trained == [(b.name, 1)]
+    rdir = _rdir(run_dir, 1, b.name)
+    assert [m["lr"] for m in _metrics(rdir)] == [pytest.approx(1e-4)]
+    assert (summaries[0]["start_step"], summaries[0]["end_step"]) == (0, 10)
+    start, final = _npz(rdir, "start"), _npz(_rdir(run_dir, 0), "final")
+    for name, m in files.read_npz(paths.masks_file(rdir)).items():
+        np.testing.assert_array_equal(start[f"{name}/kernel"], final[f"{name}/kernel"] * m)
+
+
+def test_finetune_defaults_to_the_schedules_last_rate_and_the_rewinding_budget(base):
+    e = _experiment(base)
+    spec = branching.make_spec(e, "finetune", num_rounds=1)
+    assert spec.finetune_lr == pytest.approx(base["config"].lr)  # LeNet: a constant Adam rate
+    assert spec.finetune_steps == 40 - K
+
+
+# ---- one-shot --------------------------------------------------------------------------------
+
+
+def test_oneshot_prunes_round_0_to_each_target_density_and_rewinds_to_k(base):
+    b, summaries = _branch(base, "oneshot", densities=[0.5, 0.1])
+    run_dir = base["run_dir"]
+    assert b.name == f"oneshot_{K}it" and b.trained == [(b.name, 1), (b.name, 2)]
+    w_k = _npz(_rdir(run_dir, 0), "rewind")
+    for r, target in ((1, 0.5), (2, 0.1)):
+        m = files.read_npz(paths.masks_file(_rdir(run_dir, r, b.name)))
+        pruned = {n: v for n, v in m.items() if n != "output"}  # LeNet: output stays dense
+        assert masks.density(pruned) == pytest.approx(target, abs=1e-3)
+        assert summaries[r - 1]["start_step"] == K
+        start = _npz(_rdir(run_dir, r, b.name), "start")
+        for name, mask in m.items():
+            np.testing.assert_array_equal(start[f"{name}/kernel"], w_k[f"{name}/kernel"] * mask)
+    # More densities later add rounds; the existing ones are kept.
+    more, _ = _branch(base, "oneshot", densities=[0.1, 0.02])
+    assert more.trained == [(b.name, 3)]
+    assert files.read_json(paths.branch_file(run_dir, b.name))["densities"] == [0.5, 0.1, 0.02]
+
+
+# ---- refusals --------------------------------------------------------------------------------
+
+
+def test_a_branch_cannot_change_what_round_0_computed(base):
+    config = base["config"]
+    with pytest.raises(branching.BranchError, match="batch_size: run has 32, you asked for 64"):
+        branching.check_shares_round_0(config, {"batch_size": 64, "rewind_step": "10it"})
+    with pytest.raises(branching.BranchError, match="seed"):
+        branching.check_shares_round_0(config, {"seed": 3})
+    # The run's own values (a flagfile), k and rounds are fine.
+    branching.check_shares_round_0(
+        config, {"arch": config.arch, "training_steps": "40", "rounds": 9, "rewind_step": "5it"}
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, params, message",
+    [
+        ("rewind", {}, "needs --rewind_step"),
+        ("rewind", {"rewind_step": f"{K}it"}, "the run's own rewind step"),
+        ("rewind", {"rewind_step": "40it"}, "outside the run's schedule"),
+        ("oneshot", {}, "needs --densities"),
+        ("oneshot", {"densities": [0.5], "num_rounds": 2}, "--rounds is for the iterative"),
+        ("lr_rewind", {"densities": [0.5]}, "--densities is for --kind=oneshot"),
+        ("finetune", {"rewind_step": "10it"}, "not --kind=finetune"),
+        ("lr_rewind", {"finetune_lr": 0.1}, "--finetune_lr is for --kind=finetune"),
+        ("prune_more", {}, "Known kinds: rewind, lr_rewind, finetune, oneshot"),
+    ],
+)
+def test_bad_branches_are_refused_with_what_to_do(base, kind, params, message):
+    with pytest.raises(branching.BranchError, match=message):
+        branching.make_spec(_experiment(base), kind, **params)
+
+
+def test_a_run_without_round_0_is_refused(tiny_config, tmp_path):
+    config = tiny_config()
+    rundir.open_run_dir(config, str(tmp_path / "run"))
+    e = rounds.Experiment(config, str(tmp_path / "run"), log=_quiet)
+    with pytest.raises(branching.BranchError, match="no finished round 0"):
+        branching.make_spec(e, "lr_rewind", num_rounds=1)
+
+
+# ---- stability of a branch's mask and of the controls ----------------------------------------
+
+
+def test_stability_of_a_branch_mask_and_of_the_controls(base, rewind_branch):
+    b, _ = rewind_branch
+    run_dir = base["run_dir"]
+    a = linear_mode.Stability(run_dir, num_alphas=3, log=_quiet)
+    own = a.point(1, OTHER_K, branch=b.name)
+    rand = a.point(1, OTHER_K, subnetwork="random_prune", branch=b.name)
+    reinit = a.point(1, K, subnetwork="random_reinit")
+    imp_masks = files.read_npz(paths.masks_file(_rdir(run_dir, 1, b.name)))
+    assert own["density"] == rand["density"] == pytest.approx(masks.density(imp_masks))
+    assert (own["subnetwork"], own["branch"]) == ("imp", b.name)
+    assert "pruning_distance" in own  # the branch trained this subnetwork from OTHER_K
+    for point, series in (
+        (own, b.name),
+        (rand, f"{b.name}.random_prune"),
+        (reinit, "random_reinit"),
+    ):
+        out = paths.stability_point_dir(run_dir, 1, point["rewind_step"], series)
+        assert files.exists(paths.join(out, "interpolation.json")), series
+    copy = paths.stability_copy_dir(run_dir, 1, OTHER_K, 0, 1, f"{b.name}.random_prune")
+    used = files.read_npz(paths.masks_file(copy))
+    assert not _same(used, imp_masks)
+    assert masks.report(used)["layers"].keys() == masks.report(imp_masks)["layers"].keys()
+    table = reporting.stability_table(run_dir)
+    assert f"{b.name} / random_prune" in table and "| random_reinit |" in table
+
+
+# ---- reports and the command line ------------------------------------------------------------
+
+
+def test_the_report_shows_branches_as_series(base, rewind_branch):
+    _branch(base, "lr_rewind")
+    results = rundir.finished_rounds(base["run_dir"])
+    assert {"imp", f"rewind_{OTHER_K}it", f"lr_rewind_{K}it"} <= set(results)
+    text = reporting.write_report(base["run_dir"])
+    assert f"rewind_{OTHER_K}it test acc %" in text
+    with open(paths.report_file(base["run_dir"])) as f:
+        report = f.read()
+    assert f"| lr_rewind_{K}it |" in report  # a series of the aggregate table
+
+
+def test_the_command_line_refuses_another_batch_size_and_lists_kinds(base):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    argv = [sys.executable, "-m", "lth_tf.branch", f"--run_dir={base['run_dir']}"]
+    result = subprocess.run(
+        [*argv, "--kind=lr_rewind", "--batch_size=64"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "batch_size: run has 32, you asked for 64" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = subprocess.run(
+        [*argv, "--kind=nonsense"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert "Known branch kinds: rewind, lr_rewind, finetune, oneshot." in result.stderr
