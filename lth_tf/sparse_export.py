@@ -81,8 +81,8 @@ def _serving_module(model, data) -> tf.Module:
         def __init__(self):
             super().__init__()
             # Only the variables are tracked, not the Keras model: the SavedModel is
-            # then plain TensorFlow functions (no Keras metadata, and no per-layer
-            # tracing at save time, which takes minutes for ResNet-50).
+            # then plain TensorFlow functions (no Keras metadata, and no tracing of
+            # every layer's call at save time).
             self.model_variables = list(model.variables)
 
         @tf.function(input_signature=[tf.TensorSpec([None, *raw_shape], tf.uint8, "images")])
