@@ -1,15 +1,19 @@
-"""`python -m lth_tf.export --run_dir=... [--round=N] [--tflite]`: ship the sparse network.
+"""`python -m lth_tf.export --run_dir=... [--round=N] [--tflite [--tflite_int8]] [--eval_examples=N]`.
 
-Writes, under <run_dir>/export/round_NN/:
-  saved_model/   masks applied, tfmot wrappers stripped; a `serving_default`
-                 signature taking raw uint8 images of the dataset's shape and
-                 a `serving_float` one taking float pixels in [0, 255]; both
-                 return class probabilities. Loads with plain tf.saved_model.load.
-  model.tflite   with --tflite
-  export.json    density per layer and overall measured again from the
-                 reloaded SavedModel, the reloaded model's test accuracy next to
-                 the round's recorded one, and the sizes of the dense and the
-                 sparse export, raw and zip-compressed.
+Ships the sparse network of a finished round. Writes, under <run_dir>/export/round_NN/:
+  saved_model/   masks applied, tfmot wrappers stripped, the dataset's evaluation
+                 preprocessing built in; loads with plain tf.saved_model.load.
+                 Signatures (each returns "probabilities" and "classes"):
+                 serving_default (raw uint8 images; ImageNet: any size),
+                 serving_bytes (encoded JPEG/PNG strings), serving_float (float
+                 pixels 0-255), serving_preprocessed (model inputs).
+  model_dense.tflite, model_sparse.tflite   with --tflite (sparse: TFLite's sparse
+                 tensor format); model_sparse_int8.tflite with --tflite_int8
+  export.json    density per layer and overall measured again from the reloaded
+                 SavedModel, its accuracy on the evaluation split (first
+                 --eval_examples examples) next to the round's recorded one, and
+                 the sizes of the dense and sparse exports (SavedModel raw and zip,
+                 TFLite files) with the accuracy of each TFLite model.
 The default round is the sparsest IMP round whose test accuracy is within 0.2
 points of the dense network's (the paper's "matching").
 The export itself is lth_tf/sparse_export.py; this module is only the command line.
@@ -27,7 +31,13 @@ def main(argv):
     f = flags.FLAGS
     try:
         run_dir = flagdefs.one_run_dir(f.run_dir)
-        result = sparse_export.export(run_dir, f.round, f.tflite)
+        result = sparse_export.export(
+            run_dir,
+            f.round,
+            f.tflite,
+            tflite_int8=f.tflite_int8,
+            eval_examples=f.eval_examples or None,  # 0: all
+        )
     except (sparse_export.ExportError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -40,6 +50,13 @@ def main(argv):
         f"  size: dense {result['dense']['raw_bytes']:,} B raw / {result['dense']['zip_bytes']:,} B zip; "
         f"sparse {result['sparse']['raw_bytes']:,} B raw / {result['sparse']['zip_bytes']:,} B zip "
         f"(zip ratio {result['zip_ratio_sparse_over_dense']:.3f})\n"
+        + "".join(
+            f"  TFLite {kind}: {t['bytes']:,} B ({t['size_ratio_vs_dense']:.3f} of dense), "
+            f"test accuracy {100 * t['test_accuracy']:.2f}%\n"
+            for kind, t in result.get("tflite", {}).items()
+        )
+        + f"  accuracies on the first {result['eval_examples']:,} examples of the "
+        f"{result['eval_split']} split\n"
         f"  report: {paths.export_report_file(run_dir, result['round'])}"
     )
     return 0

@@ -586,7 +586,15 @@ def define_export_flags() -> None:
     define_run_dir_flag()
     _define_round_flag()
     FLAGS.set_default("round", None)  # see define_stability_flags
-    flags.DEFINE_boolean("tflite", False, "Also write a TFLite flatbuffer.")
+    _define_eval_examples_flag()
+    flags.DEFINE_boolean(
+        "tflite", False, "Also write dense and sparse (TFLite sparse format) TFLite files."
+    )
+    flags.DEFINE_boolean(
+        "tflite_int8",
+        False,
+        "Also write a sparse TFLite file with int8 weights (implies --tflite).",
+    )
 
 
 @_idempotent

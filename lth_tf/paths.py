@@ -121,8 +121,14 @@ def saved_model_dir(run_dir, round_index: int):
     return join(export_dir(run_dir, round_index), "saved_model")
 
 
-def tflite_file(run_dir, round_index: int):
-    return join(export_dir(run_dir, round_index), "model.tflite")
+def tflite_file(run_dir, round_index: int, kind: str = "sparse"):
+    """model_<kind>.tflite, kind one of lth_tf.tflite.KINDS (dense, sparse, sparse_int8)."""
+    return join(export_dir(run_dir, round_index), f"model_{kind}.tflite")
+
+
+def dense_saved_model_dir(run_dir, round_index: int):
+    """The round-0 (dense) network exported beside the ticket, for size comparison."""
+    return join(export_dir(run_dir, round_index), "dense_saved_model")
 
 
 def export_report_file(run_dir, round_index: int):

@@ -178,18 +178,36 @@ def stability_table(run_dir: str) -> str:
 
 def export_table(run_dir: str) -> str:
     """One line per exported round (python -m lth_tf.export), as Markdown ('' if none)."""
+    reports = export_reports(run_dir)
+    # TFLite columns only when some export wrote TFLite files (--tflite).
+    tflite = any("tflite" in e for e in reports)
     rows = [
         "| round | density % (all kernels) | exported test acc % | recorded % | dense zip B | "
-        "sparse zip B | zip ratio |",
-        "|---|---|---|---|---|---|---|",
+        "sparse zip B | zip ratio |"
+        + (
+            " dense TFLite B | sparse TFLite B | TFLite ratio | sparse int8 TFLite B |"
+            if tflite
+            else ""
+        ),
+        "|---|---|---|---|---|---|---|" + ("---|---|---|---|" if tflite else ""),
     ]
-    for e in export_reports(run_dir):
-        rows.append(
+    for e in reports:
+        row = (
             f"| {e['round']} | {100 * e['density_all_kernels']:.2f} | "
             f"{_pct(e['exported_test_accuracy'])} | {_pct(e['recorded_test_accuracy'])} | "
             f"{e['dense']['zip_bytes']:,} | {e['sparse']['zip_bytes']:,} | "
             f"{e['zip_ratio_sparse_over_dense']:.3f} |"
         )
+        if tflite:
+            t = e.get("tflite", {})
+            row += (
+                f" {t['dense']['bytes']:,} | {t['sparse']['bytes']:,} | "
+                f"{t['sparse']['size_ratio_vs_dense']:.3f} |"
+                if "sparse" in t
+                else " - | - | - |"
+            )
+            row += f" {t['sparse_int8']['bytes']:,} |" if "sparse_int8" in t else " - |"
+        rows.append(row)
     return "\n".join(rows) if len(rows) > 2 else ""
 
 

@@ -77,7 +77,22 @@ def interpreter(flatbuffer: bytes, num_threads: int = 1):
             return it, "builtin"
 
 
-def _run(it, images: np.ndarray) -> np.ndarray:
+def _probabilities_index(it) -> int:
+    """The output holding class scores.
+
+    lth_tf.export's serving functions return {"classes", "probabilities"}, which a
+    TFLite model lists in key order (classes first); a model with one output
+    (benchmarks) has only that.
+    """
+    for key in it.get_signature_list():
+        outputs = it.get_signature_runner(key).get_output_details()
+        if "probabilities" in outputs:
+            return outputs["probabilities"]["index"]
+    return it.get_output_details()[0]["index"]
+
+
+def _run(it, images: np.ndarray, output: int | None = None) -> np.ndarray:
+    """Output `output` (default: the first) for one batch; resizes the input when its shape changed."""
     inp = it.get_input_details()[0]
     if tuple(inp["shape"]) != images.shape:
         it.resize_tensor_input(inp["index"], images.shape)
@@ -85,15 +100,23 @@ def _run(it, images: np.ndarray) -> np.ndarray:
         inp = it.get_input_details()[0]
     it.set_tensor(inp["index"], images.astype(inp["dtype"]))
     it.invoke()
-    return it.get_tensor(it.get_output_details()[0]["index"])
+    return it.get_tensor(it.get_output_details()[0]["index"] if output is None else output)
 
 
 def accuracy(flatbuffer: bytes, batches) -> dict:
-    """Top-1 accuracy of a classifier flatbuffer over (images, labels) numpy batches."""
+    """Top-1 accuracy of a classifier flatbuffer over (images, labels) numpy batches.
+
+    Batches may differ in shape (e.g. ImageNet images of their own size, one per
+    batch, for a model converted with a dynamic input shape): the input is resized.
+
+    Returns:
+      {"accuracy", "examples", "resolver"} (resolver: "xnnpack" or "builtin").
+    """
     it, resolver = interpreter(flatbuffer)
+    output = _probabilities_index(it)
     correct = total = 0
     for images, labels in batches:
-        out = _run(it, np.asarray(images))
+        out = _run(it, np.asarray(images), output)
         correct += int((out.argmax(-1) == np.asarray(labels)).sum())
         total += len(labels)
     if total == 0:
@@ -104,12 +127,13 @@ def accuracy(flatbuffer: bytes, batches) -> dict:
 def latency(flatbuffer: bytes, images: np.ndarray, repeats: int = 200, warmup: int = 20) -> dict:
     """Median and mean seconds per invoke on `images` (one batch), one thread."""
     it, resolver = interpreter(flatbuffer)
+    output = _probabilities_index(it)
     for _ in range(warmup):
-        _run(it, images)
+        _run(it, images, output)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        _run(it, images)
+        _run(it, images, output)
         times.append(time.perf_counter() - t)
     return {
         "median_s": float(np.median(times)),

@@ -1,8 +1,9 @@
 """Contracts of `lth_tf.export`: what a user ships is the network that was trained.
 
 One tiny LeNet run (16x16 random images so the kernels dominate the files,
-prune_fraction 0.5 for two rounds: 25% density) is trained and exported once for
-the module; the SavedModel is then reloaded in a fresh Python that imports only
+prune_fraction 0.776 for two rounds: 5% density, the ticket size of the paper's
+LeNet figures) is trained and exported once for the module, with all three TFLite
+kinds; the SavedModel is then reloaded in a fresh Python that imports only
 TensorFlow.
 """
 
@@ -21,6 +22,7 @@ from lth_tf import files, paths, rounds, rundir, sparse_export, sparsity
 from lth_tf.keras import tf
 
 ROUND = 2
+PRUNE_FRACTION = 0.776  # (1 - 0.776)^2 = 5.0% density after two rounds
 
 
 def _noop(*args):
@@ -38,7 +40,7 @@ def run(tmp_path_factory):
         eval_every="20it",
         rewind_step="20it",
         rounds=ROUND,
-        prune_fraction=0.5,
+        prune_fraction=PRUNE_FRACTION,
         verbose=0,
         output_rate=1.0,
     )
@@ -48,7 +50,9 @@ def run(tmp_path_factory):
     rounds.Experiment(cfg, run_dir, checkpoint_seconds=0, log=_noop).run()
     pristine = str(base / "pristine")  # never exported: for the error cases
     shutil.copytree(run_dir, pristine)
-    result = sparse_export.export(run_dir, round_index=ROUND, tflite=True, log=_noop)
+    result = sparse_export.export(
+        run_dir, round_index=ROUND, tflite=True, tflite_int8=True, log=_noop
+    )
     return {"cfg": cfg, "run_dir": run_dir, "pristine": pristine, "result": result}
 
 
@@ -73,10 +77,16 @@ _RELOAD = textwrap.dedent(
     saved_model, x_path, out_dir = sys.argv[1:]
     x = np.load(x_path)
     loaded = tf.saved_model.load(saved_model)
-    probs = loaded.signatures["serving_default"](images=tf.constant(x))["probabilities"]
+    served = loaded.signatures["serving_default"](images=tf.constant(x))
     floats = loaded.signatures["serving_float"](images=tf.constant(x.astype(np.float32)))
-    np.save(out_dir + "/uint8.npy", probs.numpy())
+    # What a TF Serving client sends: encoded images (PNG: lossless, so the same pixels).
+    pngs = tf.stack([tf.io.encode_png(image) for image in x[:16]])
+    encoded = loaded.signatures["serving_bytes"](image_bytes=pngs)
+    np.save(out_dir + "/uint8.npy", served["probabilities"].numpy())
+    np.save(out_dir + "/classes.npy", served["classes"].numpy())
     np.save(out_dir + "/float.npy", floats["probabilities"].numpy())
+    np.save(out_dir + "/bytes.npy", encoded["probabilities"].numpy())
+    np.save(out_dir + "/bytes_classes.npy", encoded["classes"].numpy())
     np.savez(
         out_dir + "/kernels.npz",
         **{
@@ -122,6 +132,9 @@ def reloaded(run, trained, tmp_path_factory):
         "x": x,
         "uint8": np.load(out / "uint8.npy"),
         "float": np.load(out / "float.npy"),
+        "classes": np.load(out / "classes.npy"),
+        "bytes": np.load(out / "bytes.npy"),
+        "bytes_classes": np.load(out / "bytes_classes.npy"),
         "kernels": {k.replace("__", "/"): v for k, v in kernels.items()},
         "stdout": proc.stdout,
     }
@@ -143,6 +156,11 @@ def test_savedmodel_loads_in_plain_tensorflow_and_matches_the_trained_model(relo
     np.testing.assert_allclose(reloaded["uint8"], expected, rtol=1e-5, atol=1e-6)
     # serving_float takes the same pixels as floats in [0, 255].
     np.testing.assert_allclose(reloaded["float"], reloaded["uint8"], rtol=1e-6, atol=1e-7)
+    # Every signature also answers the class.
+    np.testing.assert_array_equal(reloaded["classes"], reloaded["uint8"].argmax(-1))
+    # serving_bytes decodes PNG strings (grayscale, 1 channel) to the same answer.
+    np.testing.assert_allclose(reloaded["bytes"], reloaded["uint8"][:16], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(reloaded["bytes_classes"], reloaded["classes"][:16])
 
 
 def test_exported_kernels_are_zero_exactly_where_the_mask_is(run, reloaded, trained):
@@ -178,29 +196,57 @@ def test_sparse_export_compresses_by_about_its_density(run):
     result = run["result"]
     density = result["density_all_kernels"]
     ratio = result["zip_ratio_sparse_over_dense"]
-    assert density == pytest.approx(0.25, abs=0.01)
+    assert density == pytest.approx((1 - PRUNE_FRACTION) ** ROUND, abs=0.005)
     assert result["sparse"]["zip_bytes"] < result["dense"]["zip_bytes"]
     # The surviving float32 weights are high-entropy and barely compress, the zeros
-    # compress to almost nothing, and the graph (saved_model.pb, ~76 KB raw) is the
-    # same in both: so the ratio is the density plus a little (the graph, the
-    # mask's positions). Measured: 0.37 at 25% density (0.61 at 50%). Below the
-    # density would mean surviving weights went missing; more than density + 0.2
-    # would mean the zeros are not stored as zeros.
+    # compress to almost nothing, and the graph (saved_model.pb) is the same in both:
+    # so the ratio is the density plus a little (the graph, the mask's positions).
+    # Measured: 0.153 at 5.0% density. Below the density would mean surviving weights went missing;
+    # more than density + 0.2 would mean the zeros are not stored as zeros.
     assert density < ratio < density + 0.2, (ratio, density)
     # Without compression a SavedModel stores every weight, zero or not.
     assert result["raw_ratio_sparse_over_dense"] == pytest.approx(1.0, abs=0.01)
 
 
+def test_tflite_files_are_written_and_the_sparse_one_scales_with_density(run):
+    result = run["result"]
+    tfl = result["tflite"]
+    assert sorted(tfl) == ["dense", "sparse", "sparse_int8"]
+    for kind, entry in tfl.items():
+        assert entry["path"] == paths.tflite_file(run["run_dir"], ROUND, kind)
+        assert entry["path"].endswith(f"model_{kind}.tflite")
+        assert os.path.getsize(entry["path"]) == entry["bytes"]
+        assert entry["size_ratio_vs_dense"] == pytest.approx(entry["bytes"] / tfl["dense"]["bytes"])
+    # The ordinary TFLite file stores every zero; the sparse format stores the
+    # surviving weights and their positions. Measured at 5.0% density: dense 434,044 B,
+    # sparse 64,044 B (0.148), sparse int8 weights 30,840 B (0.071).
+    assert tfl["sparse"]["bytes"] <= 0.2 * tfl["dense"]["bytes"], tfl
+    assert tfl["sparse_int8"]["bytes"] < tfl["sparse"]["bytes"], tfl
+
+
+def test_tflite_accuracy_is_the_savedmodel_accuracy(run):
+    result = run["result"]
+    n = result["eval_examples"]
+    assert n == 512  # the whole synthetic test split
+    for kind, entry in result["tflite"].items():
+        assert entry["examples"] == n, kind
+        assert entry["test_accuracy"] == pytest.approx(
+            result["exported_test_accuracy"], abs=0.01
+        ), (
+            kind,
+            entry,
+        )
+
+
 @pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
-def test_tflite_runs_and_agrees_with_the_savedmodel(run, reloaded):
-    path = run["result"]["tflite"]["path"]
-    assert path == paths.tflite_file(run["run_dir"], ROUND) and files.exists(path)
-    interpreter = tf.lite.Interpreter(model_path=path)
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_tflite_runs_and_agrees_with_the_savedmodel(run, reloaded, kind):
+    interpreter = tf.lite.Interpreter(model_path=run["result"]["tflite"][kind]["path"])
     runner = interpreter.get_signature_runner("serving_default")
-    x = reloaded["x"][:64]
-    probs = runner(images=x)["probabilities"]
-    np.testing.assert_array_equal(probs.argmax(-1), reloaded["uint8"][:64].argmax(-1))
-    np.testing.assert_allclose(probs, reloaded["uint8"][:64], atol=1e-5)
+    x = reloaded["x"][:64]  # raw uint8 images: the preprocessing is in the file
+    out = runner(images=x)
+    np.testing.assert_array_equal(out["classes"], reloaded["classes"][:64])
+    np.testing.assert_allclose(out["probabilities"], reloaded["uint8"][:64], atol=1e-5)
 
 
 def test_report_gets_an_export_line(run):
@@ -208,9 +254,16 @@ def test_report_gets_an_export_line(run):
         text = f.read()
     assert "## Sparse exports" in text
     section = text.split("## Sparse exports")[1].split("##")[0]
-    rows = [line for line in section.splitlines() if line.startswith(f"| {ROUND} | 25.00 |")]
+    result = run["result"]
+    density = f"{100 * result['density_all_kernels']:.2f}"
+    rows = [line for line in section.splitlines() if line.startswith(f"| {ROUND} | {density} |")]
     assert len(rows) == 1, section
-    assert rows[0].endswith(f"| {run['result']['zip_ratio_sparse_over_dense']:.3f} |")
+    tfl = result["tflite"]
+    assert rows[0].endswith(
+        f"| {result['zip_ratio_sparse_over_dense']:.3f} | {tfl['dense']['bytes']:,} | "
+        f"{tfl['sparse']['bytes']:,} | {tfl['sparse']['size_ratio_vs_dense']:.3f} | "
+        f"{tfl['sparse_int8']['bytes']:,} |"
+    )
 
 
 # ---- the default round --------------------------------------------------------------------
@@ -323,6 +376,42 @@ def test_export_json_is_valid_and_complete(run):
         "sparse",
         "tflite",
         "zip_ratio_sparse_over_dense",
+        "eval_split",
+        "eval_examples",
+        "signatures",
     ):
         assert key in on_disk, key
     assert on_disk["round"] == ROUND
+
+
+def test_command_line_export_caps_the_evaluation_with_eval_examples(run, tmp_path):
+    run_dir = _copy(run, tmp_path)
+    env = {k: v for k, v in os.environ.items()}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lth_tf.export",
+            f"--run_dir={run_dir}",
+            f"--round={ROUND}",
+            "--eval_examples=100",
+            "--tflite",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "first 100 examples of the test split" in proc.stdout, proc.stdout
+    on_disk = files.read_json(paths.export_report_file(run_dir, ROUND))
+    assert on_disk["eval_examples"] == 100
+    assert sorted(on_disk["tflite"]) == ["dense", "sparse"]  # int8 only with --tflite_int8
+    assert all(t["examples"] == 100 for t in on_disk["tflite"].values())
+    assert not os.path.exists(paths.tflite_file(run_dir, ROUND, "sparse_int8"))
+
+
+def test_eval_examples_must_be_positive(run, tmp_path):
+    with pytest.raises(ValueError, match="eval_examples=0"):
+        sparse_export.export(_copy(run, tmp_path), round_index=ROUND, eval_examples=0, log=_noop)

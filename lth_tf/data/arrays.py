@@ -55,6 +55,8 @@ class ArrayData:
         self.arrays = arrays
         self.augment = augment
         self.input_shape = tuple(arrays.x_train.shape[1:])
+        # What serving takes: raw images of exactly the training shape.
+        self.serving_shape = self.input_shape
         self.num_classes = arrays.num_classes
         self.num_train = len(arrays.x_train)
         # Per-channel statistics of the training split, for normalisation.
@@ -178,6 +180,33 @@ class ArrayData:
                 "validation": self.arrays.y_val,
                 "test": self.arrays.y_test,
             }[split]
+        )
+
+    def serving_preprocess(self, images: tf.Tensor) -> tf.Tensor:
+        """Model inputs from a batch of raw images (pixels 0-255, uint8 or float).
+
+        The normalisation of `train` and `eval`.
+        """
+        return self._normalize(images)
+
+    def serving_preprocess_encoded(self, image_bytes: tf.Tensor) -> tf.Tensor:
+        """The model input of one encoded image (PNG, JPEG, GIF or BMP; scalar string).
+
+        The image must have the dataset's shape (e.g. 28x28 for MNIST; colour
+        images are converted to the dataset's number of channels).
+        """
+        image = tf.io.decode_image(
+            image_bytes, channels=self.input_shape[-1], expand_animations=False
+        )
+        image = tf.ensure_shape(image, self.input_shape)
+        return self._normalize(image[None])[0]
+
+    def raw_eval(self, split: str) -> tf.data.Dataset:
+        """The examples of `eval(split, ...)`, in its order, as raw (uint8 image, label); unbatched."""
+        base.check_split(split)
+        key = {"train": "train", "validation": "val", "test": "test"}[split]
+        return tf.data.Dataset.from_tensor_slices(
+            (self._tensor(f"x_{key}"), self._tensor(f"y_{key}"))
         )
 
 

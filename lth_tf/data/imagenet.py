@@ -32,8 +32,8 @@ _CROP_MIN_OBJECT_COVERED = 0.1
 _CROP_MAX_ATTEMPTS = 10
 
 # Evaluation resizes the shorter side to 256 and center-crops 224 (scaled with
-# image_size), so the crop keeps this fraction of the shorter side.
-_EVAL_RESIZE_RATIO = 256.0 / 224.0
+# image_size), so the crop keeps 224/256 = 7/8 of the shorter side.
+_EVAL_CROP_NUMERATOR, _EVAL_CROP_DENOMINATOR = 7, 8
 
 # Tags that keep the per-epoch order seeds and the per-example augmentation seeds
 # of one user seed on independent random streams.
@@ -126,15 +126,55 @@ def decode_and_center_crop(
       A normalized (image_size, image_size, 3) tensor of ``dtype``.
     """
     shape = tf.io.extract_jpeg_shape(image_bytes)
-    height, width = shape[0], shape[1]
-    shorter = tf.cast(tf.minimum(height, width), tf.float64)
-    crop = tf.maximum(tf.cast(tf.round(shorter / _EVAL_RESIZE_RATIO), tf.int32), 1)
-    offset_y = (height - crop + 1) // 2
-    offset_x = (width - crop + 1) // 2
+    offset_y, offset_x, crop = _center_crop_window(shape[0], shape[1])
     window = tf.stack([offset_y, offset_x, crop, crop])
     image = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
     image = tf.image.resize(image, [image_size, image_size], method="bilinear")
     return _normalize(image, dtype)
+
+
+def _center_crop_window(height: tf.Tensor, width: tf.Tensor):
+    """(offset_y, offset_x, side) of the central square evaluation crop.
+
+    The side is 7/8 of the shorter side, rounded half to even (as tf.round did on
+    the float64 quotient this replaced: equal for every side up to 100,000, tested).
+    Integer arithmetic only, so that the exported serving graph converts to TFLite,
+    which has no float64 division or rounding.
+    """
+    height = tf.cast(height, tf.int32)
+    width = tf.cast(width, tf.int32)
+    scaled = tf.minimum(height, width) * _EVAL_CROP_NUMERATOR
+    quotient = scaled // _EVAL_CROP_DENOMINATOR
+    twice_remainder = 2 * (scaled % _EVAL_CROP_DENOMINATOR)
+    round_up = (twice_remainder > _EVAL_CROP_DENOMINATOR) | (
+        (twice_remainder == _EVAL_CROP_DENOMINATOR) & (quotient % 2 == 1)
+    )
+    crop = tf.maximum(quotient + tf.cast(round_up, tf.int32), 1)
+    return (height - crop + 1) // 2, (width - crop + 1) // 2, crop
+
+
+def center_crop(images: tf.Tensor, image_size: int, dtype: tf.DType = tf.float32) -> tf.Tensor:
+    """Evaluation preprocessing of decoded images: `decode_and_center_crop`'s crop, resize, normalize.
+
+    For serving: the same window, resize and normalisation as the evaluation
+    pipeline, applied to images that are already decoded.
+
+    Args:
+      images: RGB pixels 0-255 (uint8 or float), one image (H, W, 3) or a batch
+        of images of one size (B, H, W, 3); any H and W.
+      image_size: side of the square output.
+      dtype: output dtype.
+
+    Returns:
+      Normalized (image_size, image_size, 3) images of ``dtype``, batched as given.
+    """
+    shape = tf.shape(images)
+    offset_y, offset_x, crop = _center_crop_window(shape[-3], shape[-2])
+    images = images[..., offset_y : offset_y + crop, offset_x : offset_x + crop, :]
+    # Resized as float32: the same values tf.image.resize gives for uint8 input,
+    # and TFLite has no uint8 bilinear resize.
+    images = tf.image.resize(tf.cast(images, tf.float32), [image_size, image_size], "bilinear")
+    return _normalize(images, dtype)
 
 
 # Only the image (kept as JPEG bytes, decoded by the functions above) and the label
@@ -398,6 +438,8 @@ class ImageNetData:
         self.augment = augment
         self.image_size = image_size
         self.input_shape = (image_size, image_size, 3)
+        # What serving takes: RGB images of any size (cropped and resized in the graph).
+        self.serving_shape = (None, None, 3)
         counts = imagenet_num_examples(data_dir)
         self.num_train = counts["train"]
         self._num_eval = counts["validation"]
@@ -457,3 +499,45 @@ class ImageNetData:
         """Examples of the split `eval(split, ...)` reads."""
         base.check_split(split)
         return self.num_train if split == "train" else self._num_eval
+
+    def serving_preprocess(self, images: tf.Tensor) -> tf.Tensor:
+        """Model inputs from a batch of decoded RGB images of one size (any size).
+
+        The evaluation pipeline's crop, resize and normalisation (`center_crop`).
+        """
+        return center_crop(images, self.image_size)
+
+    def serving_preprocess_encoded(self, image_bytes: tf.Tensor) -> tf.Tensor:
+        """The model input of one encoded image (JPEG, PNG, GIF or BMP; scalar string).
+
+        A JPEG goes through the evaluation pipeline's own `decode_and_center_crop`;
+        other formats are decoded whole and take the same crop.
+        """
+        return tf.cond(
+            tf.io.is_jpeg(image_bytes),
+            lambda: decode_and_center_crop(image_bytes, self.image_size),
+            lambda: center_crop(
+                tf.io.decode_image(image_bytes, channels=3, expand_animations=False),
+                self.image_size,
+            ),
+        )
+
+    def raw_eval(self, split: str) -> tf.data.Dataset:
+        """The examples of `eval(split, ...)`, in its order, as decoded (uint8 image, label).
+
+        Images keep their own size; unbatched.
+        """
+        base.check_split(split)
+        builder = require_prepared(IMAGENET_NAME, self.data_dir)
+        ds = builder.as_dataset(
+            split="train" if split == "train" else "validation",
+            shuffle_files=False,
+            decoders=_decoders(),
+            read_config=tfds.ReadConfig(try_autocache=False),
+        )
+        return ds.map(
+            lambda ex: (
+                tf.io.decode_jpeg(ex["image"], channels=3),
+                tf.cast(ex["label"], tf.int32),
+            )
+        )
