@@ -111,3 +111,12 @@ def imagenet_dir(tmp_path_factory):
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, num_shards=3)
     )
     return os.fspath(data_dir)
+
+
+@pytest.fixture(autouse=True)
+def _no_stop_request_leaks_between_tests():
+    """A test that simulates SIGTERM must not stop every later test's training."""
+    yield
+    from lth_tf.callbacks import StopRequest
+
+    StopRequest.signal_name = None

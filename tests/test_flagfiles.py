@@ -204,11 +204,13 @@ def test_resuming_off_the_execution_grid_still_records_the_rewind_step(
     def stopping_fit_segment(*args, callbacks=(), **kwargs):
         return fit_segment(*args, callbacks=[_StopAt(7), *callbacks], **kwargs)
 
+    # Registered before the stop, so teardown restores "no signal" for later tests.
+    monkeypatch.setattr(StopRequest, "signal_name", None)
     monkeypatch.setattr(train, "fit_segment", stopping_fit_segment)
     with pytest.raises(Interrupted, match="at step 7"):
         rounds.Experiment(config, run_dir, checkpoint_seconds=1e9, log=_quiet).run()
     monkeypatch.setattr(train, "fit_segment", fit_segment)
-    monkeypatch.setattr(StopRequest, "signal_name", None)
+    StopRequest.signal_name = None
 
     resumed = tiny_config(steps_per_execution=10, **settings)
     rounds.Experiment(resumed, run_dir, checkpoint_seconds=0, log=_quiet).run()
