@@ -13,6 +13,8 @@ For a run's round r (0: the dense network) and each rewind point k:
     over round r's surviving weights (stability to pruning, 1903.01611).
 BatchNorm: the interpolated network uses the interpolated running statistics
 unless --recompute_bn, which re-estimates them on training batches.
+The copies train under --strategy (--num_gpus, --tpu: the same flags as imp),
+with the run's own mixed precision.
 Outputs: <run_dir>/stability/round_NN/k_XXXXXXX/{interpolation.json, path.png},
 <run_dir>/stability/round_NN/sweep.json and barrier_vs_k.png, and a section of
 the run's report.md. Every trained copy is a resumable round directory.
@@ -23,7 +25,7 @@ import sys
 
 from absl import app, flags, logging
 
-from lth_tf import flagdefs, linear_mode, paths, reporting, steps
+from lth_tf import distribute, flagdefs, linear_mode, paths, reporting, steps
 from lth_tf.callbacks import Interrupted, StopRequest
 
 
@@ -32,8 +34,13 @@ def main(argv):
     f = flags.FLAGS
     try:
         run_dir = flagdefs.one_run_dir(f.run_dir)
+        strategy = distribute.get_strategy(f.strategy, num_gpus=f.num_gpus, tpu=f.tpu)
+        StopRequest.install()  # again: a multi-worker strategy took SIGTERM over
+        chief = distribute.is_chief(strategy)
         analysis = linear_mode.Stability(
             run_dir,
+            strategy=strategy,
+            log=print if chief else (lambda *a: None),
             num_alphas=f.num_alphas,
             repeats=f.repeats,
             recompute_bn=f.recompute_bn,
@@ -56,6 +63,8 @@ def main(argv):
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         return 130 if StopRequest.signal_name == "SIGINT" else 143
+    if not chief:
+        return 0  # the chief writes the report
     reporting.write_report(run_dir)
     print(reporting.stability_table(run_dir))
     print(f"\nPlots: {paths.stability_dir(run_dir, f.round)}")
