@@ -26,9 +26,9 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
 # masks follow from round 0's final weights, so they check the resumed training.
 RUN = {
     **conftest.TINY,
-    "training_steps": "300it",
-    "eval_every": "50it",
-    "rewind_step": "50it",
+    "training_steps": "180it",
+    "eval_every": "30it",
+    "rewind_step": "30it",
     "rounds": 1,
     "output_rate": 1.0,
 }
@@ -111,7 +111,7 @@ def test_sigterm_to_one_worker_saves_both_at_one_step_and_the_rerun_ends_as_unin
         assert not os.path.exists(paths.summary_file(rdir))
         saved = checkpointing.RoundCheckpointer(None, paths.resume_dir(rdir)).saved()
         steps.append(int(saved[-1].rsplit("-", 1)[1]))
-    assert steps[0] == steps[1] and 50 <= steps[0] < 300, steps
+    assert steps[0] == steps[1] and 30 <= steps[0] < 180, steps
 
     codes, outputs = _finish(_start_workers(tmp_path, "run"))
     assert codes == [0, 0], [err[-3000:] for _, err in outputs]
