@@ -160,7 +160,12 @@ class StopRequest:
 
     @classmethod
     def install(cls) -> None:
-        """SIGINT and SIGTERM request a clean stop; a second SIGINT stops at once."""
+        """SIGINT and SIGTERM request a clean stop; a second SIGINT stops at once.
+
+        Building a MultiWorkerMirroredStrategy replaces the SIGTERM handler (TF's
+        coordination service installs its own preemption notifier): entry points
+        call this again once their strategy is built.
+        """
         import signal
 
         def handler(signum, frame):

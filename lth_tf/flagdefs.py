@@ -294,8 +294,8 @@ def define_train_flags() -> None:
 
 
 @_idempotent
-def define_distribute_flags() -> None:
-    """How a run is spread over devices: strategy, GPUs, TPU, mixed precision."""
+def define_strategy_flags() -> None:
+    """Which devices a process trains on: strategy, GPUs, TPU (imp, stability)."""
     _define_choice(
         "strategy",
         "default",
@@ -307,6 +307,14 @@ def define_distribute_flags() -> None:
         "num_gpus", None, "GPUs for --strategy=mirrored (default: all).", lower_bound=1
     )
     flags.DEFINE_string("tpu", None, "TPU name or address for --strategy=tpu; 'local' on a TPU VM.")
+
+
+@_idempotent
+def define_distribute_flags() -> None:
+    """How a run is spread over devices: the strategy flags, and mixed precision."""
+    define_strategy_flags()
+    # A RunConfig field (it changes results), so imp's only: stability trains its
+    # copies with the precision of the run it analyses.
     _define_choice(
         "mixed_precision",
         None,
@@ -476,6 +484,8 @@ def _define_rewind_steps_flag() -> None:
 def define_stability_flags() -> None:
     """Every flag of `python -m lth_tf.stability`."""
     define_run_dir_flag()
+    # The copies train under a strategy like imp's rounds; their precision is the run's.
+    define_strategy_flags()
     _define_round_flag()
     # --round is shared with export, whose default differs: each entry point's
     # define function sets it (a process runs one entry point; where tests define

@@ -49,6 +49,7 @@ def main(argv):
     except distribute.StrategyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    StopRequest.install()  # again: a multi-worker strategy took SIGTERM over
     chief = distribute.is_chief(strategy)
     log = print if chief else (lambda *a: None)
     for i, (c, run_dir) in enumerate(runs, 1):

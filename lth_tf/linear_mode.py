@@ -15,7 +15,10 @@ BatchNorm: the interpolated network uses the interpolated running statistics
 unless recompute_bn, which re-estimates them on training batches.
 Outputs: <run_dir>/stability/round_NN/k_XXXXXXX/{interpolation.json, path.png},
 <run_dir>/stability/round_NN/sweep.json and barrier_vs_k.png. Every trained
-copy is a resumable round directory.
+copy is a resumable round directory, trained like the run's rounds: under the
+given strategy, with the run's mixed precision (its config). Under
+multi-worker training only the chief writes into the run; other workers write
+their copies to their scratch directory (distribute.worker_run_dir).
 Which subnetwork (`subnetwork`, `branch` of point() and sweep()): round r's
 IMP mask of the run or of a branch of it (lth_tf.branching, e.g. IMP rewound
 to its own k: the LMC paper runs IMP separately per k), or a control at the
@@ -27,7 +30,7 @@ command line; lth_tf/reporting.py formats the results.
 
 import numpy as np
 
-from lth_tf import files, masks, paths, plots, rounds, rundir, sparsity, train
+from lth_tf import distribute, files, masks, paths, plots, rounds, rundir, sparsity, train
 from lth_tf.keras import keras, tf
 
 STABLE_BARRIER = 0.02
@@ -111,12 +114,24 @@ def barrier(errors) -> float:
 
 
 class Stability:
-    """The analyses on one run; every trained piece is idempotent and resumable."""
+    """The analyses on one run; every trained piece is idempotent and resumable.
+
+    Args:
+      run_dir: the run to analyse (read; the chief writes its results there).
+      strategy: the tf.distribute strategy the copies train under (default: the
+        default strategy); their mixed precision is the run's config's.
+      num_alphas: points on each interpolation path.
+      repeats: pairs of copies per point.
+      recompute_bn: re-estimate BatchNorm statistics at each point of the path.
+      eval_examples: cap on the examples evaluated per point and split.
+      log: a print-like function for progress lines.
+    """
 
     def __init__(
         self,
         run_dir: str,
         *,
+        strategy=None,
         num_alphas=30,
         repeats=1,
         recompute_bn=False,
@@ -125,12 +140,18 @@ class Stability:
     ):
         self.run_dir = run_dir
         self.config = rundir.load_config(run_dir)
+        self.strategy = strategy or tf.distribute.get_strategy()
+        # Where this process writes: the run itself, or a non-chief worker's scratch copy.
+        self.out_dir = distribute.worker_run_dir(run_dir, self.strategy)
         self.num_alphas = num_alphas
         self.repeats = repeats
         self.recompute_bn = recompute_bn
         self.eval_examples = eval_examples
         self.log = log
-        self.experiment = rounds.Experiment(self.config, run_dir, checkpoint_seconds=300, log=log)
+        # Built from the run's config: its model, data and mixed precision.
+        self.experiment = rounds.Experiment(
+            self.config, self.out_dir, strategy=self.strategy, checkpoint_seconds=300, log=log
+        )
         self.schedule = self.experiment.schedule
 
     def masks_of(self, r: int, branch: str | None = None) -> dict:
@@ -177,7 +198,7 @@ class Stability:
         start = paths.checkpoint_file(r0, "start")
         if k == 0 and files.exists(start):
             return files.read_npz(start)
-        path = paths.rewind_point_file(self.run_dir, k)
+        path = paths.rewind_point_file(self.out_dir, k)
         if files.exists(path):
             return files.read_npz(path)
         self.log(f"== training the dense network to step {k} (rewind point)")
@@ -203,7 +224,7 @@ class Stability:
         """
         series = series_name(subnetwork, branch)
         out_path = paths.join(
-            paths.stability_point_dir(self.run_dir, r, k, series), "interpolation.json"
+            paths.stability_point_dir(self.out_dir, r, k, series), "interpolation.json"
         )
         settings = {
             "batchnorm": "recomputed" if self.recompute_bn else "interpolated",
@@ -225,7 +246,7 @@ class Stability:
             finals = []
             for c in (1, 2):
                 seed = self.config.data_seed + 1000 * (j + 1) + c
-                rdir = paths.stability_copy_dir(self.run_dir, r, k, j, c, series)
+                rdir = paths.stability_copy_dir(self.out_dir, r, k, j, c, series)
                 self.experiment.train_branch(
                     rdir, r, f"k{k}_r{j}_c{c}", round_masks, start, k, data_seed=seed
                 )
@@ -281,7 +302,7 @@ class Stability:
                 result["pruning_distance_normalized"] = d / max(_norm(b, kernels, a), 1e-12)
         files.write_json(out_path, result)
         files.write_bytes(
-            paths.join(paths.stability_point_dir(self.run_dir, r, k, series), "path.png"),
+            paths.join(paths.stability_point_dir(self.out_dir, r, k, series), "path.png"),
             plots.interpolation_path(result),
         )
         return result
@@ -299,7 +320,7 @@ class Stability:
     def sweep(self, r: int, ks, *, subnetwork: str = "imp", branch: str | None = None) -> list:
         """point() for each k; writes sweep.json and barrier_vs_k.png of the series."""
         results = [self.point(r, k, subnetwork=subnetwork, branch=branch) for k in ks]
-        directory = paths.stability_dir(self.run_dir, r, series_name(subnetwork, branch))
+        directory = paths.stability_dir(self.out_dir, r, series_name(subnetwork, branch))
         files.write_json(paths.join(directory, "sweep.json"), results)
         files.write_bytes(
             paths.join(directory, "barrier_vs_k.png"), plots.barrier_vs_k(results, STABLE_BARRIER)

@@ -140,6 +140,8 @@ class Experiment:
         self.config = config
         self.run_dir = run_dir
         self.strategy = strategy or tf.distribute.get_strategy()
+        # Multi-worker: the workers agree on stops and on the step they resume from.
+        self.agreement = checkpointing.agreement(self.strategy)
         self.checkpoint_seconds = checkpoint_seconds
         self.write = write
         self.log = log
@@ -316,7 +318,11 @@ class Experiment:
         )
         self._verify_or_write_masks(rd)
         checkpointer = checkpointing.RoundCheckpointer(
-            self.checkpoint, paths.resume_dir(rd.rdir), write=self.write, label=rd.label
+            self.checkpoint,
+            paths.resume_dir(rd.rdir),
+            write=self.write,
+            label=rd.label,
+            agreement=self.agreement,
         )
         start = self._restore_or_start(rd, checkpointer)
         metrics_path = paths.metrics_file(rd.rdir)
@@ -327,9 +333,13 @@ class Experiment:
         return self._finish(rd, checkpointer, clock)
 
     def _refuse_if_stopping(self, rd: _Round) -> None:
-        if StopRequest.signal_name is not None:
+        stopping = StopRequest.signal_name is not None
+        if self.agreement is not None:  # a peer's signal stops every worker here
+            stopping = self.agreement.any(stopping)
+        if stopping:
+            reason = StopRequest.signal_name or "another worker's stop request"
             raise Interrupted(
-                f"Stopped by {StopRequest.signal_name} before round {rd.r} ({rd.branch}); every "
+                f"Stopped by {reason} before round {rd.r} ({rd.branch}); every "
                 "earlier round is finished. Rerun the same command to go on."
             )
 
@@ -418,6 +428,7 @@ class Experiment:
                 # decide by step (every period end), never by their own clocks.
                 by_clock=not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy),
                 label=rd.label,
+                agree=None if self.agreement is None else self.agreement.any,
             ),
         ]
         if recorder is not None:

@@ -16,6 +16,8 @@ unless --recompute_bn, which re-estimates them on training batches.
 --subnetwork=random_prune|random_reinit analyses the controls at the same
 density, --branch=NAME the round's mask of a branch (lth_tf.branch), e.g. the
 IMP mask found with that branch's own k (its k is then the default k).
+The copies train under --strategy (--num_gpus, --tpu: the same flags as imp),
+with the run's own mixed precision.
 Outputs: <run_dir>/stability/round_NN/k_XXXXXXX/{interpolation.json, path.png},
 <run_dir>/stability/round_NN/sweep.json and barrier_vs_k.png, and a section of
 the run's report.md. Every trained copy is a resumable round directory.
@@ -26,7 +28,7 @@ import sys
 
 from absl import app, flags, logging
 
-from lth_tf import files, flagdefs, linear_mode, paths, reporting, steps
+from lth_tf import distribute, files, flagdefs, linear_mode, paths, reporting, steps
 from lth_tf.callbacks import Interrupted, StopRequest
 
 
@@ -35,8 +37,13 @@ def main(argv):
     f = flags.FLAGS
     try:
         run_dir = flagdefs.one_run_dir(f.run_dir)
+        strategy = distribute.get_strategy(f.strategy, num_gpus=f.num_gpus, tpu=f.tpu)
+        StopRequest.install()  # again: a multi-worker strategy took SIGTERM over
+        chief = distribute.is_chief(strategy)
         analysis = linear_mode.Stability(
             run_dir,
+            strategy=strategy,
+            log=print if chief else (lambda *a: None),
             num_alphas=f.num_alphas,
             repeats=f.repeats,
             recompute_bn=f.recompute_bn,
@@ -64,6 +71,8 @@ def main(argv):
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         return 130 if StopRequest.signal_name == "SIGINT" else 143
+    if not chief:
+        return 0  # the chief writes the report
     reporting.write_report(run_dir)
     print(reporting.stability_table(run_dir))
     series = linear_mode.series_name(f.subnetwork, f.branch)

@@ -6,6 +6,7 @@ with 10% of labels flipped so errors are not all zero) for one IMP round; the
 analyses train their copies on it.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -312,3 +313,108 @@ def test_cli_on_something_that_is_not_a_run(tmp_path):
     assert "is not an lth_tf run directory" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert os.listdir(tmp_path) == []
+
+
+# ---- under the run's strategy and precision -----------------------------------------------
+
+MIRRORED_POINT = """
+import json, sys
+from lth_tf.keras import tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from lth_tf import distribute, linear_mode
+strategy = distribute.get_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
+a = linear_mode.Stability(sys.argv[1], strategy=strategy, num_alphas=5, log=lambda *x: None)
+result = a.point(1, int(sys.argv[2]))
+print(json.dumps({"replicas": a.experiment.strategy.num_replicas_in_sync, "result": result}))
+"""
+
+
+def test_a_point_under_mirrored_on_two_devices_writes_the_same_results(run, analysis, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(run["run_dir"], run_dir, ignore=shutil.ignore_patterns("stability"))
+    script = tmp_path / "point.py"
+    script.write_text(MIRRORED_POINT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(run_dir), str(K)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["replicas"] == 2
+    result = out["result"]
+    written = paths.join(paths.stability_point_dir(str(run_dir), 1, K), "interpolation.json")
+    assert files.read_json(written) == result
+    single = analysis["pruned"]  # the same point on one device
+    assert set(result) == set(single)
+    assert set(result["repeats"][0]) == set(single["repeats"][0])
+    (rep,) = result["repeats"]
+    assert len(rep["alpha"]) == len(rep["test_error"]) == len(rep["train_error"]) == 5
+    assert all(0.0 <= e <= 1.0 for e in rep["test_error"] + rep["train_error"])
+    assert result["test_barrier_mean"] == linear_mode.barrier(rep["test_error"]) >= 0.0
+    assert result["data_order_distance_mean"] > 0 and result["pruning_distance"] > 0
+    assert result["density"] == single["density"]
+    # The copies learned the task as on one device (errors well under chance, 0.75).
+    assert max(rep["test_error"][0], rep["test_error"][-1]) < 0.5
+    assert abs(result["test_accuracy_mean"] - single["test_accuracy_mean"]) < 0.15
+
+
+def test_the_copies_train_with_the_runs_mixed_precision(tmp_path):
+    cfg = C.make_config(
+        "lenet_300_100",
+        dataset="synthetic:8x8x1:4",
+        batch_size=32,
+        training_steps="40it",
+        eval_every="20it",
+        rewind_step="20it",
+        rounds=1,
+        verbose=0,
+        mixed_precision="bfloat16",
+    )
+    rundir.open_run_dir(cfg, str(tmp_path))
+    try:
+        a = linear_mode.Stability(str(tmp_path), log=_noop)
+        wrappers = sparsity.wrappers(a.experiment.model)
+        assert wrappers
+        for name, wrapper in wrappers.items():
+            if name != "output":  # Keras keeps the softmax output in float32
+                assert wrapper.compute_dtype == "bfloat16", name
+        assert keras.mixed_precision.global_policy().name == "float32"  # restored
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_cli_takes_imps_strategy_flags_and_not_a_precision_of_its_own():
+    from absl import flags
+
+    from lth_tf import flagdefs
+
+    flagdefs.define_stability_flags()
+    flagdefs.define_imp_flags()
+    names = flagdefs.flag_names(flagdefs.define_stability_flags)
+    assert {"strategy", "num_gpus", "tpu"} <= names and "mixed_precision" not in names
+    for name in ("strategy", "num_gpus", "tpu"):  # one definition, shared with imp
+        assert flags.FLAGS.find_module_defining_flag(name) == "lth_tf.flagdefs"
+    assert {"strategy", "num_gpus", "tpu"} <= flagdefs.flag_names(flagdefs.define_imp_flags)
+
+
+def test_cli_refuses_a_strategy_it_cannot_build(run, tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lth_tf.stability",
+            f"--run_dir={run['run_dir']}",
+            "--strategy=mirrored",
+            "--num_gpus=4",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--num_gpus=4" in proc.stderr and "Traceback" not in proc.stderr

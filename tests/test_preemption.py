@@ -1,0 +1,227 @@
+"""Contracts of preemption under multi-worker training: two `lth_tf.imp` processes on 127.0.0.1.
+
+A signal reaches one worker only (a preempted VM); the workers agree to save
+at the same step and both stop; rerun, they resume from that step and end as
+an uninterrupted run. The agreement itself (lth_tf.checkpointing.WorkerAgreement)
+is also checked on its own, with fake workers.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import conftest
+import numpy as np
+import pytest
+
+from lth_tf import checkpointing, files, paths
+from lth_tf.callbacks import Interrupted
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
+# Round 0 is long enough (6 evaluation periods) to be interrupted mid-way; round 1's
+# masks follow from round 0's final weights, so they check the resumed training.
+RUN = {
+    **conftest.TINY,
+    "training_steps": "180it",
+    "eval_every": "30it",
+    "rewind_step": "30it",
+    "rounds": 1,
+    "output_rate": 1.0,
+}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_workers(root, name):
+    cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(2)]}
+    argv = [f"--{k}={v}" for k, v in RUN.items()] + [
+        "--arch=lenet_300_100",
+        "--strategy=multi_worker",
+        "--deterministic",
+        f"--root_dir={root}",
+        f"--run_name={name}",
+        "--checkpoint_seconds=0",
+    ]
+    procs = []
+    for index in (0, 1):
+        tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "lth_tf.imp", *argv],
+                env={**ENV, "TF_CONFIG": json.dumps(tf_config)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    return procs
+
+
+def _finish(procs):
+    outputs = [p.communicate(timeout=600) for p in procs]
+    return [p.returncode for p in procs], outputs
+
+
+def _dirs(root, name):
+    return root / name, root / f"{name}.worker_1"  # the chief's, worker 1's scratch copy
+
+
+def _results(run_dir):
+    out = {}
+    for r in (0, 1):
+        rdir = paths.round_dir(str(run_dir), r)
+        out[r] = (files.read_npz(paths.masks_file(rdir)), files.read_json(paths.summary_file(rdir)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    codes, outputs = _finish(_start_workers(root, "run"))
+    assert codes == [0, 0], [err[-3000:] for _, err in outputs]
+    return _results(root / "run")
+
+
+def test_sigterm_to_one_worker_saves_both_at_one_step_and_the_rerun_ends_as_uninterrupted(
+    tmp_path, uninterrupted
+):
+    chief_dir, worker_dir = _dirs(tmp_path, "run")
+    procs = _start_workers(tmp_path, "run")
+    # Once the chief logged its first evaluation period, round 0 is well under way.
+    metrics = paths.metrics_file(paths.round_dir(str(chief_dir), 0))
+    deadline = time.time() + 300
+    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics)):
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # the non-chief only: the chief must learn of it
+    codes, outputs = _finish(procs)
+    assert codes == [143, 143], [err[-3000:] for _, err in outputs]
+    assert "another worker's stop request" in outputs[0][1]
+    assert "Stopped by SIGTERM" in outputs[1][1]
+    steps = []
+    for d in (chief_dir, worker_dir):
+        rdir = paths.round_dir(str(d), 0)
+        assert not os.path.exists(paths.summary_file(rdir))
+        saved = checkpointing.RoundCheckpointer(None, paths.resume_dir(rdir)).saved()
+        steps.append(int(saved[-1].rsplit("-", 1)[1]))
+    assert steps[0] == steps[1] and 30 <= steps[0] < 180, steps
+
+    codes, outputs = _finish(_start_workers(tmp_path, "run"))
+    assert codes == [0, 0], [err[-3000:] for _, err in outputs]
+    assert f"resuming round 0 from its checkpoint at step {steps[0]}" in outputs[0][0]
+    resumed = _results(chief_dir)
+    for r in (0, 1):
+        masks, summary = resumed[r]
+        expected_masks, expected = uninterrupted[r]
+        assert set(masks) == set(expected_masks)
+        for name in masks:
+            np.testing.assert_array_equal(masks[name], expected_masks[name])
+        for key in ("test_accuracy", "best_validation_accuracy", "train_accuracy"):
+            assert summary[key] == pytest.approx(expected[key], abs=1e-6), (r, key)
+    for r in (0, 1):  # worker 1 computed the same masks
+        worker_masks = files.read_npz(paths.masks_file(paths.round_dir(str(worker_dir), r)))
+        for name in worker_masks:
+            np.testing.assert_array_equal(worker_masks[name], resumed[r][0][name])
+
+
+# ---- the agreement, with fake workers -------------------------------------------------------
+
+
+class FakeAgreement:
+    """Two workers: this one, and a peer whose values the test sets."""
+
+    def __init__(self, peer):
+        self.peer = peer  # f(value) -> the peer's value for this call
+        self.calls = 0
+
+    def gather(self, value):
+        self.calls += 1
+        return [value, self.peer(value)]
+
+    def any(self, flag):
+        return max(self.gather(int(flag))) > 0
+
+
+def test_a_peers_stop_request_saves_and_stops_this_worker_at_the_same_step():
+    # The workers agree at step 1, then every `agree_every` steps: 11, 21, ...
+    saved = []
+    agreement = FakeAgreement(lambda value: int(agreement.calls >= 2))  # the peer: from step 11
+    policy = checkpointing.CheckpointPolicy(
+        saved.append,
+        total=100,
+        seconds=0.0,
+        by_clock=False,
+        stop_requested=lambda: None,
+        agree=agreement.any,
+        agree_every=10,
+    )
+    policy.start_fit(0, 20)
+    policy.on_train_begin()
+    policy.on_epoch_begin(0)
+    with pytest.raises(Interrupted, match="another worker's stop request.*at step 11"):
+        for batch in range(20):
+            policy.on_train_batch_end(batch, {"loss": 1.0})
+    assert saved == [11] and agreement.calls == 2
+
+
+def test_without_agreement_a_stop_request_is_read_at_every_batch_end():
+    saved = []
+    signal_name = {"value": None}
+    policy = checkpointing.CheckpointPolicy(
+        saved.append, total=100, seconds=0.0, stop_requested=lambda: signal_name["value"]
+    )
+    policy.start_fit(0, 20)
+    policy.on_train_begin()
+    policy.on_epoch_begin(0)
+    with pytest.raises(Interrupted, match="SIGTERM.*at step 3"):
+        for batch in range(20):
+            if batch == 2:
+                signal_name["value"] = "SIGTERM"
+            policy.on_train_batch_end(batch, {"loss": 1.0})
+    assert saved == [3]
+
+
+def _checkpointer(tmp_path, steps, peer_latest, peer_has=True):
+    """A checkpointer whose directory lists checkpoints at `steps` (no files needed)."""
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    if steps:
+        names = [f'"{directory}/ckpt-{s}"' for s in steps]
+        (directory / "checkpoint").write_text(
+            f"model_checkpoint_path: {names[-1]}\n"
+            + "".join(f"all_model_checkpoint_paths: {n}\n" for n in names)
+        )
+    answers = iter([peer_latest, None])
+
+    def peer(value):
+        answer = next(answers)
+        return answer if answer is not None else (value if peer_has else -1)
+
+    return checkpointing.RoundCheckpointer(
+        None, str(directory), agreement=FakeAgreement(peer), label="round 0"
+    )
+
+
+def test_workers_resume_from_the_newest_step_they_all_have(tmp_path):
+    # Killed between the two workers' writes of step 300: this one has it, the peer not.
+    c = _checkpointer(tmp_path, [200, 300], peer_latest=200)
+    assert c._agreed().endswith("ckpt-200")
+
+
+def test_workers_all_start_over_when_one_has_no_checkpoint(tmp_path):
+    c = _checkpointer(tmp_path, [100], peer_latest=-1)
+    assert c._agreed() is None
+    assert not (tmp_path / "ckpt").exists()  # no newer state left to resume from later
+
+
+def test_workers_that_share_no_step_are_refused_with_what_to_delete(tmp_path):
+    c = _checkpointer(tmp_path, [500], peer_latest=200, peer_has=False)
+    with pytest.raises(checkpointing.CorruptCheckpointError, match="share no step.*Delete"):
+        c._agreed()
