@@ -1,27 +1,16 @@
 """`python -m lth_tf.stability`: instability (linear mode connectivity) and weight distances.
 
-For a run's round r (0: the dense network) and each rewind point k:
-  - two copies start from W_k (times round r's mask) and train to the end with
-    different data orders and augmentation draws; the test and train error are
-    evaluated at `num_alphas` evenly spaced points alpha*W1 + (1 - alpha)*W2;
-    the error barrier (instability) is max error - mean of the two ends' errors
-    (1912.05671); "stable" means a barrier under 2 points. Repeats with other
-    seed pairs give mean and spread.
-  - the L2 distance between the two copies (stability to data order), and, for
-    r >= 1, between the subnetwork trained from W_k on the run's data order
-    (IMP round r) and the full network trained on the same data order (round 0),
-    over round r's surviving weights (stability to pruning, 1903.01611).
-BatchNorm: the interpolated network uses the interpolated running statistics
-unless --recompute_bn, which re-estimates them on training batches.
+    python -m lth_tf.stability --run_dir=RUN --round=R --rewind_steps=0,500it [--repeats=3]
+
+Trains two copies of round R's subnetwork from each W_k with different data
+orders, measures the error barrier along the line between them and the L2
+distances (what is measured, and how, is lth_tf/linear_mode.py's docstring).
 --subnetwork=random_prune|random_reinit analyses the controls at the same
 density, --branch=NAME the round's mask of a branch (lth_tf.branch), e.g. the
-IMP mask found with that branch's own k (its k is then the default k).
-The copies train under --strategy (--num_gpus, --tpu: the same flags as imp),
-with the run's own mixed precision.
-Outputs: <run_dir>/stability/round_NN/k_XXXXXXX/{interpolation.json, path.png},
-<run_dir>/stability/round_NN/sweep.json and barrier_vs_k.png, and a section of
-the run's report.md. Every trained copy is a resumable round directory.
-The analyses are lth_tf/linear_mode.py; this module is only the command line.
+IMP mask found with that branch's own k (its k is then the default k). The
+copies train under --strategy (--num_gpus, --tpu: the same flags as imp), with
+the run's own mixed precision. Results go under <run_dir>/stability/ and into
+the run's report.md; this module is only the command line.
 """
 
 import sys
