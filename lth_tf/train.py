@@ -222,12 +222,13 @@ def execution_steps(model, config, schedule: Schedule) -> int:
     return 1
 
 
-def compile_model(model, config, schedule: Schedule) -> None:
+def compile_model(model, config, schedule: Schedule, *, steps_per_execution=None) -> None:
     """Compiles `model` with the recipe's optimizer; builds the optimizer's slots now.
 
     Call once per model: later rounds reset the optimizer in place
     (`reset_optimizer`) so the compiled train step is reused, never retraced.
-    The steps per execution are `execution_steps(model, config, schedule)`.
+    `steps_per_execution` overrides the config's (rounds.Experiment passes
+    `execution_steps(...)`, the automatic choice for small models).
     """
     optimizer = make_optimizer(config, schedule)
     model.compile(
@@ -235,7 +236,7 @@ def compile_model(model, config, schedule: Schedule) -> None:
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=config.jit_compile,
-        steps_per_execution=execution_steps(model, config, schedule),
+        steps_per_execution=steps_per_execution or config.steps_per_execution,
     )
     optimizer.build(model.trainable_variables)
 

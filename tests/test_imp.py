@@ -492,7 +492,8 @@ def test_automatic_steps_per_execution_trains_exactly_the_same_weights(tiny_conf
     for auto in (train.AUTO_STEPS_PER_EXECUTION, 1):
         monkeypatch.setattr(train, "AUTO_STEPS_PER_EXECUTION", auto)
         model = models.build_model("lenet_300_100", ds.input_shape, ds.num_classes, seed=0)
-        train.compile_model(model, config, schedule)
+        steps = train.execution_steps(model, config, schedule)
+        train.compile_model(model, config, schedule, steps_per_execution=steps)
         assert int(model._steps_per_execution.numpy()) == (1 if auto == 1 else 10)
         train.fit_segment(model, ds, config, schedule, 0, schedule.total)
         weights[auto] = model.get_weights()
