@@ -171,7 +171,7 @@ def pipeline_main(args):
                 flush=True,
             )
     write(
-        "step_overhead",
+        args.out,
         {
             "mode": "pipeline",
             "target_masked_steps_per_s": 300,
@@ -193,6 +193,7 @@ def main():
     parser.add_argument("--models", default="lenet_300_100,resnet20")
     parser.add_argument("--repeats", type=int, default=0, help="timings per kind (0: per mode)")
     parser.add_argument("--steps", type=int, default=0, help="steps per timing (0: per model)")
+    parser.add_argument("--out", default="step_overhead", help="results/<out>.json")
     args = parser.parse_args()
     if not args.cached:
         args.repeats = args.repeats or 15
