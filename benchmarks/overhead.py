@@ -57,7 +57,13 @@ def child(argv) -> None:
     t_start = time.perf_counter()
     phases = {}  # name -> seconds
     rss = {}  # phase end -> MB
-    counts = {"train_step_traces": 0, "test_step_traces": 0, "models_built": 0, "fit_calls": 0}
+    counts = {
+        "train_step_python_calls": 0,  # a trace may run the body more than once (loops)
+        "test_step_python_calls": 0,
+        "models_built": 0,
+        "fit_calls": 0,
+    }
+    functions = {}  # id -> the models' compiled train/test tf.functions
 
     def add(name, seconds):
         phases[name] = phases.get(name, 0.0) + seconds
@@ -106,11 +112,11 @@ def child(argv) -> None:
     train_step, test_step = keras.Model.train_step, keras.Model.test_step
 
     def counting_train_step(self, data):
-        counts["train_step_traces"] += 1
+        counts["train_step_python_calls"] += 1
         return train_step(self, data)
 
     def counting_test_step(self, data):
-        counts["test_step_traces"] += 1
+        counts["test_step_python_calls"] += 1
         return test_step(self, data)
 
     keras.Model.train_step, keras.Model.test_step = counting_train_step, counting_test_step
@@ -145,6 +151,10 @@ def child(argv) -> None:
         finally:
             add("fit", time.perf_counter() - t)
             rss["after_last_fit"] = _rss_mb()
+            for kind in ("train", "test"):
+                function = getattr(self, f"{kind}_function", None)
+                if function is not None:
+                    functions[id(function)] = (kind, function)
 
     keras.Model.fit = timed_fit
 
@@ -161,6 +171,13 @@ def child(argv) -> None:
             sys.stdout = stdout
     t_end = time.perf_counter()
     add("run", t_end - t_main)
+
+    # Concrete traces of the compiled functions (1 each: no retracing between rounds).
+    for kind in ("train", "test"):
+        counts[f"{kind}_function_traces"] = sum(
+            f.experimental_get_tracing_count() for k, f in functions.values() if k == kind
+        )
+        counts[f"{kind}_functions"] = sum(k == kind for k, _ in functions.values())
 
     # Derived phases: what each wrapper's time holds besides the others.
     training = phases["fit"] - phases["first_fit_to_first_step"] - phases.get("validation", 0.0)
@@ -193,26 +210,30 @@ def child(argv) -> None:
     print("OVERHEAD_JSON " + json.dumps(result))
 
 
-def _spawn(cmd) -> tuple:
-    """Runs cmd; returns (exit code, stdout, stderr, wall seconds, the child's own peak RSS in MB)."""
+def _spawn(cmd, env=None, cwd=None) -> tuple:
+    """Runs cmd; returns (exit code, stdout, stderr, wall seconds, peak RSS MB, CPU seconds).
+
+    The peak RSS and CPU time are the child's own (os.wait4), not the largest of all
+    children so far as RUSAGE_CHILDREN would give.
+    """
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=err, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, text=True
-        )
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, text=True, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        return proc.returncode, out.read(), err.read(), wall, usage.ru_maxrss / 1024
+        cpu = usage.ru_utime + usage.ru_stime
+        return proc.returncode, out.read(), err.read(), wall, usage.ru_maxrss / 1024, cpu
 
 
 def run_once(rounds: int, extra=()) -> dict:
     """The job in a fresh process and a fresh root dir; wall time measured from outside."""
     with tempfile.TemporaryDirectory() as root:
         argv = [*JOB, f"--rounds={rounds}", f"--root_dir={root}", *extra]
-        code, stdout, stderr, wall, _ = _spawn(
+        code, stdout, stderr, wall, _, _ = _spawn(
             [sys.executable, os.path.abspath(__file__), "--child", *argv]
         )
     lines = [line for line in stdout.splitlines() if line.startswith("OVERHEAD_JSON ")]
@@ -226,18 +247,64 @@ def run_once(rounds: int, extra=()) -> dict:
     return result
 
 
-def plain_run(rounds: int) -> dict:
-    """The exact user command, `python -m lth_tf.imp`, timed from outside (no wrappers)."""
+def plain_run(rounds: int, tree: str | None = None) -> dict:
+    """The exact user command, `python -m lth_tf.imp`, timed from outside (no wrappers).
+
+    `tree`: run the lth_tf of another checkout (PYTHONPATH), e.g. the code before a change.
+    """
+    # `python -m` puts the working directory first on sys.path: run inside the tree.
+    env = {"PYTHONPATH": tree} if tree else None
     with tempfile.TemporaryDirectory() as root:
         argv = [*JOB, f"--rounds={rounds}", f"--root_dir={root}"]
-        code, stdout, stderr, wall, peak = _spawn([sys.executable, "-m", "lth_tf.imp", *argv])
+        code, stdout, stderr, wall, peak, cpu = _spawn(
+            [sys.executable, "-m", "lth_tf.imp", *argv], env, cwd=tree
+        )
     if code != 0:
         sys.exit(f"lth_tf.imp failed:\n{stderr[-3000:]}")
     return {
         "wall_seconds": wall,
+        "cpu_seconds": cpu,
         "peak_rss_mb": peak,
         "table": [line for line in stdout.splitlines() if line.startswith("|")],
     }
+
+
+def compare(baseline: str, repeats: int, write, median) -> None:
+    """The 2-training job of `baseline` and of this checkout, alternating, `repeats` each."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {"baseline": [], "this": []}
+    for i in range(repeats):
+        order = ("baseline", "this") if i % 2 == 0 else ("this", "baseline")
+        for name in order:
+            runs[name].append(plain_run(1, baseline if name == "baseline" else here))
+            r = runs[name][-1]
+            print(
+                f"{name:8s} wall {r['wall_seconds']:5.1f} s  CPU {r['cpu_seconds']:5.1f} s  "
+                f"peak RSS {r['peak_rss_mb']:5.0f} MB",
+                flush=True,
+            )
+    summary = {}
+    for name, rs in runs.items():
+        summary[name] = {
+            key: median([r[key] for r in rs])
+            for key in ("wall_seconds", "cpu_seconds", "peak_rss_mb")
+        }
+        summary[name]["runs"] = rs
+    summary["this_over_baseline"] = {
+        key: summary["this"][key] / summary["baseline"][key]
+        for key in ("wall_seconds", "cpu_seconds", "peak_rss_mb")
+    }
+    print(summary["this_over_baseline"])
+    write(
+        "overhead_vs_baseline",
+        {
+            "job": ["python", "-m", "lth_tf.imp", *JOB, "--rounds=1", "--root_dir=<fresh>"],
+            "baseline_tree": baseline,
+            "repeats": repeats,
+            "load_average_at_end": os.getloadavg(),
+            **summary,
+        },
+    )
 
 
 def main():
@@ -250,8 +317,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=1, help="plain runs of each job")
     parser.add_argument("--extra", default="", help="more imp flags, comma separated")
+    parser.add_argument(
+        "--baseline",
+        default="",
+        help="another lth_tf checkout: its 2-training job alternates with this one's",
+    )
     args = parser.parse_args()
     extra = [a for a in args.extra.split(",") if a]
+    if args.baseline:
+        compare(args.baseline, args.repeats, write, median)
+        return
 
     phased = run_once(1, extra)
     for name, seconds in phased["seconds"].items():
