@@ -279,7 +279,9 @@ def define_train_flags() -> None:
     flags.DEFINE_integer(
         "steps_per_execution",
         None,
-        "Train steps per tf.function call (default 1; the rewind step must be a multiple of it).",
+        "Train steps per tf.function call (the rewind step must be a multiple of it within its "
+        "evaluation period). Default: up to 100 for small models such as LeNet, chosen so "
+        "(train.execution_steps; same results, not part of the config), else 1.",
         lower_bound=1,
     )
     flags.DEFINE_integer(

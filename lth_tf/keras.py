@@ -15,9 +15,31 @@ import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
+import sys  # noqa: E402
+
 import tensorflow as tf  # noqa: E402
-import tensorflow_model_optimization as tfmot  # noqa: E402
 import tf_keras as keras  # noqa: E402
+
+
+def _import_tfmot():
+    # tfmot's prune_registry probes `from keras.src.engine import base_layer`: with
+    # Keras 3 installed beside tf_keras that imports all of Keras 3 (and matplotlib
+    # through it), about 1.5 s and 100 MB, only to fail with an ImportError (Keras 3
+    # has no `engine`) and fall back. Blocking `keras` during tfmot's import takes
+    # that same fallback at once; the block is lifted afterwards, so a user's own
+    # `import keras` still works.
+    blocked = "keras" not in sys.modules
+    if blocked:
+        sys.modules["keras"] = None  # `import keras` raises ImportError
+    try:
+        import tensorflow_model_optimization as tfmot
+    finally:
+        if blocked and sys.modules.get("keras", 0) is None:
+            del sys.modules["keras"]
+    return tfmot
+
+
+tfmot = _import_tfmot()
 
 if os.environ.get("TF_USE_LEGACY_KERAS") not in ("1", "true", "True"):
     raise ImportError(

@@ -159,7 +159,12 @@ class Experiment:
         self.rewind_points = resolve_rewind_points(rewind_points, config, self.schedule)
         with self.strategy.scope(), _precision(config.mixed_precision):
             self.model = sparsity.wrap(self._build(config.seed), output_rate=config.output_rate)
-            train.compile_model(self.model, config, self.schedule)
+            train.compile_model(
+                self.model,
+                config,
+                self.schedule,
+                steps_per_execution=train.execution_steps(self.model, config, self.schedule),
+            )
             # The optimizer's state includes `iterations` and the round's step offset.
             self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
         self.initial_weights = sparsity.get_weights(self.model)

@@ -170,11 +170,68 @@ def global_step(model) -> int:
     return int(step_offset(model).numpy()) + int(model.optimizer.iterations.numpy())
 
 
-def compile_model(model, config, schedule: Schedule) -> None:
+# A model whose training batch costs at most this many multiply-adds (forward pass)
+# is "small": its step takes a few milliseconds on a CPU, so Keras' per-call host
+# work (callbacks, the Python loop) would dominate it. LeNet-300-100 at batch 128
+# is 3.4e7; Conv-2 at batch 60 is 2.6e9, ResNet-20 at batch 128 5e9.
+SMALL_BATCH_MACS = 1e8
+# The most steps per tf.function call chosen automatically: callbacks (progress,
+# preemption checkpoints, a stop request) still run at least every few tenths of a
+# second for a small model.
+AUTO_STEPS_PER_EXECUTION = 100
+
+
+def forward_macs(model) -> int:
+    """Multiply-adds of one example's forward pass through the kernels of `model`.
+
+    Dense layers count their kernel's size, convolutions their kernel's size
+    times the output's spatial positions; other layers are not counted.
+    """
+    macs = 0
+    for layer in model.layers:
+        inner = getattr(layer, "layer", layer)  # a pruning wrapper's layer
+        kernel = getattr(inner, "kernel", None)
+        if kernel is None:
+            continue
+        size = 1
+        for d in kernel.shape:
+            size *= int(d)
+        spatial = 1
+        for d in layer.output_shape[1:-1]:
+            spatial *= int(d or 1)
+        macs += size * spatial
+    return macs
+
+
+def execution_steps(model, config, schedule: Schedule) -> int:
+    """The steps per tf.function call to compile `model` with.
+
+    The config's value when the user set one (anything but the default 1).
+    Otherwise, for a small model (`SMALL_BATCH_MACS`), the largest number up to
+    `AUTO_STEPS_PER_EXECUTION` at which callbacks still see the rewind step
+    (`check_reachable`): Keras then runs that many steps per call without going
+    back to Python, the same steps with the same results, several times faster
+    for LeNet on a CPU. Steps per execution is a speed setting only, so the
+    choice is not part of the config (nor of the run's identity).
+    """
+    if config.steps_per_execution != 1:
+        return config.steps_per_execution
+    if config.batch_size * forward_macs(model) > SMALL_BATCH_MACS:
+        return 1
+    offset = schedule.rewind % schedule.eval_every
+    for n in range(min(AUTO_STEPS_PER_EXECUTION, schedule.eval_every), 1, -1):
+        if offset % n == 0:
+            return n
+    return 1
+
+
+def compile_model(model, config, schedule: Schedule, *, steps_per_execution=None) -> None:
     """Compiles `model` with the recipe's optimizer; builds the optimizer's slots now.
 
     Call once per model: later rounds reset the optimizer in place
     (`reset_optimizer`) so the compiled train step is reused, never retraced.
+    `steps_per_execution` overrides the config's (rounds.Experiment passes
+    `execution_steps(...)`, the automatic choice for small models).
     """
     optimizer = make_optimizer(config, schedule)
     model.compile(
@@ -182,7 +239,7 @@ def compile_model(model, config, schedule: Schedule) -> None:
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=config.jit_compile,
-        steps_per_execution=config.steps_per_execution,
+        steps_per_execution=steps_per_execution or config.steps_per_execution,
     )
     optimizer.build(model.trainable_variables)
 

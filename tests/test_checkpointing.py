@@ -290,6 +290,9 @@ def test_a_round_stopped_mid_way_resumes_its_exact_state(
     tiny_config, tmp_path, monkeypatch, capsys
 ):
     config = tiny_config(rounds=1, verbose=2)  # k = 20, 40 steps, one period per 20
+    # One step per execution, so that the stop comes at the very next step (with the
+    # automatic choice for small models it would come at the end of the execution).
+    monkeypatch.setattr(train, "AUTO_STEPS_PER_EXECUTION", 1)
     reference = rounds.Experiment(config, str(tmp_path / "A"), checkpoint_seconds=0, log=_quiet)
     reference.run()
     out = capsys.readouterr().out

@@ -359,3 +359,39 @@ def test_the_bundled_mnist_never_imports_tensorflow_datasets():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def _numpy_channel_stats(x):
+    # The float64 formula ArrayData used before channel_stats (kept as the reference).
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64) / 255.0
+    return x.mean(axis=0).astype(np.float32), np.maximum(x.std(axis=0), 1e-3).astype(np.float32)
+
+
+def test_channel_stats_are_numpys_float64_statistics_bit_for_bit(mnist):
+    from lth_tf.data import arrays
+
+    rng = np.random.default_rng(3)
+    cases = [mnist.arrays.x_train, rng.integers(0, 256, (700, 9, 7, 3), dtype=np.uint8)]
+    cases.append(np.full((20, 4, 4, 2), 7, np.uint8))  # constant: std clipped to 1e-3
+    for x in cases:
+        mean, std = arrays.channel_stats(x, chunk=1000)
+        expected_mean, expected_std = _numpy_channel_stats(x)
+        np.testing.assert_array_equal(mean, expected_mean)
+        np.testing.assert_array_equal(std, expected_std)
+        assert mean.dtype == std.dtype == np.float32
+
+
+def test_pipeline_tensors_share_the_arrays_memory_and_freeze_them():
+    from lth_tf.data import arrays
+
+    ds = arrays.ArrayData("synthetic", arrays.synthetic_arrays((5, 5, 1), 3, num_train=300))
+    x = ds.arrays.x_train
+    assert x.ctypes.data % 64 == 0 and x.flags.c_contiguous
+    tensor = ds._tensor("x_train")
+    np.testing.assert_array_equal(tensor.numpy(), x)
+    # The tensor reads the array's memory, so the array must not change any more.
+    assert not x.flags.writeable
+    # Arrays TensorFlow cannot share (unaligned) are copied and stay writable.
+    unaligned = np.zeros(65, np.uint8)[1:]
+    np.testing.assert_array_equal(arrays.shared_tensor(unaligned).numpy(), unaligned)
+    assert unaligned.flags.writeable

@@ -440,6 +440,67 @@ def test_an_unreachable_rewind_step_is_refused_when_the_schedule_is_resolved(tin
     train.resolve(tiny_config(rewind_step="8it", steps_per_execution=4), steps_per_epoch=57)
 
 
+def _schedule(rewind, eval_every, total=2000):
+    return train.Schedule(
+        steps_per_epoch=eval_every,
+        total=total,
+        rewind=rewind,
+        eval_every=eval_every,
+        warmup=0,
+        boundaries=(),
+    )
+
+
+def test_small_models_get_the_most_steps_per_execution_that_still_reach_the_rewind_step(
+    tiny_config,
+):
+    small = _dense_net(0)
+    config = tiny_config()  # steps_per_execution left at its default, 1
+    assert train.execution_steps(small, config, _schedule(100, 429)) == 100
+    assert train.execution_steps(small, config, _schedule(150, 1000)) == 75
+    assert train.execution_steps(small, config, _schedule(0, 40)) == 40
+    assert train.execution_steps(small, config, _schedule(7, 1000)) == 7
+    assert train.execution_steps(small, config, _schedule(97, 1000)) == 97
+    assert train.execution_steps(small, config, _schedule(101, 1000)) == 1  # a prime above 100
+    for rewind, period in ((100, 429), (150, 1000), (0, 40), (7, 1000)):
+        n = train.execution_steps(small, config, _schedule(rewind, period))
+        train.check_reachable(rewind, period, n)
+    # A value the user chose is kept; a large model keeps one step per call.
+    chosen = tiny_config(steps_per_execution=4, rewind_step="8it")
+    assert train.execution_steps(small, chosen, _schedule(8, 100)) == 4
+    big = tiny_config(batch_size=int(train.SMALL_BATCH_MACS // train.forward_macs(small)) + 1)
+    assert train.execution_steps(small, big, _schedule(100, 429)) == 1
+
+
+def test_automatic_steps_per_execution_trains_exactly_the_same_weights(tiny_config, monkeypatch):
+    # Steps per execution is a speed setting: one step per call gives the same bits.
+    from lth_tf import data as data_lib
+    from lth_tf import models
+
+    # Periods of 25 steps run as executions of 10, 10 and 5 steps.
+    config = tiny_config(
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        training_steps="50it",
+        eval_every="25it",
+        rewind_step="10it",
+    )
+    ds = data_lib.load(config.dataset, arch_dataset="mnist")
+    schedule = train.resolve(config, ds.steps_per_epoch(config.batch_size))
+    weights = {}
+    for auto in (train.AUTO_STEPS_PER_EXECUTION, 1):
+        monkeypatch.setattr(train, "AUTO_STEPS_PER_EXECUTION", auto)
+        model = models.build_model("lenet_300_100", ds.input_shape, ds.num_classes, seed=0)
+        steps = train.execution_steps(model, config, schedule)
+        train.compile_model(model, config, schedule, steps_per_execution=steps)
+        assert int(model._steps_per_execution.numpy()) == (1 if auto == 1 else 10)
+        train.fit_segment(model, ds, config, schedule, 0, schedule.total)
+        weights[auto] = model.get_weights()
+    for a, b in zip(*weights.values(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("field", ["training_steps", "rewind_step", "eval_every", "warmup"])
 def test_5_epochs_is_rejected_with_a_clear_message(tiny_config, field):
     with pytest.raises(ValueError, match=rf"{field}: cannot read '5 epochs'.*'160ep'"):
