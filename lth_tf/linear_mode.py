@@ -125,6 +125,8 @@ class Stability:
       recompute_bn: re-estimate BatchNorm statistics at each point of the path.
       eval_examples: cap on the examples evaluated per point and split.
       log: a print-like function for progress lines.
+      data: the dataset the run was trained with, when the config alone does not
+        rebuild it (e.g. ImageNet at another image size; as rounds.Experiment).
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class Stability:
         recompute_bn=False,
         eval_examples=None,
         log=print,
+        data=None,
     ):
         self.run_dir = run_dir
         self.config = rundir.load_config(run_dir)
@@ -150,7 +153,12 @@ class Stability:
         self.log = log
         # Built from the run's config: its model, data and mixed precision.
         self.experiment = rounds.Experiment(
-            self.config, self.out_dir, strategy=self.strategy, checkpoint_seconds=300, log=log
+            self.config,
+            self.out_dir,
+            strategy=self.strategy,
+            checkpoint_seconds=300,
+            log=log,
+            data=data,
         )
         self.schedule = self.experiment.schedule
 

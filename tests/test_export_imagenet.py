@@ -68,6 +68,51 @@ def trained(run):
     return experiment.model
 
 
+# Stability of the run's round 1 under MirroredStrategy on 2 logical CPUs, in a
+# fresh interpreter (logical devices must be made before TensorFlow starts).
+_MIRRORED_STABILITY = textwrap.dedent(
+    """
+    import json, sys
+    from lth_tf.keras import tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from lth_tf import distribute, linear_mode
+    from lth_tf.data import imagenet
+    data_dir, run_dir, image_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    strategy = distribute.get_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
+    data = imagenet.ImageNetData(data_dir, augment=True, image_size=image_size)
+    analysis = linear_mode.Stability(
+        run_dir, strategy=strategy, num_alphas=3, eval_examples=6, log=lambda *a: None, data=data
+    )
+    result = analysis.point(1, analysis.schedule.rewind)
+    print(json.dumps({"replicas": strategy.num_replicas_in_sync, "result": result}))
+    """
+)
+
+
+def test_stability_of_round_1_under_mirrored_on_two_logical_cpus(run, imagenet_dir, tmp_path):
+    script = tmp_path / "stability.py"
+    script.write_text(_MIRRORED_STABILITY)
+    proc = subprocess.run(
+        [sys.executable, str(script), imagenet_dir, run["run_dir"], str(IMAGE_SIZE)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["replicas"] == 2
+    result = out["result"]
+    (rep,) = result["repeats"]
+    assert len(rep["alpha"]) == len(rep["test_error"]) == len(rep["train_error"]) == 3
+    assert all(0.0 <= e <= 1.0 for e in rep["test_error"] + rep["train_error"])
+    assert result["test_barrier_mean"] >= 0.0 and result["data_order_distance_mean"] > 0
+    assert abs(result["density"] - 0.8) < 1e-3
+    written = paths.join(paths.stability_point_dir(run["run_dir"], 1, 1), "interpolation.json")
+    assert files.read_json(written) == result
+
+
 # Runs in a fresh interpreter: TensorFlow only, no lth_tf, tf_keras or tfmot.
 _SERVE = textwrap.dedent(
     """
