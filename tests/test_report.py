@@ -199,3 +199,27 @@ def test_the_command_line_reports_without_loading_the_training_stack(tmp_path):
         assert module not in loaded, loaded
     assert os.path.exists(paths.report_file(run_dir))
     assert os.path.exists(paths.plot_file(run_dir))
+
+
+def test_accuracy_table_shows_test_accuracy_at_early_stopping_where_recorded():
+    def summary(density, final, at_es):
+        return {
+            "density": density,
+            "test_accuracy": final,
+            "test_accuracy_at_early_stopping": at_es,
+            "best_validation_accuracy": 0.99,
+            "best_validation_step": 100,
+            "early_stopping_step": 50,
+        }
+
+    results = {
+        "imp": {0: summary(1.0, 0.97, 0.975), 1: summary(0.8, 0.98, 0.985)},
+        "random_reinit": {1: summary(0.8, 0.96, 0.955)},
+    }
+    table = reporting.accuracy_table(results)
+    header = table.splitlines()[0]
+    assert "IMP at early stop %" in header and "random_reinit at early stop %" in header
+    assert _rows(table) == [
+        ["0", "100.00", "97.00", "97.50", "99.00 (100)", "50", "", ""],
+        ["1", "80.00", "98.00", "98.50", "99.00 (100)", "50", "96.00", "95.50"],
+    ]
