@@ -331,17 +331,20 @@ def _executions_reaching(callbacks, first: int, length: int, count: int, compile
 
     A round resumed mid-period from a checkpoint saved with another
     steps_per_execution (a speed setting, outside the run's identity) can start
-    off the grid `check_reachable` assumed: the one fit call that holds a
-    recording step (RecordWeights.at_step) then runs executions that end exactly
-    there. steps_per_execution is a variable of the compiled model: no retrace.
+    off the grid `check_reachable` assumed, and the automatic choice for small
+    models (`execution_steps`) only knows the run's own rewind step: a fit call
+    that holds a step still to record (RecordWeights.pending) then runs
+    executions that end exactly there. steps_per_execution is a variable of the compiled model: no retrace.
     """
     executions = compiled
     for callback in callbacks:
-        at = getattr(callback, "at_step", None)
-        if at is None or getattr(callback, "done", False):
-            continue
-        if first < at <= first + length * count:
-            executions = math.gcd(executions, (at - first) % length)
+        pending = getattr(callback, "pending", None)  # RecordWeights: steps not yet recorded
+        if pending is None:
+            at = getattr(callback, "at_step", None)
+            pending = () if at is None or getattr(callback, "done", False) else (at,)
+        for at in pending:
+            if first < at <= first + length * count:
+                executions = math.gcd(executions, (at - first) % length)
     return executions
 
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from lth_tf import branching, files, linear_mode, masks, paths, reporting, rounds, rundir
+from lth_tf import branching, files, linear_mode, masks, paths, reporting, rounds, rundir, train
 
 K = 20  # the run's own rewind step (tiny_config)
 OTHER_K = 10  # recorded too, by --rewind_steps
@@ -324,3 +324,22 @@ def test_the_command_line_refuses_another_batch_size_and_lists_kinds(base):
         [*argv, "--kind=nonsense"], capture_output=True, text=True, timeout=300, env=env
     )
     assert "Known branch kinds: rewind, lr_rewind, finetune, oneshot." in result.stderr
+
+
+def test_every_rewind_point_is_recorded_off_the_automatic_execution_grid(tiny_config, tmp_path):
+    # The automatic steps per execution of this tiny LeNet is 20 (one evaluation period):
+    # W_5 and W_15 lie between its executions, after W_0 is recorded at the start.
+    config = tiny_config(rounds=0, eval_every="20it")
+    reference = str(tmp_path / "reference")
+    e = rounds.Experiment(config, reference, checkpoint_seconds=0, log=_quiet)
+    assert train.execution_steps(e.model, config, e.schedule) == 20
+    run_dir = str(tmp_path / "run")
+    rounds.Experiment(
+        config, run_dir, checkpoint_seconds=0, log=_quiet, rewind_points=["0", "5it", "15it"]
+    ).run()
+    r0 = paths.round_dir(run_dir, 0)
+    for k in (5, 15):
+        assert files.exists(paths.rewind_file(r0, k)), f"W_{k} was not recorded"
+    # ... and recording them left the trajectory unchanged.
+    e.run()
+    assert _same(_npz(r0, "final"), _npz(paths.round_dir(reference, 0), "final"))
