@@ -340,7 +340,7 @@ def define_prune_flags() -> None:
     flags.DEFINE_integer(
         "rounds",
         None,
-        "How many pruning rounds follow the dense round 0. Default: 8 in the MNIST demo (no "
+        "How many pruning rounds follow the dense round 0. Default: 15 in the MNIST demo (no "
         "--arch), 1 with --target_density, else 0 (round 0 only; rerun with --rounds=N to "
         "continue the same run). (--round, singular, is one round index in lth_tf.stability "
         "and lth_tf.export.)",
@@ -424,7 +424,8 @@ def define_imp_flags() -> None:
         "replicates",
         1,
         "Independent runs of the same experiment: replicate i (1-based) uses seed+i-1 and "
-        "data_seed+i-1, in <root_dir>/<run_name>/replicate_i; the report aggregates them "
+        "data_seed+i-1, in <root_dir>/<group>/replicate_i (group: --run_name, default "
+        "<arch>_<dataset>_<hash>_replicates); the report aggregates them "
         "(mean, std, min/max). Raising it later adds replicates to the same group.",
         lower_bound=1,
     )
