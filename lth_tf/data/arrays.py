@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from lth_tf.data import base
+import lth_tf.data.base as base
 from lth_tf.keras import tf
 
 BUNDLED_MNIST_SHA256 = "06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64"

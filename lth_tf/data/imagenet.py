@@ -15,7 +15,7 @@ resumable:
 
 import tensorflow_datasets as tfds
 
-from lth_tf.data import base
+import lth_tf.data.base as base
 from lth_tf.data.tfds import require_prepared, require_split
 from lth_tf.keras import tf
 
