@@ -219,8 +219,9 @@ def test_tflite_files_are_written_and_the_sparse_one_scales_with_density(run):
         assert entry["size_ratio_vs_dense"] == pytest.approx(entry["bytes"] / tfl["dense"]["bytes"])
     # The ordinary TFLite file stores every zero; the sparse format stores the
     # surviving weights and their positions. Measured at 5.0% density: dense 434,044 B,
-    # sparse 64,044 B (0.148), sparse int8 weights 30,840 B (0.071).
-    assert tfl["sparse"]["bytes"] <= 0.2 * tfl["dense"]["bytes"], tfl
+    # sparse 36,604 B (0.084; 64,044 B, 0.148, before tflite.compact rewrote the 1x4
+    # blocks of fc1 weight by weight), sparse int8 weights 30,832 B (0.071).
+    assert tfl["sparse"]["bytes"] <= 0.15 * tfl["dense"]["bytes"], tfl
     assert tfl["sparse_int8"]["bytes"] < tfl["sparse"]["bytes"], tfl
 
 
