@@ -69,8 +69,12 @@ class RunConfig:
     seed: int = 0
     data_seed: int = 0
     data_dir: str | None = None
-    jit_compile: bool = False
-    steps_per_execution: int = 1
+    # None: XLA for the train step of small MLPs (train.xla_train_step); True: every
+    # step with XLA; False: none.
+    jit_compile: bool | None = None
+    # None: chosen per model (train.execution_steps: up to 100 for small models); 1 turns
+    # the automatic choice off.
+    steps_per_execution: int | None = None
     mixed_precision: str | None = None  # None (float32), 'bfloat16' or 'float16'
     # Evaluate the test set at every evaluation period too, so that summaries can
     # report test accuracy at the early-stopping iteration (the 2019 paper's LeNet
@@ -208,8 +212,9 @@ def _check(c: RunConfig) -> None:
     if steps.parse(c.eval_every, "eval_every").value <= 0:
         fail("eval_every", c.eval_every, "a positive duration such as '100it' or '1ep'")
     steps.parse(c.rewind_step, "rewind_step")
-    if not isinstance(c.steps_per_execution, int) or c.steps_per_execution < 1:
-        fail("steps_per_execution", c.steps_per_execution, "an integer >= 1")
+    spe = c.steps_per_execution
+    if spe is not None and (not isinstance(spe, int) or isinstance(spe, bool) or spe < 1):
+        fail("steps_per_execution", spe, "an integer >= 1 (or unset: automatic)")
     if not isinstance(c.rounds, int) or c.rounds < 0:
         fail("rounds", c.rounds, "an integer >= 0 (0 trains the dense network only)")
     if not 0 < c.prune_fraction < 1:

@@ -274,14 +274,17 @@ def define_train_flags() -> None:
     flags.DEFINE_boolean(
         "jit_compile",
         None,
-        "Compile the train step with XLA (helps small MLPs on CPU, slows conv nets there).",
+        "Compile every train and evaluation step with XLA; --nojit_compile: none. Unset: the "
+        "train step only, for small MLPs such as LeNet on one device (train.xla_train_step; "
+        "XLA slows conv nets on a CPU). A speed setting: same run, other rounding.",
     )
     flags.DEFINE_integer(
         "steps_per_execution",
         None,
         "Train steps per tf.function call (the rewind step must be a multiple of it within its "
-        "evaluation period). Default: up to 100 for small models such as LeNet, chosen so "
-        "(train.execution_steps; same results, not part of the config), else 1.",
+        "evaluation period). Unset: up to 100 for small models such as LeNet, chosen so that "
+        "the rewind step is reached (train.execution_steps; same results), else 1; "
+        "--steps_per_execution=1 turns the automatic choice off.",
         lower_bound=1,
     )
     flags.DEFINE_integer(

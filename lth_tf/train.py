@@ -14,6 +14,7 @@ would have seen.
 import dataclasses
 import functools
 import math
+import platform
 
 from lth_tf import distribute, steps
 from lth_tf.data import base
@@ -81,15 +82,16 @@ def resolve(config, steps_per_epoch: int) -> Schedule:
     return schedule
 
 
-def check_reachable(step: int, period: int, steps_per_execution: int) -> None:
+def check_reachable(step: int, period: int, steps_per_execution: int | None) -> None:
     """Can a callback see step `step`?
 
     Keras calls back after every execution of steps_per_execution steps, and at
     the end of every evaluation period (a Keras epoch, whose last execution is
-    cut short). Segments are split at multiples of `period`.
+    cut short). Segments are split at multiples of `period`. None (automatic,
+    `execution_steps`) always reaches it.
     """
     offset = step % period
-    if offset % steps_per_execution:
+    if steps_per_execution is not None and offset % steps_per_execution:
         raise ValueError(
             f"The rewind step {step} cannot be recorded with steps_per_execution="
             f"{steps_per_execution}: it is {offset} steps into an evaluation period of {period} "
@@ -206,15 +208,15 @@ def forward_macs(model) -> int:
 def execution_steps(model, config, schedule: Schedule) -> int:
     """The steps per tf.function call to compile `model` with.
 
-    The config's value when the user set one (anything but the default 1).
-    Otherwise, for a small model (`SMALL_BATCH_MACS`), the largest number up to
+    The config's value when the user set one (1 turns the choice off).
+    Otherwise (None), for a small model (`SMALL_BATCH_MACS`), the largest number up to
     `AUTO_STEPS_PER_EXECUTION` at which callbacks still see the rewind step
     (`check_reachable`): Keras then runs that many steps per call without going
     back to Python, the same steps with the same results, several times faster
     for LeNet on a CPU. Steps per execution is a speed setting only, so the
     choice is not part of the config (nor of the run's identity).
     """
-    if config.steps_per_execution != 1:
+    if config.steps_per_execution is not None:
         return config.steps_per_execution
     if config.batch_size * forward_macs(model) > SMALL_BATCH_MACS:
         return 1
@@ -225,6 +227,30 @@ def execution_steps(model, config, schedule: Schedule) -> int:
     return 1
 
 
+def xla_train_step(model, config) -> bool:
+    """Whether to compile the train step of `model` with XLA.
+
+    The config's value when the user set one (`--jit_compile`). Otherwise (None),
+    XLA for a small model (`SMALL_BATCH_MACS`) made of dense layers only (an MLP
+    such as LeNet-300-100) in float32 on one device: XLA fuses the step's
+    elementwise work (the mask's product with the gradient, the update) into
+    the matrix products' neighbours, which makes the masked step as fast as the
+    dense one there (benchmarks/step_overhead.py). Conv nets keep the TF kernels
+    (XLA slows them on a CPU). Like steps per execution this is a speed setting,
+    outside the run's identity; it changes floating-point rounding only.
+    """
+    if config.jit_compile is not None:
+        return config.jit_compile
+    kernels = [getattr(getattr(layer, "layer", layer), "kernel", None) for layer in model.layers]
+    return (
+        config.mixed_precision is None
+        and model.distribute_strategy.num_replicas_in_sync == 1
+        and all(k is None or len(k.shape) == 2 for k in kernels)
+        and config.batch_size * forward_macs(model) <= SMALL_BATCH_MACS
+        and not (platform.system() == "Darwin" and platform.machine() == "arm64")  # no XLA
+    )
+
+
 def compile_model(model, config, schedule: Schedule, *, steps_per_execution=None) -> None:
     """Compiles `model` with the recipe's optimizer; builds the optimizer's slots now.
 
@@ -232,15 +258,30 @@ def compile_model(model, config, schedule: Schedule, *, steps_per_execution=None
     (`reset_optimizer`) so the compiled train step is reused, never retraced.
     `steps_per_execution` overrides the config's (rounds.Experiment passes
     `execution_steps(...)`, the automatic choice for small models).
+
+    `--jit_compile` compiles every step (train, evaluation, prediction) with XLA.
+    The automatic choice (`xla_train_step`) compiles the train step only: XLA
+    compiles a step once per input shape, and the evaluation steps' shapes
+    (validation, test, a last partial batch) would cost about 100 MB of compiled
+    code for a small share of the time.
     """
     optimizer = make_optimizer(config, schedule)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=config.jit_compile,
-        steps_per_execution=steps_per_execution or config.steps_per_execution,
+        jit_compile=bool(config.jit_compile),
+        steps_per_execution=steps_per_execution or config.steps_per_execution or 1,
     )
+    if config.jit_compile is None and xla_train_step(model, config):
+        # What Keras does for jit_compile=True, for the train step alone: fit calls
+        # `model.train_step` inside its (non-XLA) multi-step loop.
+        xla_step = tf.function(model.train_step, jit_compile=True, reduce_retracing=True)
+
+        def train_step(data):
+            return xla_step(data)
+
+        model.train_step = train_step
     optimizer.build(model.trainable_variables)
 
 

@@ -53,6 +53,9 @@ def test_unknown_arch_lists_the_known_ones():
         ("prune_scope", "blockwise", "prune_scope"),
         ("controls", ("random_reinit", "magic"), "controls"),
         ("rewind_step", "5 epochs", "rewind_step"),
+        ("steps_per_execution", 0, "steps_per_execution"),
+        ("steps_per_execution", 2.5, "steps_per_execution"),
+        ("steps_per_execution", True, "steps_per_execution"),
     ],
 )
 def test_bad_values_get_errors_naming_the_field(field, value, message):
@@ -183,6 +186,15 @@ def test_new_fields_set_away_from_their_defaults_change_the_identity():
         assert other.identity()[name] == value
         assert base.differences(other) == {name: (getattr(base, name), value)}
         assert other.differences(base) == {name: (value, getattr(base, name))}
+
+
+def test_steps_per_execution_unset_means_automatic_and_survives_json():
+    c = config_lib.make_config("lenet_300_100")
+    assert c.steps_per_execution is None  # train.execution_steps chooses per model
+    assert config_lib.RunConfig.from_json(c.to_json()) == c
+    one = config_lib.make_config("lenet_300_100", steps_per_execution=1)  # automatic choice off
+    assert config_lib.RunConfig.from_json(one.to_json()).steps_per_execution == 1
+    assert one.hash8() == c.hash8()  # a speed setting: the same run
 
 
 def test_a_config_json_written_before_the_new_fields_still_reads():

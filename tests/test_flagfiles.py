@@ -194,8 +194,7 @@ def test_resuming_off_the_execution_grid_still_records_the_rewind_step(
     must run shorter executions up to the rewind step instead of missing it.
     """
     settings = dict(rounds=0, eval_every="40it", rewind_step="20it")
-    # steps_per_execution=1 is what the interrupted run really uses (no automatic choice).
-    monkeypatch.setattr(train, "AUTO_STEPS_PER_EXECUTION", 1)
+    # An explicit steps_per_execution=1 turns the automatic choice off: one step per call.
     reference = str(tmp_path / "uninterrupted")
     config = tiny_config(steps_per_execution=1, **settings)
     rounds.Experiment(config, reference, checkpoint_seconds=0, log=_quiet).run()

@@ -301,7 +301,10 @@ def test_first_update_after_a_rewind_to_k_is_a_fresh_optimizers_first_update_at_
     from lth_tf.keras import keras
 
     k = 500
-    config = tiny_config(optimizer=optimizer, lr=0.01, momentum=0.9, lr_gamma=0.5)
+    # Both models without XLA (XLA's rounding alone can move Adam's first step by 1e-5).
+    config = tiny_config(
+        optimizer=optimizer, lr=0.01, momentum=0.9, lr_gamma=0.5, jit_compile=False
+    )
     schedule = train.Schedule(
         steps_per_epoch=100, total=1000, rewind=k, eval_every=100, warmup=0, boundaries=(200,)
     )
@@ -455,7 +458,7 @@ def test_small_models_get_the_most_steps_per_execution_that_still_reach_the_rewi
     tiny_config,
 ):
     small = _dense_net(0)
-    config = tiny_config()  # steps_per_execution left at its default, 1
+    config = tiny_config()  # steps_per_execution left unset: automatic
     assert train.execution_steps(small, config, _schedule(100, 429)) == 100
     assert train.execution_steps(small, config, _schedule(150, 1000)) == 75
     assert train.execution_steps(small, config, _schedule(0, 40)) == 40
@@ -465,9 +468,11 @@ def test_small_models_get_the_most_steps_per_execution_that_still_reach_the_rewi
     for rewind, period in ((100, 429), (150, 1000), (0, 40), (7, 1000)):
         n = train.execution_steps(small, config, _schedule(rewind, period))
         train.check_reachable(rewind, period, n)
-    # A value the user chose is kept; a large model keeps one step per call.
+    # A value the user chose is kept (1 turns the choice off); a large model keeps one
+    # step per call.
     chosen = tiny_config(steps_per_execution=4, rewind_step="8it")
     assert train.execution_steps(small, chosen, _schedule(8, 100)) == 4
+    assert train.execution_steps(small, tiny_config(steps_per_execution=1), _schedule(100, 429)) == 1
     big = tiny_config(batch_size=int(train.SMALL_BATCH_MACS // train.forward_macs(small)) + 1)
     assert train.execution_steps(small, big, _schedule(100, 429)) == 1
 
@@ -497,6 +502,45 @@ def test_automatic_steps_per_execution_trains_exactly_the_same_weights(tiny_conf
         assert int(model._steps_per_execution.numpy()) == (1 if auto == 1 else 10)
         train.fit_segment(model, ds, config, schedule, 0, schedule.total)
         weights[auto] = model.get_weights()
+    for a, b in zip(*weights.values(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_small_mlps_on_one_device_get_an_xla_train_step_and_others_do_not(tiny_config):
+    import types
+
+    from lth_tf import models
+
+    mlp = _dense_net(0)
+    assert train.xla_train_step(mlp, tiny_config())  # unset: automatic
+    assert not train.xla_train_step(mlp, tiny_config(jit_compile=False))
+    assert train.xla_train_step(mlp, tiny_config(jit_compile=True))
+    assert not train.xla_train_step(mlp, tiny_config(mixed_precision="bfloat16"))
+    conv = models.build_model("conv2", (8, 8, 1), 4, seed=0)
+    assert not train.xla_train_step(conv, tiny_config())  # XLA slows conv nets on a CPU
+    big = tiny_config(batch_size=int(train.SMALL_BATCH_MACS // train.forward_macs(mlp)) + 1)
+    assert not train.xla_train_step(mlp, big)
+    two_replicas = types.SimpleNamespace(num_replicas_in_sync=2)
+    replicated = types.SimpleNamespace(layers=mlp.layers, distribute_strategy=two_replicas)
+    assert not train.xla_train_step(replicated, tiny_config())
+
+
+def test_the_automatic_xla_train_step_trains_as_jit_compile_does_and_evaluates_without(
+    tiny_config,
+):
+    # The automatic choice compiles the train step alone; --jit_compile every step.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    y = rng.integers(0, 4, size=64)
+    schedule = _schedule(0, 10)
+    weights = {}
+    for jit in (None, True):
+        config = tiny_config(optimizer="sgd", lr=0.05, momentum=0.9, jit_compile=jit)
+        model = _dense_net(1)
+        train.compile_model(model, config, schedule, steps_per_execution=2)
+        assert model.jit_compile is bool(jit)  # evaluation with XLA only if asked for
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        weights[jit] = model.get_weights()
     for a, b in zip(*weights.values(), strict=True):
         np.testing.assert_array_equal(a, b)
 
