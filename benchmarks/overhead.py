@@ -1,6 +1,6 @@
 """Where the time and memory of one short IMP job go, phase by phase.
 
-    python benchmarks/overhead.py [--rounds=1] [--repeats=1]
+    python benchmarks/overhead.py [--repeats=1] [--extra=--nojit_compile --out=overhead_nojit]
 
 Runs the issue's LeNet-300-100 job (batch 128, 2 epochs per round, rewind to
 100 it, global 20%, no controls; `--rounds=1`: 2 trainings) in a fresh process
@@ -247,15 +247,16 @@ def run_once(rounds: int, extra=()) -> dict:
     return result
 
 
-def plain_run(rounds: int, tree: str | None = None) -> dict:
+def plain_run(rounds: int, tree: str | None = None, extra=()) -> dict:
     """The exact user command, `python -m lth_tf.imp`, timed from outside (no wrappers).
 
     `tree`: run the lth_tf of another checkout (PYTHONPATH), e.g. the code before a change.
+    `extra`: more imp flags.
     """
     # `python -m` puts the working directory first on sys.path: run inside the tree.
     env = {"PYTHONPATH": tree} if tree else None
     with tempfile.TemporaryDirectory() as root:
-        argv = [*JOB, f"--rounds={rounds}", f"--root_dir={root}"]
+        argv = [*JOB, *extra, f"--rounds={rounds}", f"--root_dir={root}"]
         code, stdout, stderr, wall, peak, cpu = _spawn(
             [sys.executable, "-m", "lth_tf.imp", *argv], env, cwd=tree
         )
@@ -317,6 +318,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=1, help="plain runs of each job")
     parser.add_argument("--extra", default="", help="more imp flags, comma separated")
+    parser.add_argument("--out", default="overhead", help="results/<out>.json")
     parser.add_argument(
         "--baseline",
         default="",
@@ -334,7 +336,7 @@ def main():
     print(f"peak RSS {phased['peak_rss_mb']:.0f} MB; counts {phased['counts']}")
     plain = {}
     for rounds, trainings in ((1, 2), (3, 4)):
-        runs = [plain_run(rounds) for _ in range(args.repeats)]
+        runs = [plain_run(rounds, extra=extra) for _ in range(args.repeats)]
         walls = [r["wall_seconds"] for r in runs]
         plain[f"{trainings}_trainings"] = {
             "rounds": rounds,
@@ -350,7 +352,7 @@ def main():
         )
     load = os.getloadavg()
     write(
-        "overhead",
+        args.out,
         {
             "job": ["python", "-m", "lth_tf.imp", *JOB, "--rounds=1|3", "--root_dir=<fresh>"],
             "extra_flags": extra,

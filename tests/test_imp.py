@@ -472,7 +472,9 @@ def test_small_models_get_the_most_steps_per_execution_that_still_reach_the_rewi
     # step per call.
     chosen = tiny_config(steps_per_execution=4, rewind_step="8it")
     assert train.execution_steps(small, chosen, _schedule(8, 100)) == 4
-    assert train.execution_steps(small, tiny_config(steps_per_execution=1), _schedule(100, 429)) == 1
+    assert (
+        train.execution_steps(small, tiny_config(steps_per_execution=1), _schedule(100, 429)) == 1
+    )
     big = tiny_config(batch_size=int(train.SMALL_BATCH_MACS // train.forward_macs(small)) + 1)
     assert train.execution_steps(small, big, _schedule(100, 429)) == 1
 
