@@ -107,8 +107,6 @@ def accuracy_bands(series: list, dense: list, layer_densities: dict | None = Non
     Returns:
       The figure as PNG bytes.
     """
-    import matplotlib.ticker
-
     plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     panels = axes.ravel()
@@ -127,80 +125,99 @@ def accuracy_bands(series: list, dense: list, layer_densities: dict | None = Non
     for ax, (metric, ylabel, scale) in zip(panels, _PANELS, strict=False):
         drawn = False
         for i, s in enumerate(series):
-            pts = sorted((p for p in s["points"] if p[metric]["n"]), key=lambda p: -p["density"])
-            if not pts:
-                continue
-            drawn = True
-            x = [100 * p["density"] for p in pts]
-            mean = [scale * p[metric]["mean"] for p in pts]
-            color, style = look(i, s)
-            ax.plot(x, mean, style, color=color, label=s["label"], ms=4)
-            spread = [p for p in pts if p[metric]["n"] > 1]
-            if spread:
-                # Error bars show min/max at every point (also a lone one); the band joins them.
-                ax.errorbar(
-                    [100 * p["density"] for p in spread],
-                    [scale * p[metric]["mean"] for p in spread],
-                    yerr=[
-                        [scale * (p[metric]["mean"] - p[metric]["min"]) for p in spread],
-                        [scale * (p[metric]["max"] - p[metric]["mean"]) for p in spread],
-                    ],
-                    fmt="none",
-                    ecolor=color,
-                    capsize=3,
-                    lw=1,
-                )
-                ax.fill_between(
-                    x,
-                    [scale * p[metric]["min"] for p in pts],
-                    [scale * p[metric]["max"] for p in pts],
-                    color=color,
-                    alpha=0.15,
-                    lw=0,
-                )
-        for d in dense:
-            mean = d["point"][metric]["mean"]
-            if mean is None:
-                continue
-            color = "gray" if len(dense) == 1 else colors.get(d["run"], "gray")
-            ax.axhline(scale * mean, color=color, ls="-.", lw=1, label=d["label"])
-            if len(dense) == 1 and scale == 100:
-                ax.axhline(
-                    scale * mean - 0.2, color="gray", ls=":", lw=1, label="dense - 0.2 (matching)"
-                )
-        if not drawn:
-            ax.text(
-                0.5,
-                0.5,
-                "not recorded\n(run with --test_every_period)",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-                color="gray",
-            )
-            ax.set_xticks([])
-            ax.set_yticks([])
-        else:
+            drawn |= _series_with_band(ax, s, metric, scale, *look(i, s))
+        _dense_lines(ax, dense, metric, scale, colors)
+        if drawn:
             _density_axis(ax)
+        else:
+            _not_recorded(ax)
         ax.set_ylabel(ylabel)
     handles, labels = panels[0].get_legend_handles_labels()
     last = panels[3]
     if layer_densities:
         panels[0].legend(fontsize=8)
-        for r, layers in layer_densities.items():
-            last.plot(range(len(layers)), [100 * d for d in layers.values()], "o-", label=f"r{r}")
-            last.set_xticks(range(len(layers)), list(layers), rotation=60, ha="right", fontsize=7)
-        last.set_yscale("log")
-        last.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        last.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        last.legend(fontsize=7, ncol=2)
-        last.set_ylabel("layer density (%)")
-        last.grid(alpha=0.3)
+        _layer_densities(last, layer_densities)
     else:
         last.axis("off")
         if handles:
             last.legend(handles, labels, loc="center", fontsize=9)
     return png(fig)
+
+
+def _series_with_band(ax, s, metric, scale, color, style) -> bool:
+    """One series' means against density, min/max error bars and band; False if no point."""
+    pts = sorted((p for p in s["points"] if p[metric]["n"]), key=lambda p: -p["density"])
+    if not pts:
+        return False
+    x = [100 * p["density"] for p in pts]
+    ax.plot(x, [scale * p[metric]["mean"] for p in pts], style, color=color, label=s["label"], ms=4)
+    spread = [p for p in pts if p[metric]["n"] > 1]
+    if spread:
+        # Error bars show min/max at every point (also a lone one); the band joins them.
+        ax.errorbar(
+            [100 * p["density"] for p in spread],
+            [scale * p[metric]["mean"] for p in spread],
+            yerr=[
+                [scale * (p[metric]["mean"] - p[metric]["min"]) for p in spread],
+                [scale * (p[metric]["max"] - p[metric]["mean"]) for p in spread],
+            ],
+            fmt="none",
+            ecolor=color,
+            capsize=3,
+            lw=1,
+        )
+        ax.fill_between(
+            x,
+            [scale * p[metric]["min"] for p in pts],
+            [scale * p[metric]["max"] for p in pts],
+            color=color,
+            alpha=0.15,
+            lw=0,
+        )
+    return True
+
+
+def _dense_lines(ax, dense, metric, scale, colors) -> None:
+    """The dense network of each run as a horizontal line (one run: with dense - 0.2)."""
+    for d in dense:
+        mean = d["point"][metric]["mean"]
+        if mean is None:
+            continue
+        color = "gray" if len(dense) == 1 else colors.get(d["run"], "gray")
+        ax.axhline(scale * mean, color=color, ls="-.", lw=1, label=d["label"])
+        if len(dense) == 1 and scale == 100:
+            ax.axhline(
+                scale * mean - 0.2, color="gray", ls=":", lw=1, label="dense - 0.2 (matching)"
+            )
+
+
+def _not_recorded(ax) -> None:
+    ax.text(
+        0.5,
+        0.5,
+        "not recorded\n(run with --test_every_period)",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+        color="gray",
+    )
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _layer_densities(ax, layer_densities: dict) -> None:
+    """Per-layer density (log scale) of each IMP round."""
+    import matplotlib.ticker
+
+    for r, layers in layer_densities.items():
+        ax.plot(range(len(layers)), [100 * d for d in layers.values()], "o-", label=f"r{r}")
+        ax.set_xticks(range(len(layers)), list(layers), rotation=60, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_ylabel("layer density (%)")
+    ax.grid(alpha=0.3)
 
 
 def interpolation_path(result: dict) -> bytes:

@@ -256,34 +256,19 @@ def imagenet_dataset(
     require_split(builder, split)
     dtype = tf.as_dtype(dtype)
     if training:
-        ds = _training_records(
+        ds = _training_batches(
             builder,
             split,
             batch_size=batch_size,
             seed=seed,
+            image_size=image_size,
+            dtype=dtype,
             start_step=start_step,
             steps_per_epoch=steps_per_epoch,
             shuffle_buffer_size=shuffle_buffer_size,
+            drop_remainder=drop_remainder,
+            input_context=input_context,
         )
-        example_key = tf.constant([seed, _EXAMPLE_STREAM], dtype=tf.int64)
-
-        def preprocess(index, image_bytes, label):
-            example_seed = tf.random.experimental.stateless_fold_in(example_key, index)
-            image = decode_and_random_crop(image_bytes, example_seed, image_size, dtype)
-            return image, tf.cast(label, tf.int32)
-
-        if input_context is not None:
-            part = base.share(batch_size, input_context)
-            # The global index numbers the run's examples in order, and epochs hold
-            # whole batches, so index % B is the position in its global batch.
-            ds = ds.filter(
-                lambda index, image_bytes, label: (
-                    (index % batch_size >= part.first)
-                    & (index % batch_size < part.first + part.size)
-                )
-            )
-            batch_size = part.per_replica
-
     else:
         if start_step or steps_per_epoch is not None:
             raise ValueError(
@@ -291,29 +276,15 @@ def imagenet_dataset(
                 "to training pipelines; evaluation always reads the whole split once. "
                 "Leave them at 0 and None."
             )
-        ds = builder.as_dataset(
-            split=split,
-            shuffle_files=False,
-            decoders=_decoders(),
-            read_config=tfds.ReadConfig(try_autocache=False),
+        ds = _eval_batches(
+            builder,
+            split,
+            batch_size=batch_size,
+            image_size=image_size,
+            dtype=dtype,
+            drop_remainder=drop_remainder,
+            input_context=input_context,
         )
-        num_examples = int(ds.cardinality())
-        if num_examples < 0:
-            num_examples = int(builder.info.splits[split].num_examples)
-        ds = ds.map(lambda ex: (ex["image"], ex["label"]))
-
-        def preprocess(image_bytes, label):
-            image = decode_and_center_crop(image_bytes, image_size, dtype)
-            return image, tf.cast(label, tf.int32)
-
-    if input_context is not None and not training:
-        # Every example once, in per-replica batches; only this pipeline's share
-        # is decoded (drop_remainder does not apply: the last step is partial).
-        ds = base.eval_share(ds, num_examples, batch_size, input_context, preprocess)
-    else:
-        ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-        ds = ds.prefetch(tf.data.AUTOTUNE)
     # Unlike the in-memory pipelines, autotune stays on: decoding JPEGs needs all the
     # host's cores. Parallel map and interleave keep their input order, so the
     # batches of a given step are the same in every run.
@@ -322,6 +293,80 @@ def imagenet_dataset(
     if input_context is not None:
         options = base.per_pipeline_options(options)
     return ds.with_options(options)
+
+
+def _training_batches(
+    builder,
+    split,
+    *,
+    batch_size,
+    seed,
+    image_size,
+    dtype,
+    start_step,
+    steps_per_epoch,
+    shuffle_buffer_size,
+    drop_remainder,
+    input_context,
+):
+    """The augmented training stream of `imagenet_dataset`, batched (this pipeline's share)."""
+    ds = _training_records(
+        builder,
+        split,
+        batch_size=batch_size,
+        seed=seed,
+        start_step=start_step,
+        steps_per_epoch=steps_per_epoch,
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
+    example_key = tf.constant([seed, _EXAMPLE_STREAM], dtype=tf.int64)
+
+    def preprocess(index, image_bytes, label):
+        example_seed = tf.random.experimental.stateless_fold_in(example_key, index)
+        image = decode_and_random_crop(image_bytes, example_seed, image_size, dtype)
+        return image, tf.cast(label, tf.int32)
+
+    if input_context is not None:
+        part = base.share(batch_size, input_context)
+        # The global index numbers the run's examples in order, and epochs hold
+        # whole batches, so index % B is the position in its global batch.
+        ds = ds.filter(
+            lambda index, image_bytes, label: (
+                (index % batch_size >= part.first) & (index % batch_size < part.first + part.size)
+            )
+        )
+        batch_size = part.per_replica
+    return _decoded_batches(ds, preprocess, batch_size, drop_remainder)
+
+
+def _eval_batches(builder, split, *, batch_size, image_size, dtype, drop_remainder, input_context):
+    """One pass over `split` in stored order, centre-cropped, batched (this pipeline's share)."""
+    ds = builder.as_dataset(
+        split=split,
+        shuffle_files=False,
+        decoders=_decoders(),
+        read_config=tfds.ReadConfig(try_autocache=False),
+    )
+    num_examples = int(ds.cardinality())
+    if num_examples < 0:
+        num_examples = int(builder.info.splits[split].num_examples)
+    ds = ds.map(lambda ex: (ex["image"], ex["label"]))
+
+    def preprocess(image_bytes, label):
+        image = decode_and_center_crop(image_bytes, image_size, dtype)
+        return image, tf.cast(label, tf.int32)
+
+    if input_context is not None:
+        # Every example once, in per-replica batches; only this pipeline's share
+        # is decoded (drop_remainder does not apply: the last step is partial).
+        return base.eval_share(ds, num_examples, batch_size, input_context, preprocess)
+    return _decoded_batches(ds, preprocess, batch_size, drop_remainder)
+
+
+def _decoded_batches(ds, preprocess, batch_size, drop_remainder):
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def _check_args(batch_size, image_size, start_step, steps_per_epoch, seed, buffer_size):
