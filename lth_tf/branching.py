@@ -164,19 +164,41 @@ def make_spec(
     """
     if kind not in KINDS:
         raise BranchError(f"Unknown branch kind {kind!r}. Known kinds: {', '.join(KINDS)}.")
-    config, schedule = experiment.config, experiment.schedule
-    spe, total = schedule.steps_per_epoch, schedule.total
-    r0 = paths.round_dir(experiment.run_dir, 0)
-    if not files.exists(paths.summary_file(r0)):
-        raise BranchError(
-            f"{experiment.run_dir} has no finished round 0 ({paths.summary_file(r0)}): a branch "
-            "reuses the run's dense network. Run `python -m lth_tf.imp` for this run first."
-        )
+    _require_round_0(experiment.run_dir)
 
     def used(flag, what, value):
         if value not in (None, (), []):
             raise BranchError(f"--{flag} is for {what}, not --kind={kind}; drop it.")
 
+    k = _rewind_point(kind, rewind_step, experiment.config, experiment.schedule)
+    if kind == "oneshot":
+        used("rounds", "the iterative kinds (oneshot has one round per density)", num_rounds)
+        return Spec(kind, k, densities=_checked_densities(densities))
+    used("densities", "--kind=oneshot", densities)
+    if kind != "finetune":
+        used("finetune_lr", "--kind=finetune", finetune_lr)
+        used("finetune_steps", "--kind=finetune", finetune_steps)
+    num_rounds = _branch_rounds(experiment.run_dir, num_rounds)
+    if kind == "finetune":
+        lr, n = _finetune_settings(
+            experiment.config, experiment.schedule, finetune_lr, finetune_steps
+        )
+        # Fine-tuning starts at its own step 0: no k.
+        return Spec(kind, 0, rounds=num_rounds, finetune_lr=lr, finetune_steps=n)
+    return Spec(kind, k, rounds=num_rounds)
+
+
+def _require_round_0(run_dir: str) -> None:
+    r0 = paths.round_dir(run_dir, 0)
+    if not files.exists(paths.summary_file(r0)):
+        raise BranchError(
+            f"{run_dir} has no finished round 0 ({paths.summary_file(r0)}): a branch "
+            "reuses the run's dense network. Run `python -m lth_tf.imp` for this run first."
+        )
+
+
+def _rewind_point(kind: str, rewind_step, config, schedule) -> int:
+    """The branch's k: --rewind_step resolved and checked, else the run's own k."""
     k = schedule.rewind
     if rewind_step is not None:
         if kind == "finetune":
@@ -184,11 +206,12 @@ def make_spec(
                 "--rewind_step is for rewind, lr_rewind and oneshot, not --kind=finetune (it "
                 "trains for --finetune_steps at --finetune_lr); drop it."
             )
-        k = steps.to_steps(rewind_step, spe, "rewind_step")
-        if not 0 <= k < total:
+        k = steps.to_steps(rewind_step, schedule.steps_per_epoch, "rewind_step")
+        if not 0 <= k < schedule.total:
             raise BranchError(
-                f"--rewind_step={rewind_step} is step {k}, outside the run's schedule [0, {total}) "
-                f"(--training_steps={config.training_steps}). Choose an earlier step."
+                f"--rewind_step={rewind_step} is step {k}, outside the run's schedule "
+                f"[0, {schedule.total}) (--training_steps={config.training_steps}). "
+                "Choose an earlier step."
             )
     if kind == "rewind":
         if rewind_step is None:
@@ -200,41 +223,44 @@ def make_spec(
                 f"--rewind_step={rewind_step} is the run's own rewind step {k}: its IMP rounds "
                 f"are the run's round_NN directories. Choose another k."
             )
-    if kind == "oneshot":
-        used("rounds", "the iterative kinds (oneshot has one round per density)", num_rounds)
-        if not densities:
-            raise BranchError("--kind=oneshot needs --densities, e.g. --densities=0.2,0.05,0.01.")
-        for d in densities:
-            if not 0 < d < 1:
-                raise BranchError(f"--densities: {d} is not a density in (0, 1).")
-        if len(set(densities)) != len(densities):
-            raise BranchError(f"--densities: {list(densities)} repeats a density.")
-        return Spec(kind, k, densities=tuple(float(d) for d in densities))
-    used("densities", "--kind=oneshot", densities)
-    if kind != "finetune":
-        used("finetune_lr", "--kind=finetune", finetune_lr)
-        used("finetune_steps", "--kind=finetune", finetune_steps)
+    return k
+
+
+def _checked_densities(densities) -> tuple:
+    if not densities:
+        raise BranchError("--kind=oneshot needs --densities, e.g. --densities=0.2,0.05,0.01.")
+    for d in densities:
+        if not 0 < d < 1:
+            raise BranchError(f"--densities: {d} is not a density in (0, 1).")
+    if len(set(densities)) != len(densities):
+        raise BranchError(f"--densities: {list(densities)} repeats a density.")
+    return tuple(float(d) for d in densities)
+
+
+def _branch_rounds(run_dir: str, num_rounds: int | None) -> int:
+    """Rounds of an iterative branch: as asked, else as many as the run's IMP has finished."""
     if num_rounds is None:
-        num_rounds = max(rounds_finished(experiment.run_dir), default=0)
+        num_rounds = max(rounds_finished(run_dir), default=0)
         if num_rounds == 0:
             raise BranchError(
-                f"{experiment.run_dir} has no pruned rounds to compare with: give the branch "
-                "--rounds=N."
+                f"{run_dir} has no pruned rounds to compare with: give the branch --rounds=N."
             )
     if num_rounds < 1:
         raise BranchError(f"--rounds={num_rounds}: a branch needs at least one round.")
-    if kind == "finetune":
-        lr = _final_lr(config, schedule) if finetune_lr is None else float(finetune_lr)
-        if not lr > 0:
-            raise BranchError(f"--finetune_lr={finetune_lr}: expected a positive learning rate.")
-        n = total - schedule.rewind
-        if finetune_steps is not None:
-            n = steps.to_steps(finetune_steps, spe, "finetune_steps")
-        if n < 1:
-            raise BranchError(f"--finetune_steps={finetune_steps}: expected at least one step.")
-        # Fine-tuning starts at its own step 0: no k.
-        return Spec(kind, 0, rounds=num_rounds, finetune_lr=lr, finetune_steps=n)
-    return Spec(kind, k, rounds=num_rounds)
+    return num_rounds
+
+
+def _finetune_settings(config, schedule, finetune_lr, finetune_steps) -> tuple:
+    """(constant rate, steps per round) of a finetune branch, defaults filled in."""
+    lr = _final_lr(config, schedule) if finetune_lr is None else float(finetune_lr)
+    if not lr > 0:
+        raise BranchError(f"--finetune_lr={finetune_lr}: expected a positive learning rate.")
+    n = schedule.total - schedule.rewind
+    if finetune_steps is not None:
+        n = steps.to_steps(finetune_steps, schedule.steps_per_epoch, "finetune_steps")
+    if n < 1:
+        raise BranchError(f"--finetune_steps={finetune_steps}: expected at least one step.")
+    return lr, n
 
 
 def rounds_finished(run_dir: str) -> list:

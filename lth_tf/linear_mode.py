@@ -251,37 +251,9 @@ class Stability:
         repeats = []
         accuracies = []  # test accuracy of every trained copy (accuracy against k)
         for j in range(self.repeats):
-            finals = []
-            for c in (1, 2):
-                seed = self.config.data_seed + 1000 * (j + 1) + c
-                rdir = paths.stability_copy_dir(self.out_dir, r, k, j, c, series)
-                self.experiment.train_branch(
-                    rdir, r, f"k{k}_r{j}_c{c}", round_masks, start, k, data_seed=seed
-                )
-                finals.append(files.read_npz(paths.checkpoint_file(rdir, "final")))
-                accuracies.append(files.read_json(paths.summary_file(rdir))["test_accuracy"])
-            alphas = np.linspace(0.0, 1.0, self.num_alphas)
-            path = error_along_path(
-                self.experiment,
-                finals[0],
-                finals[1],
-                round_masks,
-                alphas,
-                recompute_bn=self.recompute_bn,
-                eval_examples=self.eval_examples,
-            )
-            d = l2_distance(finals[0], finals[1], kernels, finals[0])
-            repeats.append(
-                {
-                    "seeds": [self.config.data_seed + 1000 * (j + 1) + c for c in (1, 2)],
-                    **path,
-                    "test_barrier": barrier(path["test_error"]),
-                    "train_barrier": barrier(path["train_error"]),
-                    "data_order_distance": d,
-                    "data_order_distance_normalized": d
-                    / max(_norm(finals[0], kernels, finals[0]), 1e-12),
-                }
-            )
+            repeat, copy_accuracies = self._repeat(r, k, j, series, round_masks, start, kernels)
+            repeats.append(repeat)
+            accuracies.extend(copy_accuracies)
         result = {
             "round": r,
             "rewind_step": k,
@@ -299,21 +271,64 @@ class Stability:
         result["stable"] = result["test_barrier_mean"] < STABLE_BARRIER
         result["test_accuracy_mean"] = float(np.mean(accuracies))
         result["test_accuracy_std"] = float(np.std(accuracies))
-        trained_as = self._trained_as(r, subnetwork, branch)
-        if r > 0 and trained_as is not None and k == trained_as[1]:
-            sub = paths.checkpoint_file(trained_as[0], "final")
-            full = paths.checkpoint_file(paths.round_dir(self.run_dir, 0), "final")
-            if files.exists(sub) and files.exists(full):
-                a, b = files.read_npz(sub), files.read_npz(full)
-                d = l2_distance(a, b, kernels, a)
-                result["pruning_distance"] = d
-                result["pruning_distance_normalized"] = d / max(_norm(b, kernels, a), 1e-12)
+        result.update(self._pruning_distance(r, k, subnetwork, branch, kernels))
         files.write_json(out_path, result)
         files.write_bytes(
             paths.join(paths.stability_point_dir(self.out_dir, r, k, series), "path.png"),
             plots.interpolation_path(result),
         )
         return result
+
+    def _repeat(self, r, k, j, series, round_masks, start, kernels) -> tuple:
+        """Repeat j: two copies trained from `start` on other data orders, and their path.
+
+        Returns:
+          (the repeat's record, the two copies' test accuracies).
+        """
+        seeds = [self.config.data_seed + 1000 * (j + 1) + c for c in (1, 2)]
+        finals, accuracies = [], []
+        for c, seed in zip((1, 2), seeds, strict=True):
+            rdir = paths.stability_copy_dir(self.out_dir, r, k, j, c, series)
+            self.experiment.train_branch(
+                rdir, r, f"k{k}_r{j}_c{c}", round_masks, start, k, data_seed=seed
+            )
+            finals.append(files.read_npz(paths.checkpoint_file(rdir, "final")))
+            accuracies.append(files.read_json(paths.summary_file(rdir))["test_accuracy"])
+        path = error_along_path(
+            self.experiment,
+            finals[0],
+            finals[1],
+            round_masks,
+            np.linspace(0.0, 1.0, self.num_alphas),
+            recompute_bn=self.recompute_bn,
+            eval_examples=self.eval_examples,
+        )
+        d = l2_distance(finals[0], finals[1], kernels, finals[0])
+        repeat = {
+            "seeds": seeds,
+            **path,
+            "test_barrier": barrier(path["test_error"]),
+            "train_barrier": barrier(path["train_error"]),
+            "data_order_distance": d,
+            "data_order_distance_normalized": d / max(_norm(finals[0], kernels, finals[0]), 1e-12),
+        }
+        return repeat, accuracies
+
+    def _pruning_distance(self, r, k, subnetwork, branch, kernels) -> dict:
+        """Distance of the subnetwork trained by the run from the dense network, at its own k."""
+        trained_as = self._trained_as(r, subnetwork, branch)
+        if r == 0 or trained_as is None or k != trained_as[1]:
+            return {}
+        sub = paths.checkpoint_file(trained_as[0], "final")
+        full = paths.checkpoint_file(paths.round_dir(self.run_dir, 0), "final")
+        if not (files.exists(sub) and files.exists(full)):
+            return {}
+        a, b = files.read_npz(sub), files.read_npz(full)
+        d = l2_distance(a, b, kernels, a)
+        return {
+            "pruning_distance": d,
+            "pruning_distance_normalized": d / max(_norm(b, kernels, a), 1e-12),
+        }
 
     def _trained_as(self, r: int, subnetwork: str, branch: str | None):
         """(round directory, start step) where the run trained this subnetwork, or None."""

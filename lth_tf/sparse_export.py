@@ -267,6 +267,28 @@ def _write_tflite(module, data, run_dir, round_index, kinds, batch_size, eval_ex
     return out
 
 
+def _finished_round(run_dir: str, round_index: int) -> tuple:
+    """(directory, summary) of a finished IMP round whose masks and weights are all there.
+
+    Raises:
+      ExportError: the round is unfinished or missing, or a file it needs is gone.
+    """
+    rdir = paths.round_dir(run_dir, round_index)
+    summary_path = paths.summary_file(rdir)
+    if not files.exists(summary_path):
+        done = sorted(rundir.finished_rounds(run_dir).get(rundir.IMP, {}))
+        state = "is unfinished" if tf.io.gfile.isdir(rdir) else "does not exist"
+        raise ExportError(f"Round {round_index} of {run_dir} {state}; finished rounds: {done}.")
+    for rd in {paths.round_dir(run_dir, 0), rdir}:
+        for needed in (paths.masks_file(rd), paths.checkpoint_file(rd, "final")):
+            if not files.exists(needed):
+                raise ExportError(
+                    f"{needed} is missing: the run is damaged. Rerun "
+                    "`python -m lth_tf.imp` with the run's flags to recompute it."
+                )
+    return rdir, files.read_json(summary_path)
+
+
 def export(
     run_dir: str,
     round_index: int | None = None,
@@ -301,20 +323,7 @@ def export(
     if round_index is None:
         round_index, why = rundir.choose_round(run_dir)
         log(f"Exporting {why}.")
-    rdir = paths.round_dir(run_dir, round_index)
-    summary_path = paths.summary_file(rdir)
-    if not files.exists(summary_path):
-        done = sorted(rundir.finished_rounds(run_dir).get(rundir.IMP, {}))
-        state = "is unfinished" if tf.io.gfile.isdir(rdir) else "does not exist"
-        raise ExportError(f"Round {round_index} of {run_dir} {state}; finished rounds: {done}.")
-    summary = files.read_json(summary_path)
-    for rd in {paths.round_dir(run_dir, 0), rdir}:
-        for needed in (paths.masks_file(rd), paths.checkpoint_file(rd, "final")):
-            if not files.exists(needed):
-                raise ExportError(
-                    f"{needed} is missing: the run is damaged. Rerun "
-                    "`python -m lth_tf.imp` with the run's flags to recompute it."
-                )
+    rdir, summary = _finished_round(run_dir, round_index)
     experiment = rounds.Experiment(config, run_dir, write=False, log=lambda *a: None, data=data)
     data = experiment.data
 
