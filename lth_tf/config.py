@@ -69,9 +69,7 @@ class RunConfig:
     seed: int = 0
     data_seed: int = 0
     data_dir: str | None = None
-    # None: XLA for the train step of small MLPs (train.xla_train_step); True: every
-    # step with XLA; False: none.
-    jit_compile: bool | None = None
+    jit_compile: bool = False
     # None: chosen per model (train.execution_steps: up to 100 for small models); 1 turns
     # the automatic choice off.
     steps_per_execution: int | None = None

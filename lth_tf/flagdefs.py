@@ -274,9 +274,9 @@ def define_train_flags() -> None:
     flags.DEFINE_boolean(
         "jit_compile",
         None,
-        "Compile every train and evaluation step with XLA; --nojit_compile: none. Unset: the "
-        "train step only, for small MLPs such as LeNet on one device (train.xla_train_step; "
-        "XLA slows conv nets on a CPU). A speed setting: same run, other rounding.",
+        "Compile the train and evaluation steps with XLA (faster for small MLPs such as LeNet, "
+        "slower for conv nets on a CPU; about 100 MB more memory). A speed setting: the same "
+        "run, other floating-point rounding.",
     )
     flags.DEFINE_integer(
         "steps_per_execution",

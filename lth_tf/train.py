@@ -14,9 +14,8 @@ would have seen.
 import dataclasses
 import functools
 import math
-import platform
 
-from lth_tf import distribute, steps
+from lth_tf import distribute, sparsity, steps
 from lth_tf.data import base
 from lth_tf.keras import keras, tf
 
@@ -136,7 +135,7 @@ def make_optimizer(config, schedule: Schedule):
         StepSchedule(config.lr, schedule.warmup, schedule.boundaries, config.lr_gamma), offset
     )
     if config.optimizer == "sgd":
-        optimizer = keras.optimizers.SGD(learning_rate=lr, momentum=config.momentum)
+        optimizer = sparsity.MaskedSGD(learning_rate=lr, momentum=config.momentum)
     else:
         # PyTorch's epsilon, as in the authors' framework.
         optimizer = keras.optimizers.Adam(learning_rate=lr, epsilon=1e-8)
@@ -227,30 +226,6 @@ def execution_steps(model, config, schedule: Schedule) -> int:
     return 1
 
 
-def xla_train_step(model, config) -> bool:
-    """Whether to compile the train step of `model` with XLA.
-
-    The config's value when the user set one (`--jit_compile`). Otherwise (None),
-    XLA for a small model (`SMALL_BATCH_MACS`) made of dense layers only (an MLP
-    such as LeNet-300-100) in float32 on one device: XLA fuses the step's
-    elementwise work (the mask's product with the gradient, the update) into
-    the matrix products' neighbours, which makes the masked step as fast as the
-    dense one there (benchmarks/step_overhead.py). Conv nets keep the TF kernels
-    (XLA slows them on a CPU). Like steps per execution this is a speed setting,
-    outside the run's identity; it changes floating-point rounding only.
-    """
-    if config.jit_compile is not None:
-        return config.jit_compile
-    kernels = [getattr(getattr(layer, "layer", layer), "kernel", None) for layer in model.layers]
-    return (
-        config.mixed_precision is None
-        and model.distribute_strategy.num_replicas_in_sync == 1
-        and all(k is None or len(k.shape) == 2 for k in kernels)
-        and config.batch_size * forward_macs(model) <= SMALL_BATCH_MACS
-        and not (platform.system() == "Darwin" and platform.machine() == "arm64")  # no XLA
-    )
-
-
 def compile_model(model, config, schedule: Schedule, *, steps_per_execution=None) -> None:
     """Compiles `model` with the recipe's optimizer; builds the optimizer's slots now.
 
@@ -259,29 +234,19 @@ def compile_model(model, config, schedule: Schedule, *, steps_per_execution=None
     `steps_per_execution` overrides the config's (rounds.Experiment passes
     `execution_steps(...)`, the automatic choice for small models).
 
-    `--jit_compile` compiles every step (train, evaluation, prediction) with XLA.
-    The automatic choice (`xla_train_step`) compiles the train step only: XLA
-    compiles a step once per input shape, and the evaluation steps' shapes
-    (validation, test, a last partial batch) would cost about 100 MB of compiled
-    code for a small share of the time.
+    With SGD the optimizer is `sparsity.MaskedSGD`, which takes over the masks of
+    the model's MaskedLayer wrappers (their gradients are masked in its update).
     """
     optimizer = make_optimizer(config, schedule)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        jit_compile=bool(config.jit_compile),
+        jit_compile=config.jit_compile,
         steps_per_execution=steps_per_execution or config.steps_per_execution or 1,
     )
-    if config.jit_compile is None and xla_train_step(model, config):
-        # What Keras does for jit_compile=True, for the train step alone: fit calls
-        # `model.train_step` inside its (non-XLA) multi-step loop.
-        xla_step = tf.function(model.train_step, jit_compile=True, reduce_retracing=True)
-
-        def train_step(data):
-            return xla_step(data)
-
-        model.train_step = train_step
+    if isinstance(_inner(optimizer), sparsity.MaskedSGD):
+        _inner(optimizer).take_masks(model)
     optimizer.build(model.trainable_variables)
 
 

@@ -301,10 +301,7 @@ def test_first_update_after_a_rewind_to_k_is_a_fresh_optimizers_first_update_at_
     from lth_tf.keras import keras
 
     k = 500
-    # Both models without XLA (XLA's rounding alone can move Adam's first step by 1e-5).
-    config = tiny_config(
-        optimizer=optimizer, lr=0.01, momentum=0.9, lr_gamma=0.5, jit_compile=False
-    )
+    config = tiny_config(optimizer=optimizer, lr=0.01, momentum=0.9, lr_gamma=0.5)
     schedule = train.Schedule(
         steps_per_epoch=100, total=1000, rewind=k, eval_every=100, warmup=0, boundaries=(200,)
     )
@@ -504,45 +501,6 @@ def test_automatic_steps_per_execution_trains_exactly_the_same_weights(tiny_conf
         assert int(model._steps_per_execution.numpy()) == (1 if auto == 1 else 10)
         train.fit_segment(model, ds, config, schedule, 0, schedule.total)
         weights[auto] = model.get_weights()
-    for a, b in zip(*weights.values(), strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_small_mlps_on_one_device_get_an_xla_train_step_and_others_do_not(tiny_config):
-    import types
-
-    from lth_tf import models
-
-    mlp = _dense_net(0)
-    assert train.xla_train_step(mlp, tiny_config())  # unset: automatic
-    assert not train.xla_train_step(mlp, tiny_config(jit_compile=False))
-    assert train.xla_train_step(mlp, tiny_config(jit_compile=True))
-    assert not train.xla_train_step(mlp, tiny_config(mixed_precision="bfloat16"))
-    conv = models.build_model("conv2", (8, 8, 1), 4, seed=0)
-    assert not train.xla_train_step(conv, tiny_config())  # XLA slows conv nets on a CPU
-    big = tiny_config(batch_size=int(train.SMALL_BATCH_MACS // train.forward_macs(mlp)) + 1)
-    assert not train.xla_train_step(mlp, big)
-    two_replicas = types.SimpleNamespace(num_replicas_in_sync=2)
-    replicated = types.SimpleNamespace(layers=mlp.layers, distribute_strategy=two_replicas)
-    assert not train.xla_train_step(replicated, tiny_config())
-
-
-def test_the_automatic_xla_train_step_trains_as_jit_compile_does_and_evaluates_without(
-    tiny_config,
-):
-    # The automatic choice compiles the train step alone; --jit_compile every step.
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 8)).astype(np.float32)
-    y = rng.integers(0, 4, size=64)
-    schedule = _schedule(0, 10)
-    weights = {}
-    for jit in (None, True):
-        config = tiny_config(optimizer="sgd", lr=0.05, momentum=0.9, jit_compile=jit)
-        model = _dense_net(1)
-        train.compile_model(model, config, schedule, steps_per_execution=2)
-        assert model.jit_compile is bool(jit)  # evaluation with XLA only if asked for
-        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
-        weights[jit] = model.get_weights()
     for a, b in zip(*weights.values(), strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -160,6 +160,50 @@ def test_pruned_kernel_entries_stay_exactly_zero_at_every_step_with_weight_decay
             assert np.any(values[m[name] == 1] != 0), slot.name
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [dict(momentum=0.0), dict(momentum=0.9), dict(momentum=0.9, nesterov=True)],
+    ids=["plain", "momentum", "nesterov"],
+)
+def test_masked_sgd_trains_bit_for_bit_as_masked_gradients_do(settings):
+    # MaskedSGD moves the mask's product from the gradient into its update; the
+    # arithmetic, and so every bit of the weights and slots, stays the same.
+    x, y = _data()
+    trained = {}
+    for optimizer_class in (keras.optimizers.SGD, sparsity.MaskedSGD):
+        model = sparsity.wrap(_base_model(l2=1e-2))
+        m = _random_masks(model)
+        sparsity.set_masks(model, m)
+        optimizer = optimizer_class(0.05, **settings)
+        _compile(model, optimizer)
+        if optimizer_class is sparsity.MaskedSGD:
+            optimizer.take_masks(model)
+            assert all(w.masked_by_optimizer for w in sparsity.wrappers(model).values())
+        else:
+            assert not any(w.masked_by_optimizer for w in sparsity.wrappers(model).values())
+        check = _CheckPrunedZero(m)
+        model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0, callbacks=[check])
+        assert check.checked == 2 * STEPS
+        trained[optimizer_class] = [v.numpy() for v in model.variables + optimizer.variables()]
+    for a, b in zip(*trained.values(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_sgd_of_compile_model_takes_the_masks(tiny_config):
+    from lth_tf import train
+
+    model = sparsity.wrap(_base_model())
+    sgd = tiny_config(optimizer="sgd", momentum=0.9)
+    schedule = train.resolve(sgd, steps_per_epoch=10)
+    train.compile_model(model, sgd, schedule)
+    assert isinstance(model.optimizer, sparsity.MaskedSGD)
+    assert all(w.masked_by_optimizer for w in sparsity.wrappers(model).values())
+    adam_model = sparsity.wrap(_base_model())
+    train.compile_model(adam_model, tiny_config(optimizer="adam"), schedule)
+    # Adam keeps the masked gradient of the wrappers.
+    assert not any(w.masked_by_optimizer for w in sparsity.wrappers(adam_model).values())
+
+
 def test_survivors_match_tfmot_stock_prune_low_magnitude_with_plain_sgd():
     base = _base_model()
     ours = sparsity.wrap(base)
