@@ -1,6 +1,6 @@
 """Where the time and memory of one short IMP job go, phase by phase.
 
-    python benchmarks/overhead.py [--repeats=1] [--extra=--nojit_compile --out=overhead_nojit]
+    python benchmarks/overhead.py [--repeats=1] [--extra=--jit_compile --out=overhead_xla]
 
 Runs the issue's LeNet-300-100 job (batch 128, 2 epochs per round, rewind to
 100 it, global 20%, no controls; `--rounds=1`: 2 trainings) in a fresh process
