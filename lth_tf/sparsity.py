@@ -123,8 +123,10 @@ class MaskedSGD(keras.optimizers.SGD):
     def update_step(self, gradient, variable):
         mask_of = getattr(self, "_mask_of", None)
         mask = mask_of(self._var_key(variable)) if mask_of else None
-        if mask is None or isinstance(gradient, tf.IndexedSlices):
+        if mask is None:
             return super().update_step(gradient, variable)
+        # The wrapper no longer masks this gradient: never take Keras' sparse path.
+        gradient = tf.convert_to_tensor(gradient)
         lr = tf.cast(self.learning_rate, variable.dtype)
         momentum = tf.cast(self.momentum, variable.dtype)
         m = self.momentums[self._index_dict[self._var_key(variable)]]
