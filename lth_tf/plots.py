@@ -6,6 +6,7 @@ not need matplotlib loaded.
 """
 
 import io
+import math
 
 
 def pyplot():
@@ -28,6 +29,34 @@ def png(fig) -> bytes:
     return buffer.getvalue()
 
 
+# Minor ticks of a log axis that carry a label: 2x and 5x each power of ten. Labelling
+# every minor tick puts 90 next to 100 (and 9 next to 10), where the labels overlap.
+LABELLED_MINOR_MANTISSAS = (2, 5)
+
+
+def minor_tick_label(value: float) -> str:
+    """The label of a log axis' minor tick at `value`: '' unless its mantissa is 2 or 5."""
+    if value <= 0:
+        return ""
+    mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
+    if any(abs(mantissa - m) < 1e-6 for m in LABELLED_MINOR_MANTISSAS):
+        return f"{value:g}"
+    return ""
+
+
+def _log_ticks(axis) -> None:
+    """Log scale with plain numbers: every power of ten, and 2x and 5x of each."""
+    import matplotlib.ticker
+
+    if axis.axis_name == "x":
+        axis.axes.set_xscale("log")
+    else:
+        axis.axes.set_yscale("log")
+    axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: minor_tick_label(v)))
+    axis.axes.tick_params(axis=axis.axis_name, which="minor", labelsize=7)
+
+
 def accuracy_vs_density(results: dict, layer_densities: dict) -> bytes:
     """Test accuracy against density per branch (left) and per-layer densities (right).
 
@@ -38,8 +67,6 @@ def accuracy_vs_density(results: dict, layer_densities: dict) -> bytes:
     Returns:
       The figure as PNG bytes.
     """
-    import matplotlib.ticker
-
     plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for branch, rounds in results.items():
@@ -48,10 +75,7 @@ def accuracy_vs_density(results: dict, layer_densities: dict) -> bytes:
     dense = results.get("imp", {}).get(0)
     if dense:
         ax.axhline(100 * dense["test_accuracy"], color="gray", ls="--", label="dense")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.tick_params(axis="x", which="minor", labelsize=7)
+    _log_ticks(ax.xaxis)
     ax.invert_xaxis()
     ax.set_xlabel("weights remaining (%)")
     ax.set_ylabel("test accuracy (%)")
@@ -60,8 +84,7 @@ def accuracy_vs_density(results: dict, layer_densities: dict) -> bytes:
     for r, layers in layer_densities.items():
         ax2.plot(range(len(layers)), [100 * d for d in layers.values()], "o-", label=f"r{r}")
         ax2.set_xticks(range(len(layers)), list(layers), rotation=60, ha="right", fontsize=7)
-    ax2.set_yscale("log")
-    ax2.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    _log_ticks(ax2.yaxis)
     ax2.legend(fontsize=7, ncol=2)
     ax2.set_ylabel("layer density (%)")
     ax2.grid(alpha=0.3)
@@ -70,12 +93,7 @@ def accuracy_vs_density(results: dict, layer_densities: dict) -> bytes:
 
 def _density_axis(ax):
     """Log-scale density, densest on the left (the papers' figures)."""
-    import matplotlib.ticker
-
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.tick_params(axis="x", which="minor", labelsize=7)
+    _log_ticks(ax.xaxis)
     ax.invert_xaxis()
     ax.set_xlabel("weights remaining (%)")
     ax.grid(alpha=0.3)
@@ -110,22 +128,12 @@ def accuracy_bands(series: list, dense: list, layer_densities: dict | None = Non
     plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     panels = axes.ravel()
-    # One run: a colour per series. Several: a colour per run, a line style per branch.
-    runs = sorted({s["run"] for s in series})
-    branches = list(dict.fromkeys(s.get("branch", s["label"]) for s in series))
-    styles = ("o-", "s--", "^:", "v-.", "D-")
-
-    def look(i, s):
-        if len(runs) <= 1:
-            return f"C{i % 10}", "o-"
-        style = styles[branches.index(s.get("branch", s["label"])) % len(styles)]
-        return f"C{runs.index(s['run']) % 10}", style
-
-    colors = {s["run"]: look(i, s)[0] for i, s in reversed(list(enumerate(series)))}
+    looks = series_looks(series)
+    colors = {s["run"]: look[0] for s, look in reversed(list(zip(series, looks, strict=True)))}
     for ax, (metric, ylabel, scale) in zip(panels, _PANELS, strict=False):
         drawn = False
-        for i, s in enumerate(series):
-            drawn |= _series_with_band(ax, s, metric, scale, *look(i, s))
+        for s, look in zip(series, looks, strict=True):
+            drawn |= _series_with_band(ax, s, metric, scale, *look)
         _dense_lines(ax, dense, metric, scale, colors)
         if drawn:
             _density_axis(ax)
@@ -142,6 +150,30 @@ def accuracy_bands(series: list, dense: list, layer_densities: dict | None = Non
         if handles:
             last.legend(handles, labels, loc="center", fontsize=9)
     return png(fig)
+
+
+# Line style and marker per branch in a comparison (a colour per run).
+_STYLES = ("o-", "s--", "^:", "v-.", "D-", "P--", "X:", "*-.")
+
+
+def series_looks(series: list) -> list:
+    """(colour, style) of each series: every series of a figure is told apart.
+
+    One run: a colour per series, all "o-". Several runs: a colour per run and a line
+    style and marker per branch, so a run's IMP and its controls differ by style and
+    the same branch of two runs by colour.
+    """
+    runs = sorted({s["run"] for s in series})
+    if len(runs) <= 1:
+        return [(f"C{i % 10}", "o-") for i in range(len(series))]
+    branches = list(dict.fromkeys(s.get("branch", s["label"]) for s in series))
+    return [
+        (
+            f"C{runs.index(s['run']) % 10}",
+            _STYLES[branches.index(s.get("branch", s["label"])) % len(_STYLES)],
+        )
+        for s in series
+    ]
 
 
 def _series_with_band(ax, s, metric, scale, color, style) -> bool:
@@ -207,14 +239,10 @@ def _not_recorded(ax) -> None:
 
 def _layer_densities(ax, layer_densities: dict) -> None:
     """Per-layer density (log scale) of each IMP round."""
-    import matplotlib.ticker
-
     for r, layers in layer_densities.items():
         ax.plot(range(len(layers)), [100 * d for d in layers.values()], "o-", label=f"r{r}")
         ax.set_xticks(range(len(layers)), list(layers), rotation=60, ha="right", fontsize=7)
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    _log_ticks(ax.yaxis)
     ax.legend(fontsize=7, ncol=2)
     ax.set_ylabel("layer density (%)")
     ax.grid(alpha=0.3)
