@@ -39,7 +39,10 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff==0.17.6"],
+        # LiteRT's interpreter, which evaluates the TFLite files when installed (else
+        # tf.lite's, which TensorFlow deprecates in its favour); the tests load the files in it.
+        "test": ["pytest>=8", "ruff==0.17.6", "ai-edge-litert>=2.3.0,<2.4"],
+        "litert": ["ai-edge-litert>=2.3.0"],
         # TPUClusterResolver needs it to look up a TPU by name (--tpu=NAME); on a TPU VM
         # (--tpu=local) the TPU runtime comes with the tensorflow-tpu wheel, see BUILD.md.
         "tpu": ["cloud-tpu-client>=0.10"],
