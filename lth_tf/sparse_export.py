@@ -28,7 +28,10 @@ Writes, under <run_dir>/export/round_NN/:
                       dataset's own eval pipeline, next to the round's recorded
                       one; the sizes of the dense and sparse SavedModels, raw and
                       zip-compressed; each TFLite file's size, size ratio to the
-                      dense TFLite file and accuracy on the same examples.
+                      dense TFLite file and accuracy on the same examples
+                      (LiteRT's interpreter; tf.lite's without ai_edge_litert),
+                      whether it loads with the interpreter's default options
+                      and, if not, the option it `needs`.
 The default round (lth_tf.rundir.choose_round) is the sparsest IMP round whose
 test accuracy is within 0.2 points of the dense network's (the paper's "matching").
 Accuracies are measured on one device (the reloaded SavedModel and the TFLite
@@ -244,11 +247,17 @@ def _raw_batches(data, split: str, batch_size: int, eval_examples: int | None):
 
 
 def _write_tflite(module, data, run_dir, round_index, kinds, batch_size, eval_examples, log):
-    """Converts serving_default to each TFLite kind; file sizes and accuracies."""
+    """Converts serving_default to each TFLite kind; file sizes and accuracies.
+
+    Each file's accuracy is measured with LiteRT's interpreter (tf.lite's without
+    ai_edge_litert) under its default options; a file those refuse is measured
+    with the builtin kernels, and its entry and a log line say which option it needs.
+    """
     function = module.serve_uint8.get_concrete_function()
     out = {}
     for kind in kinds:
-        flatbuffer = tflite_lib.convert(function, module, kind)
+        notes = []  # a rewrite skipped (lth_tf.tflite's schema check)
+        flatbuffer = tflite_lib.convert(function, module, kind, log=notes.append)
         path = paths.tflite_file(run_dir, round_index, kind)
         files.write_bytes(path, flatbuffer)
         acc = tflite_lib.accuracy(
@@ -260,7 +269,19 @@ def _write_tflite(module, data, run_dir, round_index, kinds, batch_size, eval_ex
             "test_accuracy": acc["accuracy"],
             "examples": acc["examples"],
             "resolver": acc["resolver"],
+            "runtime": acc["runtime"],
+            "loads_by_default": acc["resolver"] == "xnnpack",
+            "notes": notes,
         }
+        for note in notes:
+            log(note)
+        if acc["resolver"] != "xnnpack":
+            out[kind]["needs"] = tflite_lib.BUILTIN_OPTION
+            log(
+                f"TFLite {kind}: {path} does not load in {acc['runtime']}'s default "
+                f"interpreter (XNNPACK refuses it); load it with Interpreter(model_path=..., "
+                f"{tflite_lib.BUILTIN_OPTION})."
+            )
         log(f"TFLite {kind}: {len(flatbuffer):,} B, test accuracy {100 * acc['accuracy']:.2f}%.")
     for entry in out.values():
         entry["size_ratio_vs_dense"] = entry["bytes"] / out[tflite_lib.DENSE]["bytes"]
