@@ -403,8 +403,11 @@ def dequantize_densified(flatbuffer: bytes, log=None) -> bytes:
         codes.append(c)
         return len(codes) - 1
 
+    def inputs(op) -> list:
+        return [] if op.inputs is None else [int(i) for i in op.inputs]
+
     def consumers(graph, index):
-        return [op for op in graph.operators if index in [int(i) for i in op.inputs]]
+        return [op for op in graph.operators if index in inputs(op)]
 
     def dequantizable(graph, op) -> bool:
         """A DENSIFY of int8 weights whose consumers all take float32 activations."""
@@ -441,27 +444,26 @@ def dequantize_densified(flatbuffer: bytes, log=None) -> bytes:
         operators.append(op)
         return op
 
+    def dequantize_after(graph, operators, densify):
+        weights = int(densify.outputs[0])
+        per_channel = len(graph.tensors[weights].quantization.scale) > 1
+        # Version 5 dequantizes per channel, 2 per tensor (TFLite's op_version.cc).
+        version = 5 if per_channel else 2
+        add_op(graph, operators, ops.DEQUANTIZE, version, weights, types.FLOAT32)
+
     for graph in model.subgraphs:
         operators = []
         for op in graph.operators:
             if builtin(op) != ops.DENSIFY:
-                for i in [int(i) for i in op.inputs]:
+                for i in inputs(op):
                     if i >= 0 and graph.tensors[i].sparsity is not None:
                         t = graph.tensors[i]
-                        add_op(graph, operators, ops.DENSIFY, 1, i, t.type, t.quantization)
+                        dense = add_op(graph, operators, ops.DENSIFY, 1, i, t.type, t.quantization)
+                        if dequantizable(graph, dense):
+                            dequantize_after(graph, operators, dense)
             operators.append(op)
             if dequantizable(graph, op):
-                weights = int(op.outputs[0])
-                per_channel = len(graph.tensors[weights].quantization.scale) > 1
-                # Version 5 dequantizes per channel, 2 per tensor (TFLite's op_version.cc).
-                add_op(
-                    graph,
-                    operators,
-                    ops.DEQUANTIZE,
-                    5 if per_channel else 2,
-                    weights,
-                    types.FLOAT32,
-                )
+                dequantize_after(graph, operators, op)
         graph.operators = operators
     return _pack(model, len(flatbuffer))
 
