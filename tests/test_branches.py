@@ -276,6 +276,13 @@ def test_oneshot_at_an_imp_rounds_density_has_its_layer_densities(base, oneshot_
     assert "| fc1 | 19200 |" in section and "| IMP rounds matched |" in section
 
 
+def test_oneshot_branches_of_one_k_are_one_series_and_other_names_their_own():
+    assert reporting.series_of(f"oneshot_{K}it_d50.000") == f"oneshot_{K}it_d*"
+    assert reporting.series_of("oneshot_0it_d3.5184") == "oneshot_0it_d*"
+    for name in (f"oneshot_{K}it", f"rewind_{K}it", "random_prune", "finetune_lr0.0001_10it"):
+        assert reporting.series_of(name) == name
+
+
 def test_a_oneshot_branch_written_before_still_reports(base, oneshot_branches):
     # Before: oneshot_<k>it, one round per density, no density in the name.
     run_dir = base["run_dir"]
