@@ -6,7 +6,8 @@
         --finetune_steps=2ep --rounds=N
     python -m lth_tf.branch --run_dir=RUN --kind=oneshot --densities=0.2,0.05,0.01
 
-The branch reuses the run's dense round 0 and writes <RUN>/branches/<name>/;
+The branch reuses the run's dense round 0 and writes <RUN>/branches/<name>/
+(one-shot: one branch per density, oneshot_<k>it_d<density reached, %>);
 rerunning the command resumes it, or does nothing once it is done. The run's
 report then shows the branch as one more series. The kinds are described in
 lth_tf/branching.py; this module is only the command line.
@@ -55,7 +56,7 @@ def main(argv):
             write=chief,
             log=print if chief else (lambda *a: None),
         )
-        spec = branching.make_spec(
+        specs = branching.make_specs(
             experiment,
             FLAGS.kind,
             rewind_step=FLAGS.rewind_step,
@@ -64,7 +65,8 @@ def main(argv):
             finetune_lr=FLAGS.finetune_lr,
             finetune_steps=FLAGS.finetune_steps,
         )
-        branching.Branch(experiment, spec).run()
+        for spec in specs:
+            branching.Branch(experiment, spec).run()
     except (ValueError, FileNotFoundError) as e:  # BranchError, RunDirError, CorruptRunError...
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -76,7 +78,8 @@ def main(argv):
         return 3
     if chief:
         print(reporting.write_report(run_dir))
-        print(f"\nBranch {spec.name}: {paths.branch_dir(run_dir, spec.name)}")
+        for spec in specs:
+            print(f"\nBranch {spec.name}: {paths.branch_dir(run_dir, spec.name)}")
     return 0
 
 

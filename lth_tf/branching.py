@@ -22,9 +22,15 @@ The name says what the branch is, so that it is its series' label in reports:
                             k to T.
     finetune_lr<lr>_<n>it   fine-tuning: as lr_rewind, but n steps at the
                             constant learning rate lr.
-    oneshot_<k>it           round i prunes round 0's final weights straight to
-                            the i-th target density (in the order asked for;
-                            more densities later add rounds) and retrains from W_k.
+    oneshot_<k>it_d<D>      one round: round 0's final weights pruned straight to
+                            overall density D % (the density reached, to a weight),
+                            each layer at the density IMP at the run's
+                            --prune_fraction and per-layer rates has there
+                            (masks.prune_to_density: one-shot matched to IMP layer
+                            by layer), retrained from W_k. One branch per density
+                            asked for. (Branches named oneshot_<k>it, one round per
+                            density, were written before: they open and report as
+                            they are.)
 
 A kind is how its masks are found (`MASKS`: iterative or one-shot) and how
 each round starts (`RETRAINING`: one start function per retraining mode);
@@ -32,8 +38,9 @@ a new mode is one more entry.
 """
 
 import dataclasses
+import math
 
-from lth_tf import files, paths, rounds, steps, train
+from lth_tf import files, masks, paths, rounds, steps, train
 from lth_tf.config import NON_IDENTITY_FIELDS, RunConfig
 
 # kind -> (how the masks are found, how each round starts)
@@ -62,15 +69,21 @@ class Spec:
     kind: str
     rewind_step: int  # k: W_k and the first step (weight rewinding); where lr_rewind replays from
     rounds: int = 0  # iterative kinds
-    densities: tuple[float, ...] = ()  # oneshot
+    densities: tuple[float, ...] = ()  # oneshot: the density asked for
     finetune_lr: float | None = None
     finetune_steps: int | None = None
+    # oneshot: the density reached, IMP's rounds it matches, the name's decimals (in %)
+    reached: float | None = None
+    imp_rounds: float | None = None
+    decimals: int = 2
 
     @property
     def name(self) -> str:
         """Its directory under <run>/branches/ and its label in reports."""
         if self.kind == "finetune":
             return f"finetune_lr{self.finetune_lr:g}_{self.finetune_steps}it"
+        if self.kind == "oneshot":
+            return f"oneshot_{self.rewind_step}it_d{100 * self.reached:.{self.decimals}f}"
         return f"{self.kind}_{self.rewind_step}it"
 
     def description(self) -> dict:
@@ -85,7 +98,11 @@ class Spec:
             "densities": list(self.densities),
             "finetune_lr": self.finetune_lr,
             "finetune_steps": self.finetune_steps,
-        }
+        } | (
+            {"density_reached": self.reached, "imp_rounds": self.imp_rounds}
+            if self.kind == "oneshot"
+            else {}
+        )
 
 
 def check_shares_round_0(config: RunConfig, requested: dict) -> None:
@@ -155,7 +172,7 @@ def make_spec(
       rewind_step: a duration or step: k of `rewind` (required, not the run's own),
         where `lr_rewind` replays from and `oneshot` rewinds to (default: the run's k).
       num_rounds: rounds of an iterative kind (default: the run's finished IMP rounds).
-      densities: `oneshot`'s target densities, each in (0, 1).
+      densities: `oneshot`'s target overall density, one in (0, 1) (make_specs: several).
       finetune_lr: `finetune`'s constant rate (default: the schedule's last rate).
       finetune_steps: `finetune`'s steps per round (default: T - k of the run).
 
@@ -173,7 +190,13 @@ def make_spec(
     k = _rewind_point(kind, rewind_step, experiment.config, experiment.schedule)
     if kind == "oneshot":
         used("rounds", "the iterative kinds (oneshot has one round per density)", num_rounds)
-        return Spec(kind, k, densities=_checked_densities(densities))
+        checked = _checked_densities(densities)
+        if len(checked) > 1:
+            raise BranchError(
+                f"One density per one-shot branch, got {list(checked)}: make_specs makes one "
+                "branch per density."
+            )
+        return _oneshot_spec(experiment, k, checked[0])
     used("densities", "--kind=oneshot", densities)
     if kind != "finetune":
         used("finetune_lr", "--kind=finetune", finetune_lr)
@@ -186,6 +209,35 @@ def make_spec(
         # Fine-tuning starts at its own step 0: no k.
         return Spec(kind, 0, rounds=num_rounds, finetune_lr=lr, finetune_steps=n)
     return Spec(kind, k, rounds=num_rounds)
+
+
+def make_specs(experiment: rounds.Experiment, kind: str, **params) -> list:
+    """make_spec's specs: one per density of `oneshot` (densities reaching the same
+    masks' density once), else the one spec."""
+    if kind != "oneshot" or len(params.get("densities") or ()) < 2:
+        return [make_spec(experiment, kind, **params)]
+    specs = {}
+    for d in _checked_densities(params.pop("densities")):
+        spec = make_spec(experiment, kind, densities=[d], **params)
+        specs.setdefault(spec.name, spec)
+    return list(specs.values())
+
+
+def _oneshot_spec(experiment: rounds.Experiment, k: int, density: float) -> Spec:
+    """A one-shot branch to `density` overall: IMP's rounds there and the density reached."""
+    c, sizes = experiment.config, experiment.kernel_sizes()
+    try:
+        n = masks.matched_rounds(sizes, density, c.prune_fraction, c.prune_scope, experiment.rates)
+    except ValueError as e:
+        raise BranchError(f"--densities: {e}") from None
+    survivors = masks.imp_survivors(sizes, c.prune_fraction, n, c.prune_scope, experiment.rates)
+    total = sum(sizes.values())
+    # Enough decimals (of %) that two different numbers of survivors get two names.
+    decimals = max(2, math.ceil(math.log10(total)) - 2)
+    reached = sum(survivors.values()) / total
+    return Spec(
+        "oneshot", k, densities=(density,), reached=reached, imp_rounds=n, decimals=decimals
+    )
 
 
 def _require_round_0(run_dir: str) -> None:
@@ -356,11 +408,6 @@ class Branch:
         extra = self._trainer.trained if self._trainer is not None else []
         return list(self.experiment.trained) + list(extra)
 
-    def densities(self) -> tuple:
-        """oneshot: the densities of rounds 1, 2, ...: those already there, then new ones."""
-        known = list(self._described().get("densities", []))
-        return tuple(known + [d for d in self.spec.densities if d not in known])
-
     def _described(self) -> dict:
         path = paths.branch_file(self.experiment.run_dir, self.name)
         return files.read_json(path) if files.exists(path) else {}
@@ -368,13 +415,14 @@ class Branch:
     def _write_description(self) -> None:
         described = self._described()
         mine = self.spec.description()
-        if self.spec.kind == "oneshot":
-            mine["densities"] = list(self.densities())
         if described:
+            # One-shot: another density asked for, or IMP's rounds a hair apart, with the
+            # same survivors (the name) is the same branch: the first description stays.
+            asked = ("densities", "imp_rounds") if self.spec.kind == "oneshot" else ()
             differs = {
                 k
                 for k in set(described) | set(mine)
-                if k != "densities" and described.get(k) != mine.get(k)
+                if k not in asked and described.get(k) != mine.get(k)
             }
             if differs:
                 raise BranchError(
@@ -382,7 +430,7 @@ class Branch:
                     f"branch ({', '.join(sorted(differs))} differ): the directory was changed by "
                     "hand. Delete it to recompute the branch."
                 )
-        if self.experiment.write and described != mine:
+        if self.experiment.write and not described:
             files.write_json(paths.branch_file(self.experiment.run_dir, self.name), mine)
 
     def run(self) -> list:
@@ -391,22 +439,19 @@ class Branch:
         e = self.experiment
         e.log(f"== branch {self.name} of {e.run_dir}")
         if self.masks_rule == "oneshot":
-            plan = [
-                (i, paths.round_dir(e.run_dir, 0), 1.0 - d)
-                for i, d in enumerate(self.densities(), 1)
-            ]
+            plan = [(1, paths.round_dir(e.run_dir, 0), self.spec.imp_rounds)]
         else:
             plan = [
                 (r, paths.round_dir(e.run_dir, r - 1, self.name if r > 1 else None), None)
                 for r in range(1, self.spec.rounds + 1)
             ]
         summaries = []
-        for r, prev, fraction in plan:
+        for r, prev, imp_rounds in plan:
             rdir = paths.round_dir(e.run_dir, r, self.name)
             if files.exists(paths.summary_file(rdir)):
                 summaries.append(files.read_json(paths.summary_file(rdir)))
                 continue
-            round_masks = e.masks_after(prev, fraction)
+            round_masks = e.masks_after(prev, imp_rounds=imp_rounds)
             start = RETRAINING[self.retraining](self, round_masks, prev)
             summaries.append(
                 self.trainer.train_branch(

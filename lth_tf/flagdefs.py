@@ -42,6 +42,10 @@ MAIN_JOB = dict(
     rounds=15,  # 0.8^15 = 3.5% density: where random reinitialisation falls behind
     controls=("random_reinit",),
     steps_per_execution=100,
+    # The demo's rule (the authors' framework's): one global threshold, output layer
+    # dense. The lenet_300_100 recipe itself follows the 2019 paper (layer-wise).
+    prune_scope="global",
+    output_rate=0.0,
 )
 
 # RunConfig fields that have no flag of their own. Empty today: every field has
@@ -361,10 +365,11 @@ def define_prune_flags() -> None:
     flags.DEFINE_float(
         "target_density",
         None,
-        "Prune to this density in --rounds rounds (one round by default: one-shot pruning). "
-        "The layers at rate 1 reach it exactly; with --output_rate=0 the output layer stays "
-        "dense, at another rate (--output_rate, --conv_rate) a layer prunes at that multiple "
-        "of each round's fraction.",
+        "Prune to this density of the pruned kernels in --rounds rounds (one round by default: "
+        "one-shot pruning). With every rate 1 each round prunes the same fraction; with "
+        "--conv_rate or --output_rate other than 1 each layer ends where IMP at "
+        "--prune_fraction with those rates has it at this density (--output_rate=0: the "
+        "output layer is not pruned and not counted).",
     )
     flags.DEFINE_float(
         "output_rate",
@@ -590,7 +595,8 @@ def define_branch_flags() -> None:
     flags.DEFINE_list(
         "densities",
         None,
-        "--kind=oneshot: the target densities, e.g. 0.2,0.05,0.01 (each one round of the branch).",
+        "--kind=oneshot: the target densities, e.g. 0.2,0.05,0.01: one branch per density, "
+        "each layer where IMP has it at that density (named by the density reached).",
     )
     flags.register_validator("densities", _densities_validator)
     _define_checkpoint_seconds_flag()

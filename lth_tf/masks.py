@@ -11,9 +11,15 @@ follows from its kind (`layer_rates`): conv kernels at `conv_rate`, dense hidden
 layers at 1, the output layer at `output_rate`. So the 2019 paper's Conv-2
 (layer-wise; conv 10%, dense 20%, output 10% per round) is p = 0.2 with
 conv_rate = output_rate = 0.5 and layerwise scope. After r rounds a layer at
-rate c has density (1 - c * p)^r; with a target density (one fraction p per
-round chosen so that (1 - p)^rounds = target), the rate-1 layers reach the
-target exactly and the others end where their rate takes them.
+rate c has density (1 - c * p)^r.
+
+One-shot pruning matched to IMP (`prune_to_density`): for an overall density d
+(of every masked kernel, as `density` counts it), each layer (and the global
+pool of rate-1 layers, as one) gets the survivors that IMP at fraction p and
+the same rates has when the whole reaches d: after n rounds, n real, solved
+for (`imp_survivors`, `matched_rounds`). With rates other than 0 and 1 the
+layers do not all reach d: Conv-2 at 10.74% (ten IMP rounds) is conv 34.9%,
+fc 10.7%, output 34.9%, and so is its one-shot.
 """
 
 import numpy as np
@@ -54,8 +60,8 @@ def _count(fraction: float, surviving: int) -> int:
     return int(np.round(fraction * surviving))
 
 
-def _drop_smallest(weights: list, masks: list, fraction: float) -> list:
-    """Removes round(fraction * survivors) of the survivors of all `masks` together.
+def _drop_smallest(weights: list, masks: list, fraction: float, k: int | None = None) -> list:
+    """Removes round(fraction * survivors) (or k) of the survivors of all `masks` together.
 
     One magnitude threshold over every given tensor: the k-th smallest surviving
     magnitude, found with a partition (O(n), not a sort: ResNet-50's 25M weights
@@ -65,7 +71,8 @@ def _drop_smallest(weights: list, masks: list, fraction: float) -> list:
     alive = [m > 0 for m in masks]
     magnitudes = [np.abs(w) for w in weights]
     pool = np.concatenate([a[m] for a, m in zip(magnitudes, alive, strict=True)])
-    k = _count(fraction, pool.size)
+    if k is None:
+        k = _count(fraction, pool.size)
     if k == 0:
         return [m.astype(np.float32) for m in alive]
     threshold = np.partition(pool, k - 1)[k - 1]
@@ -113,6 +120,138 @@ def prune(weights: dict, masks: dict, fraction: float, scope: str = "global", ra
         pooled = _drop_smallest([weights[n] for n in pool], [masks[n] for n in pool], fraction)
         new.update(zip(pool, pooled, strict=True))
     return {name: new[name] for name in masks}
+
+
+def _groups(names, scope: str, rates: dict) -> dict:
+    """{tuple of layer names: rate}: the layers `prune` prunes together (the global pool
+    of rate-1 layers) as one group, every other layer on its own."""
+    pool = tuple(n for n in names if scope == "global" and rates.get(n, 1.0) == 1)
+    groups = {(n,): float(rates.get(n, 1.0)) for n in names if n not in pool}
+    if pool:
+        groups[pool] = 1.0
+    return groups
+
+
+def _after(size: int, rate: float, fraction: float, rounds: float) -> int:
+    """Survivors of `size` weights after `rounds` (real, >= 0) IMP rounds at rate * fraction.
+
+    Whole rounds remove round(rate * fraction * survivors) each, as `prune` does; a
+    part f of a round keeps round(survivors * (1 - rate * fraction)^f).
+    """
+    if rate == 0:
+        return size
+    step = min(rate * fraction, 1.0)
+    alive = size
+    whole = int(rounds)
+    for _ in range(whole):
+        alive -= _count(step, alive)
+    part = rounds - whole
+    if part > 0:
+        alive = int(np.round(alive * (1.0 - step) ** part))
+    return alive
+
+
+def imp_survivors(sizes: dict, fraction: float, rounds: float, scope="global", rates=None) -> dict:
+    """Survivors after `rounds` rounds of IMP from dense masks, per group `prune` prunes.
+
+    Args:
+      sizes: {layer: kernel size}.
+      fraction: IMP's prune fraction p per round.
+      rounds: n >= 0, real: whole rounds count weights as `prune` does.
+      scope, rates: as `prune`'s.
+
+    Returns:
+      {tuple of layer names: survivors}: each layer on its own, except with global
+      scope the rate-1 layers, one group (their split follows the weights).
+    """
+    rates = rates or {}
+    return {
+        group: _after(sum(sizes[n] for n in group), rate, fraction, rounds)
+        for group, rate in _groups(sizes, scope, rates).items()
+    }
+
+
+def matched_rounds(sizes: dict, density: float, fraction: float, scope="global", rates=None):
+    """The IMP rounds n (real) after which the kernels are closest to `density` overall.
+
+    The overall density is `density`'s (every masked kernel, rate-0 layers dense).
+    A whole n where IMP lands exactly on it, else between two rounds.
+
+    Raises:
+      ValueError: density is not in (0, 1], or IMP at these rates never gets that low
+        (rate-0 layers stay dense; a layer stops where round(rate * p * survivors) is 0).
+    """
+    if not 0 < density <= 1:
+        raise ValueError(f"A density must be in (0, 1], got {density}.")
+    total = sum(sizes.values())
+    target = int(np.round(density * total))
+
+    def alive(n):
+        return sum(imp_survivors(sizes, fraction, n, scope, rates).values())
+
+    m, before = 0, total
+    while before > target:
+        after = alive(m + 1)
+        if after <= target:
+            break
+        if after == before:
+            raise ValueError(
+                f"Density {density} cannot be reached: pruning at fraction {fraction} with the "
+                f"per-layer rates {rates or {}} stops at {after / total:.6g} (layers at rate 0 "
+                "stay dense). Ask for a higher density."
+            )
+        m, before = m + 1, after
+    else:
+        return float(m)
+    if after == target:
+        return float(m + 1)
+    lo, hi = 0.0, 1.0  # alive(m + lo) > target >= alive(m + hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if alive(m + mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    closer_lo = alive(m + lo) - target < target - alive(m + hi)
+    return m + (lo if closer_lo else hi)
+
+
+def prune_to_rounds(
+    weights: dict, masks: dict, rounds: float, fraction: float, scope="global", rates=None
+) -> dict:
+    """Magnitude pruning straight to IMP's survivors after `rounds` rounds (one-shot).
+
+    Each group of `imp_survivors` keeps that many of its largest surviving weights
+    (the global pool under one threshold), so its survivors are IMP's at `rounds`
+    rounds of `fraction` with the same scope and rates. A group already below its
+    count (by at most one weight where rounding differs) is left as it is.
+
+    Returns:
+      New masks, a subset of `masks`.
+    """
+    rates = rates or {}
+    sizes = {n: m.size for n, m in masks.items()}
+    new = {}
+    for group, keep in imp_survivors(sizes, fraction, rounds, scope, rates).items():
+        current = [masks[n] for n in group]
+        alive = sum(int(np.count_nonzero(m)) for m in current)
+        kept = _drop_smallest([weights[n] for n in group], current, 0.0, max(alive - keep, 0))
+        new.update(zip(group, kept, strict=True))
+    return {name: new[name] for name in masks}
+
+
+def prune_to_density(
+    weights: dict, masks: dict, density: float, fraction: float, scope="global", rates=None
+) -> dict:
+    """One-shot magnitude pruning matched to IMP: overall `density`, IMP's layer densities.
+
+    Every layer (the global pool as one) keeps the survivors IMP at `fraction` per
+    round with these rates has when the whole is at `density` (`matched_rounds`).
+    With every rate 1 that is `density` in every group; a rate-0 layer stays dense.
+    """
+    sizes = {n: m.size for n, m in masks.items()}
+    n = matched_rounds(sizes, density, fraction, scope, rates)
+    return prune_to_rounds(weights, masks, n, fraction, scope, rates)
 
 
 def random_like(masks: dict, seed: int) -> dict:

@@ -3,7 +3,8 @@
 A preset fills every field of a run's config that the user did not set with a
 flag. Values are plain data so that `config.json` records them verbatim.
 
-Sources: LeNet-300-100 and Conv-2/4/6 follow Frankle & Carbin (ICLR 2019);
+Sources: LeNet-300-100 and Conv-2/4/6 follow Frankle & Carbin (ICLR 2019),
+pruning rule included (layer-wise; LeNet fc 20%, output 10% per round);
 ResNet-20/56, VGG-16/19 and ResNet-50 follow the authors' framework (open_lth)
 as used in Frankle et al. 2019/2020. CIFAR-10 validation: Conv-2/4/6 hold out
 5,000 training images as the 2019 paper did; the ResNet-20/56 and VGG-16/19
@@ -27,8 +28,9 @@ import types
 #   rewind_step     rewind point k the papers found to work for IMP
 #   eval_every      evaluation period, a duration
 #   output_rate     prune-rate multiplier for the output layer: 0 leaves it dense
-#                   (open_lth for LeNet and VGG), 0.5 is the 2019 paper's half rate,
-#                   1 prunes it like any other layer (ResNets)
+#                   (open_lth for VGG, and for LeNet: flags/lenet300_mnist_open_lth.cfg),
+#                   0.5 is the 2019 paper's half rate (LeNet, Conv-2/4/6), 1 prunes
+#                   it like any other layer (ResNets)
 #   augment         random flip and pad-and-crop (CIFAR) / random-resized-crop (ImageNet)
 #   test_every_period  also evaluate the test set each period (test accuracy at
 #                   the early-stopping iteration, as the 2019 paper reports it)
@@ -99,7 +101,11 @@ RECIPES = types.MappingProxyType(
             training_steps="50000it",
             rewind_step="0",
             eval_every="100it",
-            output_rate=0.0,
+            # The 2019 paper's rule: layer-wise, hidden layers 20% and the output
+            # layer 10% per round (its Figure 3 densities 51.3, 21.1, ... % of weights).
+            prune_fraction=0.2,
+            prune_scope="layerwise",
+            output_rate=0.5,
             augment=False,
             test_every_period=True,
         ),

@@ -13,6 +13,7 @@ written, and tested, without building a model.
 import hashlib
 import json
 import os
+import re
 import statistics
 
 from lth_tf import files, paths, plots, rundir
@@ -27,6 +28,17 @@ MATCHING = (
     "mean accuracy at least the dense network's mean (IMP round 0 of the same run or group) "
     "minus 0.2 points, compared column by column"
 )
+
+
+# One-shot branches of lth_tf.branch, one per density: oneshot_<k>it_d<density reached, %>.
+# The table and the plot show those of one k as one series, by density.
+ONESHOT_RE = re.compile(r"^(oneshot_\d+it)_d\d+(\.\d+)?$")
+
+
+def series_of(branch: str) -> str:
+    """The series a branch is shown in: itself, or oneshot_<k>it_d* for a one-shot branch."""
+    m = ONESHOT_RE.match(branch)
+    return f"{m.group(1)}_d*" if m else branch
 
 
 def _pct(x):
@@ -105,10 +117,16 @@ def accuracy_table(results: dict) -> str:
     Args:
       results: {branch: {round: summary}} (lth_tf.rundir.finished_rounds). One
         row per finished IMP round; a branch's cell is empty where that round
-        of the branch is not finished or has another density than the IMP round
-        (one-shot branches: the aggregate table lists every series by density).
+        of the branch is not finished or has another density than the IMP round.
+        One-shot branches of one k (one per density) share a column, oneshot_<k>it_d*:
+        a cell is the one at the IMP round's density, if any (the aggregate table
+        lists every series by density).
     """
-    branches = [b for b in results if b != rundir.IMP]
+    columns = {}  # series -> its branches
+    for b in results:
+        if b != rundir.IMP:
+            columns.setdefault(series_of(b), []).append(b)
+    branches = list(columns)
     # Test accuracy at the early-stopping iteration (the 2019 paper's measure), where
     # the runs recorded it (test_every_period).
     at_es = any(
@@ -130,7 +148,11 @@ def accuracy_table(results: dict) -> str:
             str(s.get("early_stopping_step")),
         ]
         for b in branches:
-            other = _same_density(results[b].get(r), s)
+            if b in results:
+                other = _same_density(results[b].get(r), s)
+            else:  # one-shot: any of the series' branches at this density
+                found = (_same_density(results[m][1], s) for m in columns[b] if 1 in results[m])
+                other = next((f for f in found if f), {})
             cells.append(_pct(other.get("test_accuracy")))
             if at_es:
                 cells.append(_pct(other.get("test_accuracy_at_early_stopping")))
@@ -160,6 +182,61 @@ def layer_table(run_dir: str, results: dict) -> str:
     for layer in first:
         cells = [f"{100 * rep['layers'][layer]['density']:.1f}" for rep in reports.values()]
         rows.append(f"| {layer} | {first[layer]['size']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _is_oneshot(run_dir: str, branch: str) -> bool:
+    path = paths.branch_file(run_dir, branch)
+    return files.exists(path) and files.read_json(path).get("kind") == "oneshot"
+
+
+def oneshot_table(run_dir: str, results: dict) -> str:
+    """Per-layer density (%) of every finished one-shot round, as Markdown ('' if none).
+
+    One column per one-shot branch (oneshot_<k>it_d<D>: one round; branches named
+    oneshot_<k>it from before: one column per round), densest first, with IMP's
+    rounds it matches (branch.json) and the test accuracy of it and of the IMP
+    round at its density, to set beside the IMP rounds' per-layer table.
+    """
+    columns = []
+    for b in results:
+        if b == rundir.IMP or not (ONESHOT_RE.match(b) or _is_oneshot(run_dir, b)):
+            continue
+        path = paths.branch_file(run_dir, b)
+        described = files.read_json(path) if files.exists(path) else {}
+        for r, summary in results[b].items():
+            path = paths.sparsity_file(paths.round_dir(run_dir, r, b))
+            if files.exists(path):
+                label = b if ONESHOT_RE.match(b) else f"{b} r{r}"
+                columns.append((label, summary, files.read_json(path), described))
+    if not columns:
+        return ""
+    columns.sort(key=lambda c: -c[1]["density"])
+    layers = columns[0][2]["layers"]
+    imp = results.get(rundir.IMP, {})
+
+    def imp_at(summary):
+        found = [(r, s) for r, s in sorted(imp.items()) if _same_density(s, summary)]
+        return f"r{found[0][0]}: {_pct(found[0][1]['test_accuracy'])}" if found else ""
+
+    def n(described):
+        return "" if described.get("imp_rounds") is None else f"{described['imp_rounds']:.2f}"
+
+    rows = [
+        "| layer | size | " + " | ".join(c[0] for c in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for layer, v in layers.items():
+        cells = [f"{100 * c[2]['layers'][layer]['density']:.1f}" for c in columns]
+        rows.append(f"| {layer} | {v['size']} | " + " | ".join(cells) + " |")
+    total = columns[0][2]["size"]
+    for name, cells in (
+        (f"all | {total}", [f"{100 * c[2]['density']:.3f}" for c in columns]),
+        ("IMP rounds matched | ", [n(c[3]) for c in columns]),
+        ("test acc % | ", [_pct(c[1]["test_accuracy"]) for c in columns]),
+        ("IMP round at this density: test acc % | ", [imp_at(c[1]) for c in columns]),
+    ):
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -481,11 +558,12 @@ def _figure(groups: list, labels: list, layers=None) -> bytes:
     """The report's figure: one series per (run, branch), min/max bands over replicates."""
     series, dense = [], []
     for i, (g, label) in enumerate(zip(groups, labels, strict=True)):
+        merged = {}  # one-shot branches of one k: one series
         for branch, points in g["aggregate"].items():
+            merged.setdefault(series_of(branch), []).extend(points.values())
+        for branch, points in merged.items():
             name = branch if label is None else f"{label} / {branch}"
-            series.append(
-                {"label": name, "run": i, "branch": branch, "points": list(points.values())}
-            )
+            series.append({"label": name, "run": i, "branch": branch, "points": points})
         d = g["aggregate"].get(rundir.IMP, {}).get(0)
         if d:
             dense.append(
@@ -561,6 +639,15 @@ def write_report(run_dir: str, extra_sections=(), out: str | None = None) -> str
             layer_table(run_dir, results),
             "",
         ]
+        oneshot = oneshot_table(run_dir, results)
+        if oneshot:
+            parts += [
+                "## One-shot pruning: per-layer density (%)\n",
+                "Each one-shot branch prunes round 0 straight to its density, each layer "
+                "where IMP at the run's prune fraction and per-layer rates has it there.\n",
+                oneshot,
+                "",
+            ]
         parts += _run_sections(run_dir, results)
         layers = _layers(run_dir, results.get(rundir.IMP, {}))
     else:

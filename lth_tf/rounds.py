@@ -34,7 +34,8 @@ IMP = "imp"
 
 
 def round_fraction(config: RunConfig) -> float:
-    """The fraction of surviving weights each round removes."""
+    """The fraction of surviving weights each round removes (every rate 1; else see
+    Experiment.matched_rounds)."""
     if config.target_density is None:
         return config.prune_fraction
     rounds = max(config.rounds, 1)
@@ -269,21 +270,56 @@ class Experiment:
         """Masks of IMP round r: round r-1's masks pruned by magnitude of its final weights."""
         # Always recomputed (cheap): _train_round checks a saved masks.npz against it,
         # so a mask file that does not follow from the previous round is detected.
-        return self.masks_after(paths.round_dir(self.run_dir, r - 1))
+        return self.masks_after(
+            paths.round_dir(self.run_dir, r - 1), imp_rounds=self.matched_rounds(r)
+        )
 
-    def masks_after(self, prev_rdir: str, fraction: float | None = None) -> dict:
+    def kernel_sizes(self) -> dict:
+        """{prunable layer: its kernel's size}."""
+        return {n: self.initial_weights[f"{n}/kernel"].size for n in self.layers}
+
+    def matched_rounds(self, r: int) -> float | None:
+        """With a target density and a layer at a rate other than 1: IMP's rounds of round r.
+
+        Round r of R is then where IMP at --prune_fraction (and the rates) is after
+        r * n / R rounds, n its rounds to the target overall density
+        (masks.matched_rounds): round R reaches the target overall with each
+        layer where IMP would have it. None otherwise: every round prunes
+        round_fraction (with every rate 1 that reaches the target in every layer).
+        """
+        c = self.config
+        if c.target_density is None or all(rate == 1 for rate in self.rates.values()):
+            return None
+        n = masks.matched_rounds(
+            self.kernel_sizes(), c.target_density, c.prune_fraction, c.prune_scope, self.rates
+        )
+        return n if r == c.rounds else r * n / max(c.rounds, 1)
+
+    def masks_after(
+        self, prev_rdir: str, fraction: float | None = None, *, imp_rounds: float | None = None
+    ) -> dict:
         """The masks that prune a finished round's masks by the magnitude of its final weights.
 
         Args:
           prev_rdir: a finished round directory (masks.npz, checkpoints/final.npz).
           fraction: of the survivors to remove; default: the run's round fraction.
+          imp_rounds: instead, prune straight to IMP's survivors after this many
+            (real) rounds at --prune_fraction (masks.prune_to_rounds: one-shot
+            pruning matched to IMP layer by layer).
         """
         prev_masks = files.read_npz(paths.masks_file(prev_rdir))
         final = files.read_npz(paths.checkpoint_file(prev_rdir, "final"))
         kernels = {n: final[f"{n}/kernel"] for n in self.layers}
+        c = self.config
+        if imp_rounds is not None:
+            new = masks.prune_to_rounds(
+                kernels, prev_masks, imp_rounds, c.prune_fraction, c.prune_scope, self.rates
+            )
+            masks.check_subset(new, prev_masks)
+            return new
         if fraction is None:
-            fraction = round_fraction(self.config)
-        new = masks.prune(kernels, prev_masks, fraction, self.config.prune_scope, self.rates)
+            fraction = round_fraction(c)
+        new = masks.prune(kernels, prev_masks, fraction, c.prune_scope, self.rates)
         masks.check_subset(new, prev_masks)
         return new
 

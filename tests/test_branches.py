@@ -3,6 +3,7 @@ share a run's round 0 — IMP at other rewind points, learning-rate rewinding, f
 one-shot pruning — and the stability of their subnetworks and of the controls."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -203,23 +204,115 @@ def test_finetune_defaults_to_the_schedules_last_rate_and_the_rewinding_budget(b
 # ---- one-shot --------------------------------------------------------------------------------
 
 
-def test_oneshot_prunes_round_0_to_each_target_density_and_rewinds_to_k(base):
-    b, summaries = _branch(base, "oneshot", densities=[0.5, 0.1])
+def _oneshot(base, densities):
+    e = _experiment(base)
+    out = []
+    for spec in branching.make_specs(e, "oneshot", densities=densities):
+        b = branching.Branch(e, spec)
+        out.append((b, b.run()[0]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def oneshot_branches(base):
+    # 0.5, and IMP round 2's density (fc1 and fc2 one global pool; output_rate 0).
+    imp_2 = files.read_json(paths.summary_file(_rdir(base["run_dir"], 2)))["density"]
+    return _oneshot(base, [0.5, imp_2])
+
+
+def test_oneshot_makes_one_branch_per_density_named_by_the_density_reached(base, oneshot_branches):
     run_dir = base["run_dir"]
-    assert b.name == f"oneshot_{K}it" and b.trained == [(b.name, 1), (b.name, 2)]
     w_k = _npz(_rdir(run_dir, 0), "rewind")
-    for r, target in ((1, 0.5), (2, 0.1)):
-        m = files.read_npz(paths.masks_file(_rdir(run_dir, r, b.name)))
-        pruned = {n: v for n, v in m.items() if n != "output"}  # LeNet: output stays dense
-        assert masks.density(pruned) == pytest.approx(target, abs=1e-3)
-        assert summaries[r - 1]["start_step"] == K
-        start = _npz(_rdir(run_dir, r, b.name), "start")
+    total = sum(_experiment(base).kernel_sizes().values())
+    for (b, summary), asked in zip(oneshot_branches, (0.5, None), strict=True):
+        reached = b.spec.reached
+        # 49,200 weights: 3 decimals of % tell every number of survivors apart.
+        assert b.name == f"oneshot_{K}it_d{100 * reached:.3f}" and (b.name, 1) in b.trained
+        m = files.read_npz(paths.masks_file(_rdir(run_dir, 1, b.name)))
+        assert int(sum(v.sum() for v in m.values())) == round(reached * total)
+        assert summary["density"] == pytest.approx(reached, abs=1e-6)
+        if asked is not None:
+            assert abs(reached - asked) <= 1 / total
+        assert set(m) == {"fc1", "fc2"}  # output_rate 0 here: the output layer is not masked
+        assert summary["start_step"] == K
+        start = _npz(_rdir(run_dir, 1, b.name), "start")
         for name, mask in m.items():
             np.testing.assert_array_equal(start[f"{name}/kernel"], w_k[f"{name}/kernel"] * mask)
-    # More densities later add rounds; the existing ones are kept.
-    more, _ = _branch(base, "oneshot", densities=[0.1, 0.02])
-    assert more.trained == [(b.name, 3)]
-    assert files.read_json(paths.branch_file(run_dir, b.name))["densities"] == [0.5, 0.1, 0.02]
+        described = files.read_json(paths.branch_file(run_dir, b.name))
+        assert (described["densities"], described["density_reached"]) == (
+            [b.spec.densities[0]],
+            reached,
+        )
+        # Its sparsity report has the per-layer densities.
+        layers = files.read_json(paths.sparsity_file(_rdir(run_dir, 1, b.name)))["layers"]
+        assert set(layers) == set(m)
+    # Asked again, or with another density: only the new one trains (one Experiment).
+    (again, _), (more, _) = _oneshot(base, [0.5, 0.02])
+    assert again.name == oneshot_branches[0][0].name
+    assert more.trained == [(more.name, 1)]
+
+
+def test_oneshot_at_an_imp_rounds_density_has_its_layer_densities(base, oneshot_branches):
+    run_dir = base["run_dir"]
+    b, summary = oneshot_branches[1]
+    assert b.spec.imp_rounds == 2  # IMP round 2's density is where IMP is after 2 rounds
+    imp = files.read_npz(paths.masks_file(_rdir(run_dir, 2)))
+    one = files.read_npz(paths.masks_file(_rdir(run_dir, 1, b.name)))
+    pool = ("fc1", "fc2")  # global scope: one threshold, IMP's pool survivors
+    assert sum(one[n].sum() for n in pool) == sum(imp[n].sum() for n in pool)
+    # The report: one column of one-shot branches by density, a per-layer table.
+    results = rundir.finished_rounds(run_dir)
+    table = reporting.accuracy_table(results)
+    header, _, _, _, row_2 = table.splitlines()[:5]
+    column = header.split(" | ").index(f"oneshot_{K}it_d* test acc %")
+    assert row_2.split(" | ")[column] == f"{100 * summary['test_accuracy']:.2f}"
+    reporting.write_report(run_dir)
+    with open(paths.report_file(run_dir)) as f:
+        report = f.read()
+    assert "## One-shot pruning: per-layer density (%)" in report
+    section = report.split("## One-shot pruning")[1]
+    header = next(line for line in section.splitlines() if line.startswith("| layer | size |"))
+    assert b.name in header
+    assert "| fc1 | 19200 |" in section and "| IMP rounds matched |" in section
+
+
+def test_oneshot_branches_of_one_k_are_one_series_and_other_names_their_own():
+    assert reporting.series_of(f"oneshot_{K}it_d50.000") == f"oneshot_{K}it_d*"
+    assert reporting.series_of("oneshot_0it_d3.5184") == "oneshot_0it_d*"
+    for name in (f"oneshot_{K}it", f"rewind_{K}it", "random_prune", "finetune_lr0.0001_10it"):
+        assert reporting.series_of(name) == name
+
+
+def test_a_oneshot_branch_written_before_still_reports(base, oneshot_branches):
+    # Before: oneshot_<k>it, one round per density, no density in the name.
+    run_dir = base["run_dir"]
+    b, _ = oneshot_branches[0]
+    old = "oneshot_20it"
+    os.makedirs(paths.branch_dir(run_dir, old))
+    files.write_json(
+        paths.branch_file(run_dir, old),
+        {
+            "name": old,
+            "kind": "oneshot",
+            "masks": "oneshot",
+            "retraining": "weight_rewind",
+            "rewind_step": K,
+            "densities": [0.5],
+            "finetune_lr": None,
+            "finetune_steps": None,
+        },
+    )
+    shutil.copytree(_rdir(run_dir, 1, b.name), _rdir(run_dir, 1, old))
+    try:
+        assert old in rundir.finished_rounds(run_dir)
+        reporting.write_report(run_dir)
+        with open(paths.report_file(run_dir)) as f:
+            report = f.read()
+        assert f"{old} r1" in report.split("## One-shot pruning")[1]
+        assert f"| {old} |" in report  # a series of the aggregate table
+        assert linear_mode.Stability(run_dir, log=_quiet).masks_of(1, old)
+    finally:
+        shutil.rmtree(paths.branch_dir(run_dir, old))
 
 
 # ---- refusals --------------------------------------------------------------------------------
@@ -245,6 +338,8 @@ def test_a_branch_cannot_change_what_round_0_computed(base):
         ("rewind", {"rewind_step": "40it"}, "outside the run's schedule"),
         ("oneshot", {}, "needs --densities"),
         ("oneshot", {"densities": [0.5], "num_rounds": 2}, "--rounds is for the iterative"),
+        ("oneshot", {"densities": [0.5, 0.2]}, "One density per one-shot branch"),
+        ("oneshot", {"densities": [1e-6]}, "--densities: Density 1e-06 cannot be reached"),
         ("lr_rewind", {"densities": [0.5]}, "--densities is for --kind=oneshot"),
         ("finetune", {"rewind_step": "10it"}, "not --kind=finetune"),
         ("lr_rewind", {"finetune_lr": 0.1}, "--finetune_lr is for --kind=finetune"),

@@ -339,6 +339,8 @@ def test_the_no_flag_main_job_is_unchanged(parse):
         rounds=15,
         controls=("random_reinit",),
         steps_per_execution=100,
+        prune_scope="global",  # the demo's rule; the recipe is the 2019 paper's layer-wise
+        output_rate=0.0,
     )
     # Pinned: a change of the run identity renames every run directory. (It changed
     # once, on purpose: jit_compile and steps_per_execution left the identity.)

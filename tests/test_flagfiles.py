@@ -1,6 +1,8 @@
 """Contracts of the flagfiles and of a run's identity across machines.
 
-Every flags/*.cfg is a valid imp command; the TPU file is one command on a TPU
+Every flags/*.cfg is a valid imp command that names (in its first comment lines)
+its paper, figure or table and deviations, and sets its architecture's recipe
+(lth_tf/presets.py) except the deviations it names; the TPU file is one command on a TPU
 VM; the GPU and TPU ResNet-50 files name the same experiment. Settings that
 change only the speed (steps_per_execution, jit_compile) do not change a run's
 identity, so a run started with one value resumes with another; settings that
@@ -19,7 +21,7 @@ import pytest
 from absl import flags
 
 from lth_tf import config as config_lib
-from lth_tf import files, flagdefs, imp, paths, rounds, rundir, train
+from lth_tf import files, flagdefs, imp, masks, paths, presets, rounds, rundir, train
 from lth_tf.callbacks import Interrupted, StopRequest
 from lth_tf.keras import keras
 
@@ -28,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "flags", "*.cfg")))
 TPU_FILE = os.path.join(ROOT, "flags", "resnet50_imagenet_tpu.cfg")
 GPU_FILE = os.path.join(ROOT, "flags", "resnet50_imagenet_gpu.cfg")
+LENET_FILE = os.path.join(ROOT, "flags", "lenet300_mnist.cfg")
 
 
 def _quiet(*args):
@@ -220,3 +223,55 @@ def test_resuming_off_the_execution_grid_still_records_the_rewind_step(
     expected = files.read_npz(paths.checkpoint_file(ref_rdir, "rewind"))
     for key in expected:
         np.testing.assert_allclose(rewind[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+# ---- each flagfile says which paper it follows, and is its recipe ---------------------------
+
+# Recipe fields a flagfile sets otherwise, on purpose (its "# Deviations:" line says so).
+RECIPE_DEVIATIONS = {
+    "lenet300_mnist_open_lth.cfg": {"prune_scope": "global", "output_rate": 0.0},
+}
+
+
+def _header(path) -> str:
+    lines = Path(path).read_text().splitlines()
+    return "\n".join(
+        line for line in lines[: next(i for i, x in enumerate(lines) if not x.startswith("#"))]
+    )
+
+
+@pytest.mark.parametrize("path", FLAGFILES, ids=os.path.basename)
+def test_every_flagfile_names_its_paper_figure_and_deviations(path):
+    header = _header(path)
+    for key in ("# Paper: ", "# Figure/table: ", "# Deviations: "):
+        assert key in header, (os.path.basename(path), key)
+    assert header.startswith("# Paper: ")
+
+
+@pytest.mark.parametrize("path", FLAGFILES, ids=os.path.basename)
+def test_every_flagfile_is_its_recipe(parse, path):
+    c = parse(f"--flagfile={path}")
+    deviations = RECIPE_DEVIATIONS.get(os.path.basename(path), {})
+    expected = config_lib.make_config(c.arch, **deviations)
+    for field in presets.recipe(c.arch):
+        assert getattr(c, field) == getattr(expected, field), (os.path.basename(path), field)
+    for field, value in deviations.items():
+        assert getattr(c, field) == value != presets.recipe(c.arch)[field]
+
+
+def test_lenet_recipe_and_flagfile_follow_the_2019_paper(parse):
+    """Layer-wise, hidden layers 20% and the output 10% per round: the paper's Figure 3
+    densities (51.3, 21.1, 13.5, 3.6, 1.9, 1.2 % of the weights) at rounds 3 ... 20."""
+    for c in (config_lib.make_config("lenet_300_100"), parse(f"--flagfile={LENET_FILE}")):
+        assert (c.prune_scope, c.prune_fraction, c.output_rate) == ("layerwise", 0.2, 0.5)
+    assert c.rounds == 20
+    sizes = {"fc1": 784 * 300, "fc2": 300 * 100, "output": 100 * 10}
+    rates = {"fc1": 1.0, "fc2": 1.0, "output": c.output_rate}
+    for r, paper in ((3, 51.3), (7, 21.1), (9, 13.5), (15, 3.6), (18, 1.9), (20, 1.2)):
+        alive = sum(masks.imp_survivors(sizes, 0.2, r, "layerwise", rates).values())
+        assert 100 * alive / sum(sizes.values()) == pytest.approx(paper, abs=0.06), r
+    # The authors' framework's rule stays one flagfile away; the no-flag demo keeps it.
+    framework = parse(f"--flagfile={ROOT}/flags/lenet300_mnist_open_lth.cfg")
+    assert (framework.prune_scope, framework.output_rate) == ("global", 0.0)
+    demo = parse()
+    assert (demo.prune_scope, demo.output_rate) == ("global", 0.0)

@@ -135,24 +135,84 @@ def test_global_scope_shares_one_threshold_over_rate_1_layers_only():
     assert _layer_density(new["fc2"]) < 0.5 < 0.9 < _layer_density(new["fc1"])
 
 
-@pytest.mark.parametrize("scope", ["global", "layerwise"])
-def test_a_target_density_is_reached_by_the_rate_1_layers(scope):
+def _conv2_experiment(**overrides):
     from lth_tf import rounds as rounds_lib
 
-    config = config_lib.make_config("conv2", target_density=0.3, rounds=3, prune_scope=scope)
-    model = _wrapped("conv2", config=config)
-    rates = sparsity.layer_rates(model, config)
-    fraction = rounds_lib.round_fraction(config)
-    final = _prune_rounds(_kernels(model), config, rates, 3, fraction=fraction)
-    dense = ("fc1", "fc2")
-    alive = sum(final[n].sum() for n in dense)
-    size = sum(final[n].size for n in dense)
-    assert alive / size == pytest.approx(0.3, abs=3 / size)
-    # The other layers end where their rate takes them: (1 - 0.5 * fraction)^3.
+    config = config_lib.make_config(
+        "conv2",
+        dataset="synthetic:8x8x3:4",
+        batch_size=32,
+        training_steps="40it",
+        eval_every="20it",
+        validation_holdout=48,
+        verbose=0,
+        **overrides,
+    )
+    return rounds_lib.Experiment(config, "/nonexistent/never/written", write=False)
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_a_target_density_is_reached_overall_with_imps_layer_densities(scope):
+    # --target_density with rates other than 1: round r of R is IMP at --prune_fraction
+    # after r * n / R rounds, n its rounds to the target overall density.
+    e = _conv2_experiment(target_density=0.3, rounds=3, prune_scope=scope)
+    kernels = _kernels(e.model)
+    sizes = e.kernel_sizes()
+    n = masks.matched_rounds(sizes, 0.3, 0.2, scope, e.rates)
+    assert [e.matched_rounds(r) for r in (1, 2, 3)] == pytest.approx([n / 3, 2 * n / 3, n])
+    current = masks.ones_like(kernels)
+    for r in (1, 2, 3):
+        new = masks.prune_to_rounds(kernels, current, e.matched_rounds(r), 0.2, scope, e.rates)
+        masks.check_subset(new, current)
+        current = new
+    assert masks.density(current) == pytest.approx(0.3, abs=2 / sum(sizes.values()))
+    # Each layer where IMP at 20% per round has it: conv and output (1 - 0.1)^n, fc 0.8^n.
     for name in ("conv1", "conv2", "output"):
-        assert _layer_density(final[name]) == pytest.approx(
-            (1 - 0.5 * fraction) ** 3, abs=2 / final[name].size
-        ), name
+        assert _layer_density(current[name]) == pytest.approx(0.9**n, abs=3 / sizes[name]), name
+    fc = ("fc1", "fc2")
+    alive = sum(current[f].sum() for f in fc) / sum(sizes[f] for f in fc)
+    assert alive == pytest.approx(0.8**n, abs=1e-3)
+
+
+def test_a_target_density_with_every_rate_1_keeps_one_fraction_per_round():
+    # Every rate 1: the per-round fraction of before (masks bit for bit as before).
+    e = _conv2_experiment(target_density=0.3, rounds=2, conv_rate=1.0, output_rate=1.0)
+    assert e.matched_rounds(1) is None
+
+
+CONV2_CIFAR_SIZES = {
+    "conv1": 3 * 3 * 3 * 64,
+    "conv2": 3 * 3 * 64 * 64,
+    "fc1": 16 * 16 * 64 * 256,
+    "fc2": 256 * 256,
+    "output": 256 * 10,
+}
+
+
+def test_conv2_one_shot_at_imp_round_10_density_has_round_10s_layer_densities():
+    """One-shot matched to IMP on Conv-2's CIFAR-10 layers (the 2019 protocol: conv 10%,
+    fc 20%, output 10% per round): at IMP round 10's overall density (10.97%), every
+    layer within one weight of IMP round 10 (conv 34.9%, fc 10.7%, output 34.9%), not
+    the 55.4% / 10.7% / 55.4% of one round at 1 - 10.74% times each rate."""
+    config = config_lib.make_config("conv2")
+    model = _wrapped("conv2", shape=(32, 32, 3), config=config)
+    rates = sparsity.layer_rates(model, config)
+    kernels = _kernels(model)
+    assert {n: k.size for n, k in kernels.items()} == CONV2_CIFAR_SIZES
+    imp = _prune_rounds(kernels, config, rates, 10)
+    d10 = masks.density(imp)
+    assert d10 == pytest.approx(0.1097, abs=5e-5)
+    oneshot = masks.prune_to_density(
+        kernels, masks.ones_like(kernels), d10, 0.2, "layerwise", rates
+    )
+    for name in kernels:
+        assert abs(int(oneshot[name].sum()) - int(imp[name].sum())) <= 1, name
+    assert _layer_density(oneshot["conv2"]) == pytest.approx(0.349, abs=5e-4)
+    assert _layer_density(oneshot["fc1"]) == pytest.approx(0.107, abs=5e-4)
+    assert _layer_density(oneshot["output"]) == pytest.approx(0.349, abs=5e-4)
+    # Before: one round at 1 - 0.8^10 with the rates (rate 1 at 10.74%, the others not).
+    naive = masks.prune(kernels, masks.ones_like(kernels), 1 - 0.8**10, "layerwise", rates)
+    assert _layer_density(naive["conv2"]) == pytest.approx(0.554, abs=5e-4)
 
 
 @pytest.mark.parametrize("arch", ["lenet_300_100", "resnet20", "vgg16"])
@@ -168,18 +228,7 @@ def test_existing_recipes_keep_their_rates(arch):
 
 
 def test_the_experiment_uses_the_layer_rates():
-    from lth_tf import rounds as rounds_lib
-
-    config = config_lib.make_config(
-        "conv2",
-        dataset="synthetic:8x8x3:4",
-        batch_size=32,
-        training_steps="40it",
-        eval_every="20it",
-        validation_holdout=48,
-        verbose=0,
-    )
-    experiment = rounds_lib.Experiment(config, "/nonexistent/never/written", write=False)
+    experiment = _conv2_experiment()
     assert experiment.rates == {
         "conv1": 0.5,
         "conv2": 0.5,

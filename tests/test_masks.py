@@ -176,3 +176,97 @@ def test_report_counts_per_layer_and_overall():
     assert rep["size"] == 600 + 300 + 40
     assert rep["remaining"] == 300 + 300 + 40
     assert rep["density"] == pytest.approx(640 / 940)
+
+
+# ---- one-shot pruning matched to IMP -----------------------------------------------------------
+
+
+def _imp(w, m, rounds, fraction, scope, rates):
+    for _ in range(rounds):
+        m = masks.prune(w, m, fraction, scope, rates)
+    return m
+
+
+def test_prune_alone_misses_the_rates_at_one_shot_and_prune_to_density_matches_them():
+    # The one line: one round at 0.9 leaves the half-rate layer at 55%, far
+    # from where IMP at 20% per round has it when the whole is at the same density.
+    w = {"c": _weights()["fc1"], "f": _weights(seed=1)["fc1"]}
+    ones = masks.ones_like(w)
+    rates = {"c": 0.5, "f": 1.0}
+    naive = masks.prune(w, ones, 0.9, "layerwise", rates)
+    assert naive["c"].mean() == pytest.approx(0.55) and naive["f"].mean() == pytest.approx(0.1)
+    imp = _imp(w, ones, 8, 0.2, "layerwise", rates)
+    oneshot = masks.prune_to_density(w, ones, masks.density(imp), 0.2, "layerwise", rates)
+    for n in w:
+        assert abs(int(oneshot[n].sum()) - int(imp[n].sum())) <= 1, n
+    assert oneshot["c"].mean() == pytest.approx(0.9**8, abs=2 / 600)  # not 55%
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+@pytest.mark.parametrize("rounds", [1, 4, 9])
+def test_at_imps_overall_density_the_matched_rounds_are_imps(scope, rounds):
+    rates = {"fc1": 0.5, "output": 0.0}
+    sizes = {n: int(np.prod(s)) for n, s in SHAPES.items()}
+    imp = _imp(_weights(), _ones(), rounds, 0.2, scope, rates)
+    n = masks.matched_rounds(sizes, masks.density(imp), 0.2, scope, rates)
+    assert n == rounds
+    survivors = masks.imp_survivors(sizes, 0.2, n, scope, rates)
+    assert survivors == {(name,): int(imp[name].sum()) for name in SHAPES}
+    assert survivors[("output",)] == sizes["output"]  # rate 0: dense
+
+
+def test_between_imp_rounds_each_layer_is_between_its_imp_rounds():
+    sizes = {n: int(np.prod(s)) for n, s in SHAPES.items()}
+    rates = {"fc1": 0.5, "fc2": 1.0, "output": 0.25}
+    n = masks.matched_rounds(sizes, 0.5, 0.2, "layerwise", rates)
+    assert 5 < n < 6
+    at_n = masks.imp_survivors(sizes, 0.2, n, "layerwise", rates)
+    assert sum(at_n.values()) == pytest.approx(0.5 * 940, abs=1)
+    before = masks.imp_survivors(sizes, 0.2, 5, "layerwise", rates)
+    after = masks.imp_survivors(sizes, 0.2, 6, "layerwise", rates)
+    for g in at_n:
+        assert after[g] <= at_n[g] <= before[g], g
+        # The same IMP "time" for every layer: (1 - rate * p)^n of its size.
+        rate = rates[g[0]]
+        assert at_n[g] == pytest.approx(sizes[g[0]] * (1 - 0.2 * rate) ** n, abs=3), g
+
+
+def test_global_one_shot_shares_one_threshold_over_the_pool_at_imps_pool_density():
+    rates = {"output": 0.5}
+    w = _weights(scales={"fc1": 0.01})
+    imp = _imp(w, _ones(), 5, 0.2, "global", rates)
+    oneshot = masks.prune_to_density(w, _ones(), masks.density(imp), 0.2, "global", rates)
+    pool = ("fc1", "fc2")
+    assert sum(oneshot[n].sum() for n in pool) == sum(imp[n].sum() for n in pool)
+    assert oneshot["output"].sum() == imp["output"].sum()
+    survivors = np.concatenate([np.abs(w[n][oneshot[n] == 1]) for n in pool])
+    pruned = np.concatenate([np.abs(w[n][oneshot[n] == 0]) for n in pool])
+    assert survivors.min() >= pruned.max()
+
+
+def test_with_every_rate_1_one_shot_prunes_every_layer_to_the_density():
+    w = _weights()
+    new = masks.prune_to_density(w, _ones(), 0.3, 0.2, "layerwise")
+    for n, shape in SHAPES.items():
+        assert new[n].sum() == pytest.approx(0.3 * np.prod(shape), abs=1), n
+
+
+def test_a_density_below_what_the_dense_layers_keep_is_refused():
+    sizes = {n: int(np.prod(s)) for n, s in SHAPES.items()}
+    with pytest.raises(ValueError, match="cannot be reached.*rate 0"):
+        masks.matched_rounds(sizes, 0.01, 0.2, "global", {"output": 0.0})  # output: 40/940
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        masks.matched_rounds(sizes, 0.0, 0.2)
+    assert masks.matched_rounds(sizes, 1.0, 0.2) == 0
+
+
+def test_prune_to_rounds_from_a_pruned_mask_keeps_it_a_subset():
+    rates = {"fc1": 0.5}
+    w = _weights()
+    first = masks.prune_to_rounds(w, _ones(), 2.5, 0.2, "layerwise", rates)
+    grown = {n: np.where(first[n] == 0, 1e6, w[n]).astype(np.float32) for n in SHAPES}
+    second = masks.prune_to_rounds(grown, first, 5.0, 0.2, "layerwise", rates)
+    masks.check_subset(second, first)
+    sizes = {n: int(np.prod(s)) for n, s in SHAPES.items()}
+    expected = masks.imp_survivors(sizes, 0.2, 5.0, "layerwise", rates)
+    assert {(n,): int(second[n].sum()) for n in SHAPES} == expected
