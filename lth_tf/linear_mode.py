@@ -14,10 +14,9 @@ For a run's round r (0: the dense network) and each rewind point k:
     over round r's surviving weights (stability to pruning, 1903.01611).
 BatchNorm: the interpolated network uses the interpolated running statistics
 unless recompute_bn, which re-estimates them on training batches. What the LMC
-paper did is not established here: its text as available to this project says
-nothing about BatchNorm statistics, and the authors' framework (open_lth) has
-no interpolation code; interpolation stays the default (README, "Stability
-analyses").
+paper did with them could not be established (the parts of its text consulted
+do not say; the authors' public framework, open_lth, has no interpolation
+code), so interpolation stays the default (README, "Stability analyses").
 Which mask at round r >= 1: the LMC paper runs IMP separately for each k, so
 sweep() analyses each k with the round r mask of IMP rewound to that k: the
 run's own rounds for the run's k, else the `rewind` branch rewind_<k>it
@@ -31,8 +30,10 @@ run's config and the summaries of the rounds it compares, and the analysis
 settings): a rerun reuses them while the inputs are the same, recomputes them
 when they changed (saying why), and retrains the copies only when what they
 were trained from changed.
-Outputs: <run_dir>/stability/round_NN/k_XXXXXXX/{interpolation.json, path.png},
-<run_dir>/stability/round_NN/sweep.json and barrier_vs_k.png. Every trained
+Outputs: <run_dir>/stability/round_NN/k_XXXXXXX/{interpolation.json, path.png,
+inputs.json (what its copies were trained from)}, <run_dir>/stability/round_NN/
+sweep.json and barrier_vs_k.png (sweep_shared_mask.json and
+barrier_vs_k_shared_mask.png for the shared-mask variant). Every trained
 copy is a resumable round directory, trained like the run's rounds: under the
 given strategy, with the run's mixed precision (its config). Under
 multi-worker training only the chief writes into the run; other workers write
