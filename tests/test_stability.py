@@ -413,9 +413,8 @@ def test_a_cached_point_is_reused_while_its_inputs_are_the_same_and_recomputed_a
     name = sorted(changed)[0]
     changed[name].flat[int(np.flatnonzero(changed[name])[0])] = 0
     files.write_npz(path, changed)
-    a = linear_mode.Stability(run_dir, num_alphas=5, repeats=1, log=lines.append)
-    result = a.point(1, K)
-    assert a.experiment.trained == [(f"k{K}_r0_c1", 1), (f"k{K}_r0_c2", 1)]
+    result = again.point(1, K)
+    assert again.experiment.trained == [(f"k{K}_r0_c1", 1), (f"k{K}_r0_c2", 1)]
     assert result["inputs"]["masks"] != before["inputs"]["masks"]
     assert result["density"] < before["density"]
     assert _same(_copy_masks(run_dir, 1, K), changed)
@@ -424,9 +423,9 @@ def test_a_cached_point_is_reused_while_its_inputs_are_the_same_and_recomputed_a
 
     # Two repeats instead of one: the first pair is reused, the second trained.
     lines.clear()
-    two = linear_mode.Stability(run_dir, num_alphas=5, repeats=2, log=lines.append)
-    result = two.point(1, K)
-    assert two.experiment.trained == [(f"k{K}_r1_c1", 1), (f"k{K}_r1_c2", 1)]
+    again.repeats = 2
+    result = again.point(1, K)
+    assert again.experiment.trained[2:] == [(f"k{K}_r1_c1", 1), (f"k{K}_r1_c2", 1)]
     assert any("repeats 1 -> 2" in line for line in lines), lines
     assert result["n"] == len(result["repeats"]) == 2
     for key in ("test_barrier", "train_barrier", "data_order_distance"):
@@ -454,17 +453,10 @@ def test_a_cached_point_is_reused_while_its_inputs_are_the_same_and_recomputed_a
 # ---- the command line ---------------------------------------------------------------------
 
 
-def test_cli_on_something_that_is_not_a_run(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "lth_tf.stability", f"--run_dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        timeout=300,
-    )
-    assert proc.returncode != 0
-    assert "is not an lth_tf run directory" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_cli_on_something_that_is_not_a_run(tmp_path, stability_main):
+    # In-process (the entry point's own process is tested by tests/test_cli.py).
+    code, err = stability_main(f"--run_dir={tmp_path}")
+    assert code == 2 and "is not an lth_tf run directory" in err, err
     assert os.listdir(tmp_path) == []
 
 
@@ -571,20 +563,40 @@ def test_cli_takes_imps_strategy_flags_and_not_a_precision_of_its_own():
     assert {"strategy", "num_gpus", "tpu"} <= flagdefs.flag_names(flagdefs.define_imp_flags)
 
 
-def test_cli_refuses_a_strategy_it_cannot_build(run, tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lth_tf.stability",
-            f"--run_dir={run['run_dir']}",
-            "--strategy=mirrored",
-            "--num_gpus=4",
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-        timeout=300,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "--num_gpus=4" in proc.stderr and "Traceback" not in proc.stderr
+@pytest.fixture()
+def stability_main(capsys):
+    """Runs `python -m lth_tf.stability` in-process: (exit code, stderr)."""
+    import signal
+
+    from absl import flags
+
+    from lth_tf import stability
+
+    stability.define_flags()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def main(*argv):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["stability", *argv])
+        capsys.readouterr()
+        code = stability.main(["stability"])
+        return code, capsys.readouterr().err
+
+    yield main
+    flags.FLAGS.unparse_flags()
+    for sig, handler in handlers.items():  # the entry point installs its own
+        signal.signal(sig, handler)
+
+
+def test_cli_refuses_a_strategy_it_cannot_build(run, stability_main):
+    code, err = stability_main(f"--run_dir={run['run_dir']}", "--strategy=mirrored", "--num_gpus=4")
+    assert code == 2 and err.startswith("error: ") and "--num_gpus=4" in err, err
+
+
+def test_cli_refuses_an_unfinished_round(analysis, tmp_path, stability_main):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(analysis["copy_of_run"], run_dir)
+    os.remove(paths.summary_file(paths.round_dir(run_dir, 1)))
+    code, err = stability_main(f"--run_dir={run_dir}", "--round=1", "--repeats=1")
+    assert code == 2, err
+    assert f"error: Round 1 of {run_dir} is unfinished" in err and "finished rounds only" in err
