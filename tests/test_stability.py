@@ -407,6 +407,19 @@ def test_a_cached_point_is_reused_while_its_inputs_are_the_same_and_recomputed_a
     again = linear_mode.Stability(run_dir, num_alphas=5, repeats=1, log=lines.append)
     assert again.point(1, K) == before and again.experiment.trained == [] and lines == []
 
+    # The round's summary changed (e.g. the round was rerun): the path is evaluated again,
+    # the copies are reused. Likewise for a result of an older lth_tf, without inputs.
+    summary_path = paths.summary_file(paths.round_dir(run_dir, 1))
+    files.write_json(summary_path, {**files.read_json(summary_path), "rerun": True})
+    out = paths.join(paths.stability_point_dir(run_dir, 1, K), "interpolation.json")
+    assert again.point(1, K)["inputs"]["round_summary"] != before["inputs"]["round_summary"]
+    assert any("recomputing" in line and "round_summary" in line for line in lines), lines
+    files.write_json(out, {k: v for k, v in files.read_json(out).items() if k != "inputs"})
+    lines.clear()
+    assert again.point(1, K)["test_barrier_mean"] == before["test_barrier_mean"]
+    assert any("no record of its inputs" in line for line in lines), lines
+    assert again.experiment.trained == []
+
     # Another masks.npz (one more weight pruned): recomputed, its copies retrained.
     path = paths.masks_file(paths.round_dir(run_dir, 1))
     changed = files.read_npz(path)
