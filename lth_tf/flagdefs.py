@@ -505,13 +505,24 @@ def define_stability_flags() -> None:
     _define_rewind_steps_flag()
     flags.DEFINE_integer("num_alphas", 30, "Points on the interpolation path.", lower_bound=2)
     flags.DEFINE_integer(
-        "repeats", 1, "Pairs of data orders per point (the paper uses 3).", lower_bound=1
+        "repeats",
+        3,
+        "Pairs of copies (data orders) per point, as the LMC paper; the table shows mean ± "
+        "std (ddof=1) and n.",
+        lower_bound=1,
+    )
+    flags.DEFINE_boolean(
+        "shared_mask",
+        False,
+        "At --round>=1, analyse every k with the run's own round mask (found with the run's "
+        "k) instead of each k's own IMP mask (the LMC paper; IMP rewound to k, the branch "
+        "rewind_<k>it, trained first when missing).",
     )
     flags.DEFINE_boolean(
         "recompute_bn",
         False,
-        "Re-estimate BatchNorm statistics on training "
-        "batches at each interpolated point (default: interpolate them).",
+        "Re-estimate BatchNorm statistics on training batches at each interpolated point "
+        "(default: interpolate them; what the LMC paper did is not established, README).",
     )
     _define_eval_examples_flag()
     _define_branch_flag()

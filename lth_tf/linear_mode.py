@@ -6,15 +6,34 @@ For a run's round r (0: the dense network) and each rewind point k:
     evaluated at `num_alphas` evenly spaced points alpha*W1 + (1 - alpha)*W2;
     the error barrier (instability) is max error - mean of the two ends' errors
     (1912.05671); "stable" means a barrier under 2 points. Repeats with other
-    seed pairs give mean and spread.
+    seed pairs (3 by default, as the LMC paper) give mean, sample standard
+    deviation (ddof=1, as the replicate tables; None for one repeat) and n.
   - the L2 distance between the two copies (stability to data order), and, for
     r >= 1, between the subnetwork trained from W_k on the run's data order
     (IMP round r) and the full network trained on the same data order (round 0),
     over round r's surviving weights (stability to pruning, 1903.01611).
 BatchNorm: the interpolated network uses the interpolated running statistics
-unless recompute_bn, which re-estimates them on training batches.
-Outputs: <run_dir>/stability/round_NN/k_XXXXXXX/{interpolation.json, path.png},
-<run_dir>/stability/round_NN/sweep.json and barrier_vs_k.png. Every trained
+unless recompute_bn, which re-estimates them on training batches. What the LMC
+paper did with them could not be established (the parts of its text consulted
+do not say; the authors' public framework, open_lth, has no interpolation
+code), so interpolation stays the default (README, "Stability analyses").
+Which mask at round r >= 1: the LMC paper runs IMP separately for each k, so
+sweep() analyses each k with the round r mask of IMP rewound to that k: the
+run's own rounds for the run's k, else the `rewind` branch rewind_<k>it
+(lth_tf.branching; trained here when missing, its rounds 1..r). Round 1 of such
+a branch prunes the run's round 0, so its masks equal the run's round 1 masks;
+they differ from round 2 on. `shared_mask=True` uses the run's round r mask for
+every k instead.
+Only finished rounds are analysed (as lth_tf.sparse_export refuses them). A
+point's results record its inputs (digests of its masks, start weights, the
+run's config and the summaries of the rounds it compares, and the analysis
+settings): a rerun reuses them while the inputs are the same, recomputes them
+when they changed (saying why), and retrains the copies only when what they
+were trained from changed.
+Outputs: <run_dir>/stability/round_NN/k_XXXXXXX/{interpolation.json, path.png,
+inputs.json (what its copies were trained from)}, <run_dir>/stability/round_NN/
+sweep.json and barrier_vs_k.png (sweep_shared_mask.json and
+barrier_vs_k_shared_mask.png for the shared-mask variant). Every trained
 copy is a resumable round directory, trained like the run's rounds: under the
 given strategy, with the run's mixed precision (its config). Under
 multi-worker training only the chief writes into the run; other workers write
@@ -28,12 +47,31 @@ they are written under stability/<series>/round_NN/ (`series_name`). `python -m 
 command line; lth_tf/reporting.py formats the results.
 """
 
+import hashlib
+import json
+
 import numpy as np
 
-from lth_tf import distribute, files, masks, paths, plots, rounds, rundir, sparsity, train
+from lth_tf import (
+    branching,
+    distribute,
+    files,
+    masks,
+    paths,
+    plots,
+    reporting,
+    rounds,
+    rundir,
+    sparse_export,
+    sparsity,
+    train,
+)
 from lth_tf.keras import keras, tf
 
 STABLE_BARRIER = 0.02
+DEFAULT_REPEATS = 3  # pairs of copies per point, as the LMC paper (--repeats' default)
+# The inputs a point's trained copies depend on; other inputs only re-evaluate the path.
+TRAINING_INPUTS = ("config", "subnetwork", "masks", "start")
 SUBNETWORKS = ("imp", *rounds.CONTROLS)  # = lth_tf.flagdefs.SUBNETWORKS
 
 
@@ -113,6 +151,33 @@ def barrier(errors) -> float:
     return float(max(errors) - (errors[0] + errors[-1]) / 2.0)
 
 
+def digest(value) -> str:
+    """sha256 of arrays ({name: array}, by name, dtype, shape and bytes) or of JSON data."""
+    h = hashlib.sha256()
+    if isinstance(value, dict) and all(isinstance(v, np.ndarray) for v in value.values()):
+        for key in sorted(value):
+            array = np.ascontiguousarray(value[key])
+            h.update(f"{key}|{array.dtype.str}|{array.shape}|".encode())
+            h.update(array.tobytes())
+    else:
+        h.update(json.dumps(value, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def changed_inputs(old: dict | None, new: dict) -> list:
+    """What differs between a point's recorded inputs and today's, as readable phrases."""
+    if old is None:
+        return ["no record of its inputs (an older lth_tf wrote it)"]
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        digests = isinstance(a, str) and len(a) == 64 or isinstance(b, str) and len(b) == 64
+        out.append(key if digests else f"{key} {a} -> {b}")
+    return out
+
+
 class Stability:
     """The analyses on one run; every trained piece is idempotent and resumable.
 
@@ -121,7 +186,7 @@ class Stability:
       strategy: the tf.distribute strategy the copies train under (default: the
         default strategy); their mixed precision is the run's config's.
       num_alphas: points on each interpolation path.
-      repeats: pairs of copies per point.
+      repeats: pairs of copies per point (the LMC paper: 3).
       recompute_bn: re-estimate BatchNorm statistics at each point of the path.
       eval_examples: cap on the examples evaluated per point and split.
       log: a print-like function for progress lines.
@@ -135,7 +200,7 @@ class Stability:
         *,
         strategy=None,
         num_alphas=30,
-        repeats=1,
+        repeats=DEFAULT_REPEATS,
         recompute_bn=False,
         eval_examples=None,
         log=print,
@@ -221,32 +286,136 @@ class Stability:
         files.write_npz(path, weights)
         return weights
 
+    def check_finished(self, r: int, branch: str | None = None) -> None:
+        """Refuses a round that has not finished, as lth_tf.sparse_export does.
+
+        An unfinished round has no final weights (no pruning distance) and may
+        still change; round 0 must be finished for every round.
+
+        Raises:
+          ValueError: the round (of the run, or of `branch`) is unfinished or missing,
+            or a file it needs is gone.
+        """
+        try:
+            sparse_export._finished_round(self.run_dir, r if branch is None else 0)
+        except sparse_export.ExportError as e:
+            raise ValueError(
+                f"{e} The stability analyses use finished rounds only: finish it with "
+                "`python -m lth_tf.imp` and the run's flags first."
+            ) from None
+        if branch is not None and r > 0:
+            rdir = paths.round_dir(self.run_dir, r, branch)
+            if not files.exists(paths.summary_file(rdir)):
+                state = "is unfinished" if tf.io.gfile.isdir(rdir) else "does not exist"
+                raise ValueError(
+                    f"Round {r} of branch {branch} of {self.run_dir} {state}: the stability "
+                    f"analyses use finished rounds only. Run `python -m lth_tf.branch` for it "
+                    f"with --rounds>={r} first."
+                )
+
+    def own_mask_branch(self, r: int, k: int) -> str | None:
+        """The series whose round r mask IMP found with k itself: None (the run) or a branch.
+
+        For another k than the run's, the `rewind` branch rewind_<k>it, whose
+        rounds 1..r are trained first when they are not there (lth_tf.branching).
+        """
+        if r == 0 or k == self.schedule.rewind:
+            return None
+        name = branching.Spec("rewind", k).name
+        if files.exists(paths.summary_file(paths.round_dir(self.run_dir, r, name))):
+            return name
+        if self.out_dir != self.run_dir or isinstance(
+            self.strategy, tf.distribute.MultiWorkerMirroredStrategy
+        ):
+            raise ValueError(
+                f"Round {r} with k={k} needs the masks of IMP rewound to {k} (branch {name}), "
+                "which are not there; under multi-worker training lth_tf.stability does not "
+                f"train branches. Run `python -m lth_tf.branch --run_dir={self.run_dir} "
+                f"--kind=rewind --rewind_step={k}it --rounds={r}` first, or pass --shared_mask "
+                "to use the run's mask for every k."
+            )
+        self.log(f"== round {r} at k={k}: IMP with its own k (branch {name}), as the LMC paper")
+        spec = branching.make_spec(self.experiment, "rewind", rewind_step=f"{k}it", num_rounds=r)
+        branching.Branch(self.experiment, spec).run()
+        return name
+
+    def _mask_rewind_step(self, r: int, branch: str | None):
+        """The k with which IMP found round r's mask (None: round 0, or not a rewind mask)."""
+        if r == 0:
+            return None
+        if branch is None:
+            return self.schedule.rewind
+        described = paths.branch_file(self.run_dir, branch)
+        if files.exists(described):
+            d = files.read_json(described)
+            if d.get("retraining") == "weight_rewind":
+                return d["rewind_step"]
+        return None
+
+    def _inputs(self, r, k, subnetwork, branch, round_masks, start) -> dict:
+        """What a point's results depend on: digests of files' contents and the settings."""
+
+        def summary(rdir):
+            path = paths.summary_file(rdir)
+            return digest(files.read_json(path)) if files.exists(path) else None
+
+        trained_as = self._trained_as(r, subnetwork, branch)
+        return {
+            "config": digest(self.config.identity()),
+            "subnetwork": subnetwork,
+            "masks": digest(round_masks),
+            "start": digest(start),
+            "round_summary": summary(paths.round_dir(self.run_dir, r, branch if r else None)),
+            "dense_summary": summary(paths.round_dir(self.run_dir, 0)),
+            "trained_as_summary": summary(trained_as[0]) if trained_as else None,
+            "repeats": self.repeats,
+            "num_alphas": self.num_alphas,
+            "eval_examples": self.eval_examples,
+            "batchnorm": "recomputed" if self.recompute_bn else "interpolated",
+        }
+
+    def _drop_stale_copies(self, point_dir: str, inputs: dict, label: str) -> None:
+        """Deletes the point's trained copies when what they were trained from changed."""
+        path = paths.join(point_dir, "inputs.json")
+        training = {key: inputs[key] for key in TRAINING_INPUTS}
+        if files.exists(path):
+            changed = changed_inputs(files.read_json(path), training)
+            if changed:
+                self.log(
+                    f"== {label}: retraining its copies, what they were trained from "
+                    f"changed ({', '.join(changed)})"
+                )
+                for name in tf.io.gfile.listdir(point_dir):
+                    if name.rstrip("/").startswith("repeat_"):
+                        tf.io.gfile.rmtree(paths.join(point_dir, name.rstrip("/")))
+        files.write_json(path, training)
+
     def point(self, r: int, k: int, *, subnetwork: str = "imp", branch: str | None = None) -> dict:
         """Instability and distances of round r's network rewound to step k.
 
         Args:
-          r: the round (0: the dense network).
+          r: the round (0: the dense network); it must be finished.
           k: the rewind step.
           subnetwork: imp, random_prune or random_reinit (module doc).
           branch: a branch of the run whose round r mask is used (default: the run's).
+
+        Raises:
+          ValueError: the round is unfinished (check_finished), or k is outside the schedule.
         """
         series = series_name(subnetwork, branch)
-        out_path = paths.join(
-            paths.stability_point_dir(self.out_dir, r, k, series), "interpolation.json"
-        )
-        settings = {
-            "batchnorm": "recomputed" if self.recompute_bn else "interpolated",
-            "num_alphas": self.num_alphas,
-            "eval_examples": self.eval_examples,
-        }
+        self.check_finished(r, branch)
+        point_dir = paths.stability_point_dir(self.out_dir, r, k, series)
+        out_path = paths.join(point_dir, "interpolation.json")
+        label = f"stability of round {r} at k={k} ({series or 'imp'})"
+        round_masks, start = self.subnetwork(r, k, subnetwork, branch)
+        inputs = self._inputs(r, k, subnetwork, branch, round_masks, start)
         if files.exists(out_path):
             done = files.read_json(out_path)
-            # Other analysis settings re-evaluate the path; trained copies are reused.
-            if len(done["repeats"]) == self.repeats and all(
-                done.get(key) == value for key, value in settings.items()
-            ):
+            changed = changed_inputs(done.get("inputs"), inputs)
+            if not changed:
                 return done
-        round_masks, start = self.subnetwork(r, k, subnetwork, branch)
+            self.log(f"== {label}: recomputing, its inputs changed ({', '.join(changed)})")
+        self._drop_stale_copies(point_dir, inputs, label)
         kernels = [f"{n}/kernel" for n in round_masks]
         repeats = []
         accuracies = []  # test accuracy of every trained copy (accuracy against k)
@@ -254,29 +423,34 @@ class Stability:
             repeat, copy_accuracies = self._repeat(r, k, j, series, round_masks, start, kernels)
             repeats.append(repeat)
             accuracies.extend(copy_accuracies)
+        mask_k = self._mask_rewind_step(r, branch)
         result = {
             "round": r,
             "rewind_step": k,
             "subnetwork": subnetwork,
             "branch": branch,
+            # The k with which IMP found the mask; shared: another k's mask (shared_mask).
+            "mask_rewind_step": mask_k,
+            "shared_mask": mask_k is not None and mask_k != k,
             "density": masks.density(round_masks),
-            **settings,
+            "batchnorm": inputs["batchnorm"],
+            "num_alphas": self.num_alphas,
+            "eval_examples": self.eval_examples,
+            "n": len(repeats),
             "repeats": repeats,
             "stable_bound": STABLE_BARRIER,
+            "std": "sample standard deviation (ddof=1) over the repeats; null for one repeat",
         }
         for key in ("test_barrier", "train_barrier", "data_order_distance"):
-            values = [rep[key] for rep in repeats]
-            result[f"{key}_mean"] = float(np.mean(values))
-            result[f"{key}_std"] = float(np.std(values))
+            st = reporting.stats([rep[key] for rep in repeats])
+            result[f"{key}_mean"], result[f"{key}_std"] = st["mean"], st["std"]
         result["stable"] = result["test_barrier_mean"] < STABLE_BARRIER
-        result["test_accuracy_mean"] = float(np.mean(accuracies))
-        result["test_accuracy_std"] = float(np.std(accuracies))
+        st = reporting.stats(accuracies)
+        result["test_accuracy_mean"], result["test_accuracy_std"] = st["mean"], st["std"]
         result.update(self._pruning_distance(r, k, subnetwork, branch, kernels))
+        result["inputs"] = inputs
         files.write_json(out_path, result)
-        files.write_bytes(
-            paths.join(paths.stability_point_dir(self.out_dir, r, k, series), "path.png"),
-            plots.interpolation_path(result),
-        )
+        files.write_bytes(paths.join(point_dir, "path.png"), plots.interpolation_path(result))
         return result
 
     def _repeat(self, r, k, j, series, round_masks, start, kernels) -> tuple:
@@ -306,6 +480,7 @@ class Stability:
         d = l2_distance(finals[0], finals[1], kernels, finals[0])
         repeat = {
             "seeds": seeds,
+            "test_accuracies": accuracies,  # the two copies'
             **path,
             "test_barrier": barrier(path["test_error"]),
             "train_barrier": barrier(path["train_error"]),
@@ -340,12 +515,38 @@ class Stability:
         summary = paths.summary_file(rdir)
         return (rdir, files.read_json(summary)["start_step"]) if files.exists(summary) else None
 
-    def sweep(self, r: int, ks, *, subnetwork: str = "imp", branch: str | None = None) -> list:
-        """point() for each k; writes sweep.json and barrier_vs_k.png of the series."""
-        results = [self.point(r, k, subnetwork=subnetwork, branch=branch) for k in ks]
+    def sweep(
+        self,
+        r: int,
+        ks,
+        *,
+        subnetwork: str = "imp",
+        branch: str | None = None,
+        shared_mask: bool = False,
+    ) -> list:
+        """point() for each k; writes the sweep's JSON and barrier_vs_k plot.
+
+        Args:
+          r: the round; it must be finished.
+          ks: rewind steps.
+          subnetwork: imp or a control (module doc).
+          branch: a branch whose round r mask is used for every k.
+          shared_mask: at r >= 1 without `branch`, use the run's round r mask for
+            every k (written as sweep_shared_mask.json) instead of each k's own IMP
+            mask (own_mask_branch; sweep.json).
+        """
+        per_k = r > 0 and branch is None and not shared_mask
+        if not per_k or self.schedule.rewind in ks:  # refused before anything is trained
+            self.check_finished(r, branch)
+        results = []
+        for k in ks:
+            mask_branch = self.own_mask_branch(r, k) if per_k else branch
+            results.append(self.point(r, k, subnetwork=subnetwork, branch=mask_branch))
         directory = paths.stability_dir(self.out_dir, r, series_name(subnetwork, branch))
-        files.write_json(paths.join(directory, "sweep.json"), results)
+        name = "sweep_shared_mask" if r > 0 and branch is None and shared_mask else "sweep"
+        files.write_json(paths.join(directory, f"{name}.json"), results)
         files.write_bytes(
-            paths.join(directory, "barrier_vs_k.png"), plots.barrier_vs_k(results, STABLE_BARRIER)
+            paths.join(directory, name.replace("sweep", "barrier_vs_k") + ".png"),
+            plots.barrier_vs_k(results, STABLE_BARRIER),
         )
         return results

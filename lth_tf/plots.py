@@ -282,7 +282,7 @@ def barrier_vs_k(results: list, stable_barrier: float) -> bytes:
     ax_acc.errorbar(
         ks,
         [100 * r.get("test_accuracy_mean", float("nan")) for r in results],
-        yerr=[100 * r.get("test_accuracy_std", 0.0) for r in results],
+        yerr=[100 * (r.get("test_accuracy_std") or 0.0) for r in results],
         fmt="o-",
     )
     ax_acc.set_xlabel("rewind step k")
@@ -292,14 +292,14 @@ def barrier_vs_k(results: list, stable_barrier: float) -> bytes:
     ax.errorbar(
         ks,
         [100 * r["test_barrier_mean"] for r in results],
-        yerr=[100 * r["test_barrier_std"] for r in results],
+        yerr=[100 * (r["test_barrier_std"] or 0.0) for r in results],  # None: one repeat
         fmt="o-",
         label="test",
     )
     ax.errorbar(
         ks,
         [100 * r["train_barrier_mean"] for r in results],
-        yerr=[100 * r["train_barrier_std"] for r in results],
+        yerr=[100 * (r["train_barrier_std"] or 0.0) for r in results],
         fmt="s--",
         label="train",
     )

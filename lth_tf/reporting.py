@@ -93,9 +93,10 @@ def stability_points(run_dir: str) -> list:
 
 def _subnetwork_label(point: dict) -> str:
     sub, branch = point.get("subnetwork", "imp"), point.get("branch")
-    if branch is None:
-        return sub
-    return branch if sub == "imp" else f"{branch} / {sub}"
+    label = sub if branch is None else branch if sub == "imp" else f"{branch} / {sub}"
+    if point.get("shared_mask"):  # another k's mask (lth_tf.stability --shared_mask)
+        label += f" (mask found with k={point['mask_rewind_step']})"
+    return label
 
 
 def export_reports(run_dir: str) -> list:
@@ -240,18 +241,34 @@ def oneshot_table(run_dir: str, results: dict) -> str:
     return "\n".join(rows)
 
 
+def _spread(point: dict, key: str) -> str:
+    """mean ± std (ddof=1) in % over a stability point's repeats; the mean alone for n = 1."""
+    values = [rep[key] for rep in point.get("repeats", []) if key in rep]
+    if values:  # recomputed from the repeats: the same spread for files of older versions
+        st = stats(values)
+    else:
+        st = {"mean": point[f"{key}_mean"], "std": point.get(f"{key}_std"), "n": point.get("n")}
+    text = f"{100 * st['mean']:.2f}"
+    return text if st["std"] is None or st["n"] == 1 else f"{text} ± {100 * st['std']:.2f}"
+
+
 def stability_table(run_dir: str) -> str:
-    """Markdown table of every stability point of a run ('' if none)."""
+    """Markdown table of every stability point of a run ('' if none).
+
+    n: repeats (pairs of copies); barriers are mean ± std (ddof=1) over them,
+    the value alone for n = 1.
+    """
     rows = [
-        "| round | density % | k | test barrier % | train barrier % | stable | "
+        "| round | density % | k | n | test barrier % mean ± std | train barrier % mean ± std | "
+        "stable | "
         "copies' test acc % | data-order dist. | pruning dist. | BN | subnetwork |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in stability_points(run_dir):
+        n = p.get("n", len(p.get("repeats", [])) or "")
         rows.append(
-            f"| {p['round']} | {100 * p['density']:.2f} | {p['rewind_step']} | "
-            f"{100 * p['test_barrier_mean']:.2f} ± {100 * p['test_barrier_std']:.2f} | "
-            f"{100 * p['train_barrier_mean']:.2f} ± {100 * p['train_barrier_std']:.2f} | "
+            f"| {p['round']} | {100 * p['density']:.2f} | {p['rewind_step']} | {n} | "
+            f"{_spread(p, 'test_barrier')} | {_spread(p, 'train_barrier')} | "
             f"{'yes' if p['stable'] else 'no'} | "
             f"{100 * p.get('test_accuracy_mean', float('nan')):.2f} | "
             f"{p['data_order_distance_mean']:.3f} | "
@@ -583,7 +600,8 @@ def _run_sections(run_dir: str, results: dict, heading: str = "##") -> list:
     stable = stability_table(run_dir)
     if stable:
         parts += [
-            f"{heading} Stability (instability = test-error barrier on the linear path)\n",
+            f"{heading} Stability (instability = test-error barrier on the linear path; "
+            "mean ± std (ddof=1) over n repeats, the value alone for n = 1)\n",
             stable,
             "",
         ]

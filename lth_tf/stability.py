@@ -3,11 +3,15 @@
     python -m lth_tf.stability --run_dir=RUN --round=R --rewind_steps=0,500it [--repeats=3]
 
 Trains two copies of round R's subnetwork from each W_k with different data
-orders, measures the error barrier along the line between them and the L2
-distances (what is measured, and how, is lth_tf/linear_mode.py's docstring).
+orders (--repeats pairs, 3 by default as the LMC paper), measures the error
+barrier along the line between them and the L2 distances (what is measured,
+and how, is lth_tf/linear_mode.py's docstring). Round R must be finished. At
+R >= 1 each k is analysed with its own IMP mask, as the LMC paper: IMP rewound
+to k (the branch rewind_<k>it, trained first when missing) for another k than
+the run's; --shared_mask uses the run's round R mask for every k instead.
 --subnetwork=random_prune|random_reinit analyses the controls at the same
-density, --branch=NAME the round's mask of a branch (lth_tf.branch), e.g. the
-IMP mask found with that branch's own k (its k is then the default k). The
+density, --branch=NAME the round's mask of a branch (lth_tf.branch) for every
+k (the branch's own k is then the default k). The
 copies train under --strategy (--num_gpus, --tpu: the same flags as imp), with
 the run's own mixed precision. Results go under <run_dir>/stability/ and into
 the run's report.md; this module is only the command line.
@@ -52,8 +56,11 @@ def main(argv):
                     f"--rewind_steps: step {k} is outside the run's schedule [0, "
                     f"{analysis.schedule.total}) (--training_steps={analysis.config.training_steps})."
                 )
-        analysis.masks_of(f.round, f.branch)
-        analysis.sweep(f.round, ks, subnetwork=f.subnetwork, branch=f.branch)
+        if f.branch is not None:
+            analysis.masks_of(f.round, f.branch)  # a branch that is not there: the known ones
+        analysis.sweep(
+            f.round, ks, subnetwork=f.subnetwork, branch=f.branch, shared_mask=f.shared_mask
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -365,7 +365,7 @@ def test_a_run_without_round_0_is_refused(tiny_config, tmp_path):
 def test_stability_of_a_branch_mask_and_of_the_controls(base, rewind_branch):
     b, _ = rewind_branch
     run_dir = base["run_dir"]
-    a = linear_mode.Stability(run_dir, num_alphas=3, log=_quiet)
+    a = linear_mode.Stability(run_dir, num_alphas=3, repeats=1, log=_quiet)
     own = a.point(1, OTHER_K, branch=b.name)
     rand = a.point(1, OTHER_K, subnetwork="random_prune", branch=b.name)
     reinit = a.point(1, K, subnetwork="random_reinit")

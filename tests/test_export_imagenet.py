@@ -82,7 +82,13 @@ _MIRRORED_STABILITY = textwrap.dedent(
     strategy = distribute.get_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
     data = imagenet.ImageNetData(data_dir, augment=True, image_size=image_size)
     analysis = linear_mode.Stability(
-        run_dir, strategy=strategy, num_alphas=3, eval_examples=6, log=lambda *a: None, data=data
+        run_dir,
+        strategy=strategy,
+        num_alphas=3,
+        repeats=1,
+        eval_examples=6,
+        log=lambda *a: None,
+        data=data,
     )
     result = analysis.point(1, analysis.schedule.rewind)
     print(json.dumps({"replicas": strategy.num_replicas_in_sync, "result": result}))

@@ -121,6 +121,7 @@ def test_stability_and_export_results_get_their_sections(tmp_path):
         "round": 1,
         "rewind_step": 20,
         "density": 0.8,
+        "n": 3,
         "test_barrier_mean": 0.031,
         "test_barrier_std": 0.004,
         "train_barrier_mean": 0.012,
@@ -151,9 +152,9 @@ def test_stability_and_export_results_get_their_sections(tmp_path):
         },
     )
     stable = reporting.stability_table(run_dir)
-    assert [row[:6] for row in _rows(stable)] == [  # by round, then rewind step
-        ["0", "100.00", "0", "3.10 ± 0.40", "1.20 ± 0.00", "yes"],
-        ["1", "80.00", "20", "3.10 ± 0.40", "1.20 ± 0.00", "no"],
+    assert [row[:7] for row in _rows(stable)] == [  # by round, then rewind step
+        ["0", "100.00", "0", "3", "3.10 ± 0.40", "1.20 ± 0.00", "yes"],
+        ["1", "80.00", "20", "3", "3.10 ± 0.40", "1.20 ± 0.00", "no"],
     ]
     assert _rows(reporting.export_table(run_dir)) == [
         ["1", "81.23", "98.34", "98.34", "123,456", "100,000", "0.810"]

@@ -6,9 +6,11 @@ with 10% of labels flipped so errors are not all zero) for one IMP round; the
 analyses train their copies on it.
 """
 
+import inspect
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -17,7 +19,7 @@ import pytest
 
 from lth_tf import config as C
 from lth_tf import data as data_lib
-from lth_tf import files, linear_mode, paths, rounds, rundir, sparsity
+from lth_tf import files, flagdefs, linear_mode, masks, paths, reporting, rounds, rundir, sparsity
 from lth_tf.keras import keras
 
 K = 20  # the run's rewind step
@@ -57,7 +59,7 @@ def run(tmp_path_factory):
         training_steps="40it",
         eval_every="20it",
         rewind_step=f"{K}it",
-        rounds=1,
+        rounds=2,
         verbose=0,
         output_rate=1.0,
     )
@@ -69,13 +71,28 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def analysis(run):
-    """Round 0 at k = 0 and k = K (a sweep), and round 1 at k = K."""
-    a = linear_mode.Stability(run["run_dir"], num_alphas=5, log=_noop)
+    """Round 0 at k = 0 and k = K (a sweep), and round 1 at k = K; one repeat each."""
+    a = linear_mode.Stability(run["run_dir"], num_alphas=5, repeats=1, log=_noop)
     sweep = a.sweep(0, [0, K])
     pruned = a.point(1, K)
     pristine = str(run["base"] / "analysed")  # for tests that change files
     shutil.copytree(run["run_dir"], pristine)
     return {"analysis": a, "sweep": sweep, "pruned": pruned, "copy_of_run": pristine}
+
+
+@pytest.fixture(scope="module")
+def round_2_sweeps(run, analysis):
+    """Round 2 swept over k = 0 and k = K: each k's own IMP mask, then the shared-mask variant."""
+    a = linear_mode.Stability(run["run_dir"], num_alphas=3, repeats=1, log=_noop)
+    own = a.sweep(2, [0, K])
+    trained_for_own = list(a.experiment.trained)
+    shared = a.sweep(2, [0, K], shared_mask=True)
+    return {
+        "own": own,
+        "shared": shared,
+        "trained_for_own": trained_for_own,
+        "trained_for_shared": a.experiment.trained[len(trained_for_own) :],
+    }
 
 
 def _finals(run_dir, r, k):
@@ -176,6 +193,7 @@ def test_point_writes_its_results(run, analysis):
             assert isinstance(result[key], float) and result[key] >= 0.0, key
         assert result["stable"] == (result["test_barrier_mean"] < linear_mode.STABLE_BARRIER)
         assert result["batchnorm"] == "interpolated"
+        assert result["n"] == 1 and result["test_barrier_std"] is None  # no spread of one
         (rep,) = result["repeats"]
         assert len(rep["alpha"]) == len(rep["test_error"]) == 5
         assert result["test_barrier_mean"] == linear_mode.barrier(rep["test_error"])
@@ -256,7 +274,9 @@ def test_recompute_bn_is_recorded_and_reuses_the_trained_copies(analysis, tmp_pa
     run_dir = str(tmp_path / "run")
     shutil.copytree(analysis["copy_of_run"], run_dir)
     before = analysis["sweep"][1]
-    recomputed = linear_mode.Stability(run_dir, num_alphas=3, recompute_bn=True, log=_noop)
+    recomputed = linear_mode.Stability(
+        run_dir, num_alphas=3, repeats=1, recompute_bn=True, log=_noop
+    )
     result = recomputed.point(0, K)
     assert result["batchnorm"] == "recomputed"
     assert recomputed.experiment.trained == []  # the copies were already trained
@@ -264,7 +284,7 @@ def test_recompute_bn_is_recorded_and_reuses_the_trained_copies(analysis, tmp_pa
     assert result["repeats"][0]["test_error"][0] == before["repeats"][0]["test_error"][0]
     assert result["repeats"][0]["test_error"][-1] == before["repeats"][0]["test_error"][-1]
     # Back to the first settings: the path is evaluated again, to the same result.
-    again = linear_mode.Stability(run_dir, num_alphas=5, log=_noop)
+    again = linear_mode.Stability(run_dir, num_alphas=5, repeats=1, log=_noop)
     assert again.point(0, K) == before and again.experiment.trained == []
 
 
@@ -280,7 +300,7 @@ def test_a_killed_sweep_resumes_where_it_stopped(analysis, tmp_path):
     os.remove(paths.checkpoint_file(copy2, "final"))
     os.remove(paths.summary_file(copy2))
 
-    resumed = linear_mode.Stability(run_dir, num_alphas=5, log=_noop)
+    resumed = linear_mode.Stability(run_dir, num_alphas=5, repeats=1, log=_noop)
     results = resumed.sweep(0, [0, K])
     assert resumed.experiment.trained == [("k0_r0_c2", 0)]
     assert results[1] == analysis["sweep"][1]  # the untouched point
@@ -294,24 +314,162 @@ def test_a_killed_sweep_resumes_where_it_stopped(analysis, tmp_path):
         before["data_order_distance_mean"], rel=1e-3
     )
     # A second sweep has nothing left to do.
-    again = linear_mode.Stability(run_dir, num_alphas=5, log=_noop)
+    again = linear_mode.Stability(run_dir, num_alphas=5, repeats=1, log=_noop)
     assert again.sweep(0, [0, K]) == results and again.experiment.trained == []
+
+
+# ---- the LMC paper's protocol: repeats, each k's own mask, finished rounds, fresh caches ----
+
+
+def test_three_repeats_by_default():
+    assert linear_mode.DEFAULT_REPEATS == 3
+    assert inspect.signature(linear_mode.Stability).parameters["repeats"].default == 3
+    flagdefs.define_stability_flags()
+    from absl import flags
+
+    assert flags.FLAGS["repeats"].default == 3
+    assert flags.FLAGS["shared_mask"].default is False
+
+
+def _copy_masks(run_dir, r, k, series=None):
+    return files.read_npz(paths.masks_file(paths.stability_copy_dir(run_dir, r, k, 0, 1, series)))
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
+
+
+def test_a_sweep_at_round_2_uses_each_ks_own_imp_mask(run, round_2_sweeps):
+    run_dir = run["run_dir"]
+    own_0, own_k = round_2_sweeps["own"]
+    branch = "rewind_0it"  # IMP rewound to 0, made by lth_tf.branching's `rewind` kind
+    assert (own_0["branch"], own_0["mask_rewind_step"], own_0["shared_mask"]) == (branch, 0, False)
+    assert (own_k["branch"], own_k["mask_rewind_step"], own_k["shared_mask"]) == (None, K, False)
+    assert files.read_json(paths.branch_file(run_dir, branch))["kind"] == "rewind"
+    assert round_2_sweeps["trained_for_own"][:2] == [(branch, 1), (branch, 2)]
+    run_masks = files.read_npz(paths.masks_file(paths.round_dir(run_dir, 2)))
+    branch_masks = files.read_npz(paths.masks_file(paths.round_dir(run_dir, 2, branch)))
+    assert not _same(run_masks, branch_masks)  # another k, another IMP, another mask
+    assert _same(_copy_masks(run_dir, 2, 0, branch), branch_masks)
+    assert _same(_copy_masks(run_dir, 2, K), run_masks)
+    assert own_0["density"] == pytest.approx(masks.density(branch_masks))
+    assert "pruning_distance" in own_0 and "pruning_distance" in own_k  # each at its own k
+    # Round 1 prunes the shared round 0: the same masks whatever k.
+    assert _same(
+        files.read_npz(paths.masks_file(paths.round_dir(run_dir, 1, branch))),
+        files.read_npz(paths.masks_file(paths.round_dir(run_dir, 1))),
+    )
+    directory = paths.stability_dir(run_dir, 2)
+    assert files.read_json(paths.join(directory, "sweep.json")) == round_2_sweeps["own"]
+
+
+def test_the_shared_mask_variant_uses_the_runs_mask_for_every_k(run, round_2_sweeps):
+    run_dir = run["run_dir"]
+    shared_0, shared_k = round_2_sweeps["shared"]
+    assert (shared_0["branch"], shared_0["mask_rewind_step"], shared_0["shared_mask"]) == (
+        None,
+        K,
+        True,
+    )
+    run_masks = files.read_npz(paths.masks_file(paths.round_dir(run_dir, 2)))
+    assert _same(_copy_masks(run_dir, 2, 0), run_masks)
+    assert "pruning_distance" not in shared_0  # the run did not train this mask from 0
+    assert shared_k == round_2_sweeps["own"][1]  # the run's own k: the same point, reused
+    assert round_2_sweeps["trained_for_shared"] == [("k0_r0_c1", 2), ("k0_r0_c2", 2)]
+    directory = paths.stability_dir(run_dir, 2)
+    assert files.read_json(paths.join(directory, "sweep_shared_mask.json")) == [shared_0, shared_k]
+    assert files.exists(paths.join(directory, "barrier_vs_k_shared_mask.png"))
+    table = reporting.stability_table(run_dir)
+    assert f"| imp (mask found with k={K}) |" in table and "| rewind_0it |" in table
+
+
+def test_an_unfinished_round_is_refused(analysis, tmp_path):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(analysis["copy_of_run"], run_dir)
+    os.remove(paths.summary_file(paths.round_dir(run_dir, 1)))  # round 1 stopped mid-way
+    a = linear_mode.Stability(run_dir, num_alphas=5, repeats=1, log=_noop)
+    # Refused although a result of it is there: it was computed before the round changed.
+    for analyse in (lambda: a.point(1, K), lambda: a.sweep(1, [K], shared_mask=True)):
+        with pytest.raises(ValueError, match=r"Round 1 of .* is unfinished.*finished rounds only"):
+            analyse()
+    with pytest.raises(ValueError, match="Round 2 of branch rewind_0it of .* does not exist"):
+        a.point(2, 0, branch="rewind_0it")
+    assert a.experiment.trained == []
+
+
+def test_a_cached_point_is_reused_while_its_inputs_are_the_same_and_recomputed_after(
+    analysis, tmp_path
+):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(analysis["copy_of_run"], run_dir)
+    before = analysis["pruned"]
+    lines = []
+    again = linear_mode.Stability(run_dir, num_alphas=5, repeats=1, log=lines.append)
+    assert again.point(1, K) == before and again.experiment.trained == [] and lines == []
+
+    # The round's summary changed (e.g. the round was rerun): the path is evaluated again,
+    # the copies are reused. Likewise for a result of an older lth_tf, without inputs.
+    summary_path = paths.summary_file(paths.round_dir(run_dir, 1))
+    files.write_json(summary_path, {**files.read_json(summary_path), "rerun": True})
+    out = paths.join(paths.stability_point_dir(run_dir, 1, K), "interpolation.json")
+    assert again.point(1, K)["inputs"]["round_summary"] != before["inputs"]["round_summary"]
+    assert any("recomputing" in line and "round_summary" in line for line in lines), lines
+    files.write_json(out, {k: v for k, v in files.read_json(out).items() if k != "inputs"})
+    lines.clear()
+    assert again.point(1, K)["test_barrier_mean"] == before["test_barrier_mean"]
+    assert any("no record of its inputs" in line for line in lines), lines
+    assert again.experiment.trained == []
+
+    # Another masks.npz (one more weight pruned): recomputed, its copies retrained.
+    path = paths.masks_file(paths.round_dir(run_dir, 1))
+    changed = files.read_npz(path)
+    name = sorted(changed)[0]
+    changed[name].flat[int(np.flatnonzero(changed[name])[0])] = 0
+    files.write_npz(path, changed)
+    result = again.point(1, K)
+    assert again.experiment.trained == [(f"k{K}_r0_c1", 1), (f"k{K}_r0_c2", 1)]
+    assert result["inputs"]["masks"] != before["inputs"]["masks"]
+    assert result["density"] < before["density"]
+    assert _same(_copy_masks(run_dir, 1, K), changed)
+    assert any("recomputing" in line and "masks" in line for line in lines), lines
+    assert any("retraining its copies" in line for line in lines), lines
+
+    # Two repeats instead of one: the first pair is reused, the second trained.
+    lines.clear()
+    again.repeats = 2
+    result = again.point(1, K)
+    assert again.experiment.trained[2:] == [(f"k{K}_r1_c1", 1), (f"k{K}_r1_c2", 1)]
+    assert any("repeats 1 -> 2" in line for line in lines), lines
+    assert result["n"] == len(result["repeats"]) == 2
+    for key in ("test_barrier", "train_barrier", "data_order_distance"):
+        values = [rep[key] for rep in result["repeats"]]
+        assert result[f"{key}_mean"] == pytest.approx(statistics.fmean(values))
+        assert result[f"{key}_std"] == pytest.approx(statistics.stdev(values))  # ddof=1
+    assert result["data_order_distance_std"] > 0
+
+    # The table: n, and mean ± std (ddof=1) for n = 2; the value alone for n = 1.
+    rows = {
+        (row[0], row[2]): row
+        for row in (
+            [cell.strip() for cell in line.strip("|").split("|")]
+            for line in reporting.stability_table(run_dir).splitlines()[2:]
+        )
+    }
+    two_repeats, one_repeat = rows[("1", str(K))], rows[("0", str(K))]
+    barriers = [100 * rep["test_barrier"] for rep in result["repeats"]]
+    assert two_repeats[3] == "2"
+    spread = f"{statistics.fmean(barriers):.2f} ± {statistics.stdev(barriers):.2f}"
+    assert two_repeats[4] == spread
+    assert one_repeat[3] == "1" and "±" not in one_repeat[4] + one_repeat[5]
 
 
 # ---- the command line ---------------------------------------------------------------------
 
 
-def test_cli_on_something_that_is_not_a_run(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "lth_tf.stability", f"--run_dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        timeout=300,
-    )
-    assert proc.returncode != 0
-    assert "is not an lth_tf run directory" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_cli_on_something_that_is_not_a_run(tmp_path, stability_main):
+    # In-process (the entry point's own process is tested by tests/test_cli.py).
+    code, err = stability_main(f"--run_dir={tmp_path}")
+    assert code == 2 and "is not an lth_tf run directory" in err, err
     assert os.listdir(tmp_path) == []
 
 
@@ -324,7 +482,9 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from lth_tf import distribute, linear_mode
 strategy = distribute.get_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
-a = linear_mode.Stability(sys.argv[1], strategy=strategy, num_alphas=5, log=lambda *x: None)
+a = linear_mode.Stability(
+    sys.argv[1], strategy=strategy, num_alphas=5, repeats=1, log=lambda *x: None
+)
 result = a.point(1, int(sys.argv[2]))
 print(json.dumps({"replicas": a.experiment.strategy.num_replicas_in_sync, "result": result}))
 """
@@ -349,17 +509,32 @@ def test_a_point_under_mirrored_on_two_devices_writes_the_same_results(run, anal
     written = paths.join(paths.stability_point_dir(str(run_dir), 1, K), "interpolation.json")
     assert files.read_json(written) == result
     single = analysis["pruned"]  # the same point on one device
-    assert set(result) == set(single)
-    assert set(result["repeats"][0]) == set(single["repeats"][0])
-    (rep,) = result["repeats"]
-    assert len(rep["alpha"]) == len(rep["test_error"]) == len(rep["train_error"]) == 5
-    assert all(0.0 <= e <= 1.0 for e in rep["test_error"] + rep["train_error"])
-    assert result["test_barrier_mean"] == linear_mode.barrier(rep["test_error"]) >= 0.0
-    assert result["data_order_distance_mean"] > 0 and result["pruning_distance"] > 0
-    assert result["density"] == single["density"]
-    # The copies learned the task as on one device (errors well under chance, 0.75).
-    assert max(rep["test_error"][0], rep["test_error"][-1]) < 0.5
-    assert abs(result["test_accuracy_mean"] - single["test_accuracy_mean"]) < 0.15
+    assert len(result["repeats"][0]["test_error"]) == 5
+    # The same results: every number equal (errors along the path, barriers, accuracies,
+    # pruning distance, inputs) but the distances between the copies, equal to float
+    # rounding (the two replicas' gradients are summed in another order).
+    distances = ("data_order_distance", "data_order_distance_normalized")
+
+    def without_distances(point):
+        rest = {k: v for k, v in point.items() if k != "data_order_distance_mean"}
+        rest["repeats"] = [
+            {k: v for k, v in rep.items() if k not in distances} for rep in point["repeats"]
+        ]
+        return rest
+
+    assert without_distances(result) == without_distances(single)
+    assert result["data_order_distance_mean"] == pytest.approx(
+        single["data_order_distance_mean"], rel=1e-6
+    )
+    for key in distances:
+        assert result["repeats"][0][key] == pytest.approx(single["repeats"][0][key], rel=1e-6)
+    for c in (1, 2):  # the copies' final weights, to float rounding
+        mirrored, one = (
+            files.read_npz(paths.checkpoint_file(paths.stability_copy_dir(d, 1, K, 0, c), "final"))
+            for d in (str(run_dir), run["run_dir"])
+        )
+        for key in one:
+            np.testing.assert_allclose(mirrored[key], one[key], rtol=1e-5, atol=1e-6)
 
 
 def test_the_copies_train_with_the_runs_mixed_precision(tmp_path):
@@ -401,20 +576,40 @@ def test_cli_takes_imps_strategy_flags_and_not_a_precision_of_its_own():
     assert {"strategy", "num_gpus", "tpu"} <= flagdefs.flag_names(flagdefs.define_imp_flags)
 
 
-def test_cli_refuses_a_strategy_it_cannot_build(run, tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lth_tf.stability",
-            f"--run_dir={run['run_dir']}",
-            "--strategy=mirrored",
-            "--num_gpus=4",
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-        timeout=300,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "--num_gpus=4" in proc.stderr and "Traceback" not in proc.stderr
+@pytest.fixture()
+def stability_main(capsys):
+    """Runs `python -m lth_tf.stability` in-process: (exit code, stderr)."""
+    import signal
+
+    from absl import flags
+
+    from lth_tf import stability
+
+    stability.define_flags()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def main(*argv):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["stability", *argv])
+        capsys.readouterr()
+        code = stability.main(["stability"])
+        return code, capsys.readouterr().err
+
+    yield main
+    flags.FLAGS.unparse_flags()
+    for sig, handler in handlers.items():  # the entry point installs its own
+        signal.signal(sig, handler)
+
+
+def test_cli_refuses_a_strategy_it_cannot_build(run, stability_main):
+    code, err = stability_main(f"--run_dir={run['run_dir']}", "--strategy=mirrored", "--num_gpus=4")
+    assert code == 2 and err.startswith("error: ") and "--num_gpus=4" in err, err
+
+
+def test_cli_refuses_an_unfinished_round(analysis, tmp_path, stability_main):
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(analysis["copy_of_run"], run_dir)
+    os.remove(paths.summary_file(paths.round_dir(run_dir, 1)))
+    code, err = stability_main(f"--run_dir={run_dir}", "--round=1", "--repeats=1")
+    assert code == 2, err
+    assert f"error: Round 1 of {run_dir} is unfinished" in err and "finished rounds only" in err
