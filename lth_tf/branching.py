@@ -133,8 +133,7 @@ def _normalise(key, value):
 
 
 def _final_lr(config: RunConfig, schedule: train.Schedule) -> float:
-    lr = train.StepSchedule(config.lr, schedule.warmup, schedule.boundaries, config.lr_gamma)
-    return float(lr(schedule.total - 1).numpy())
+    return float(train.lr_schedule(config, schedule)(schedule.total - 1).numpy())
 
 
 def make_spec(

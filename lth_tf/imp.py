@@ -28,12 +28,17 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     replicates = replicate_configs(config, FLAGS.replicates)
-    if FLAGS.replicates == 1:
-        out_dir = paths.join(FLAGS.root_dir, FLAGS.run_name or paths.run_name(config))
+    group = FLAGS.replicates > 1
+    if FLAGS.run_name:
+        out_dir = paths.join(FLAGS.root_dir, FLAGS.run_name)
+    else:  # the default name, or the directory an earlier spelling of this run has
+        out_dir = rundir.find_run_dir(FLAGS.root_dir, config, group=group)
+    if not group:
         runs = [(config, out_dir)]
     else:
-        out_dir = paths.join(FLAGS.root_dir, FLAGS.run_name or paths.group_name(config))
         runs = [(c, paths.replicate_dir(out_dir, i)) for i, c in enumerate(replicates, 1)]
+    # A run resumes with the fields it recorded that no flag sets (its warm-up form).
+    runs = [(rundir.resumed_config(c, d), d) for c, d in runs]
     if FLAGS.print_config:
         for c, d in runs:
             print(f"Run directory: {d}\n{c.to_json()}")
