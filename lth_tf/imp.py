@@ -57,6 +57,8 @@ def main(argv):
     StopRequest.install()  # again: a multi-worker strategy took SIGTERM over
     chief = distribute.is_chief(strategy)
     log = print if chief else (lambda *a: None)
+    if not FLAGS.run_name:
+        _note_replay_run(config, out_dir, group, log)
     for i, (c, run_dir) in enumerate(runs, 1):
         if len(runs) > 1:
             log(f"=== replicate {i}/{len(runs)}: seed {c.seed}, data_seed {c.data_seed}")
@@ -67,6 +69,24 @@ def main(argv):
         print(reporting.write_report(out_dir))
         print(f"\nReport: {paths.report_file(out_dir)}\nPlot:   {paths.plot_file(out_dir)}")
     return 0
+
+
+def _note_replay_run(config, out_dir: str, group: bool, log) -> None:
+    """Says so when a new per_round run starts beside this command's replay run.
+
+    Runs written before --data_order existed replay round 0's data order: the
+    same command now starts the papers' per_round run in another directory.
+    """
+    if config.data_order != "per_round" or tf.io.gfile.exists(out_dir):
+        return
+    replay = dataclasses.replace(config, data_order="replay")
+    old = rundir.find_run_dir(FLAGS.root_dir, replay, group=group)
+    if tf.io.gfile.exists(paths.config_file(paths.replicate_dir(old, 1) if group else old)):
+        log(
+            f"Note: {old} holds this experiment with --data_order=replay (every round on "
+            "round 0's batches from k; runs written before --data_order existed). Starting "
+            f"the per_round run in {out_dir}; add --data_order=replay to resume that one."
+        )
 
 
 def replicate_configs(config, n: int) -> list:
