@@ -103,9 +103,11 @@ def check_shares_round_0(config: RunConfig, requested: dict) -> None:
     identity = config.identity()
     diff = {}
     for key, value in requested.items():
-        if key in BRANCH_FIELDS or key in NON_IDENTITY_FIELDS or key not in identity:
+        if key in BRANCH_FIELDS or key in NON_IDENTITY_FIELDS or not hasattr(config, key):
             continue
-        ours = identity[key]
+        # A field left out of the identity at its old value (config.DEFAULT_OMITTED_FIELDS)
+        # still differs from another value asked for.
+        ours = identity.get(key, getattr(config, key))
         if isinstance(value, list):
             value = tuple(value)
         if isinstance(ours, list):

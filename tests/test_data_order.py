@@ -292,3 +292,16 @@ def test_an_old_run_directory_opens_resumes_and_reads_as_replay_with_its_warmup(
     assert [seed for seed, _ in data.served] == [read.data_seed] * 2
     assert (run_dir / "config.json").read_text() == written  # untouched
     assert files.exists(paths.summary_file(paths.round_dir(str(run_dir), 1)))
+
+
+def test_a_branch_of_a_replay_run_cannot_ask_for_another_data_order():
+    old = config_lib.RunConfig.from_json(
+        _old_config_json(config_lib.make_config("lenet_300_100", **_tiny()))
+    )
+    assert old.data_order == "replay" and "data_order" not in old.identity()
+    with pytest.raises(branching.BranchError, match="data_order: run has 'replay'"):
+        branching.check_shares_round_0(old, {"data_order": "per_round"})
+    branching.check_shares_round_0(old, {"data_order": "replay", "rewind_step": "10"})
+    new = config_lib.make_config("lenet_300_100", **_tiny())
+    with pytest.raises(branching.BranchError, match="data_order: run has 'per_round'"):
+        branching.check_shares_round_0(new, {"data_order": "replay"})
