@@ -120,9 +120,11 @@ def check_shares_round_0(config: RunConfig, requested: dict) -> None:
     identity = config.identity()
     diff = {}
     for key, value in requested.items():
-        if key in BRANCH_FIELDS or key in NON_IDENTITY_FIELDS or key not in identity:
+        if key in BRANCH_FIELDS or key in NON_IDENTITY_FIELDS or not hasattr(config, key):
             continue
-        ours = identity[key]
+        # A field left out of the identity at its old value (config.DEFAULT_OMITTED_FIELDS)
+        # still differs from another value asked for.
+        ours = identity.get(key, getattr(config, key))
         if isinstance(value, list):
             value = tuple(value)
         if isinstance(ours, list):
@@ -150,8 +152,7 @@ def _normalise(key, value):
 
 
 def _final_lr(config: RunConfig, schedule: train.Schedule) -> float:
-    lr = train.StepSchedule(config.lr, schedule.warmup, schedule.boundaries, config.lr_gamma)
-    return float(lr(schedule.total - 1).numpy())
+    return float(train.lr_schedule(config, schedule)(schedule.total - 1).numpy())
 
 
 def make_spec(

@@ -35,10 +35,34 @@ NON_IDENTITY_FIELDS = (
 )
 
 # Fields added after run directories were already named by the hash of the
-# identity, with their default values. A field at its default is left out of the
-# identity, so that every config that does not use it keeps its hash (and so its
-# run directory); set to anything else it is part of the identity like any field.
-DEFAULT_OMITTED_FIELDS = {"conv_rate": 1.0, "validation_holdout": 0}
+# identity, with the value every run had before the field existed. A config.json
+# without the field reads as that value, and a field at that value is left out of
+# the identity, so that every run directory written before keeps its hash; set to
+# anything else it is part of the identity like any field. For conv_rate and
+# validation_holdout that value is also the default; data_order and warmup_form
+# default to the papers' protocol instead, which new runs record.
+DEFAULT_OMITTED_FIELDS = {
+    "conv_rate": 1.0,
+    "validation_holdout": 0,
+    "data_order": "replay",
+    "warmup_form": "step+1",
+}
+
+# The data order of the rounds after round 0. per_round: each IMP round and each
+# control (and each branch round) draws its own order from the data seed, its
+# round and its branch, as the authors' framework (open_lth) does by default;
+# replay: every one replays round 0's order from its first step (runs written
+# before the field existed). Round 0, and so W_k, has the data seed's order in both.
+DATA_ORDERS = ("per_round", "replay")
+# The linear warm-up over W steps: 'step' multiplies the rate at global step s by
+# min(1, s / W), as open_lth does (step 0 trains at rate 0); 'step+1' by
+# min(1, (s + 1) / W) (runs written before the field existed).
+WARMUP_FORMS = ("step", "step+1")
+# Fields no flag sets: a new run records the current form, and a command that
+# resumes a run takes them from its config.json (lth_tf.rundir.resumed_config).
+RECORDED_FIELDS = ("warmup_form",)
+# The duration fields, held in one spelling (lth_tf.steps.canonical).
+DURATION_FIELDS = ("warmup", "training_steps", "eval_every", "rewind_step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +90,10 @@ class RunConfig:
     # dataset's convention (CIFAR-10: validate on the test set, as the authors'
     # framework does; MNIST, npz, synthetic: the last 5,000 or 10%).
     validation_holdout: int = 0
+    warmup_form: str = "step"  # WARMUP_FORMS
     seed: int = 0
     data_seed: int = 0
+    data_order: str = "per_round"  # DATA_ORDERS
     data_dir: str | None = None
     jit_compile: bool = False
     # None: chosen per model (train.execution_steps: up to 100 for small models); 1 turns
@@ -88,6 +114,11 @@ class RunConfig:
     verbose: int = 1
 
     def __post_init__(self):
+        # One spelling per duration ('500' is '500it'): one run, one directory name.
+        for name in DURATION_FIELDS:
+            object.__setattr__(self, name, steps.canonical(getattr(self, name), name))
+        drops = tuple(steps.canonical(d, "lr_drops") for d in self.lr_drops)
+        object.__setattr__(self, "lr_drops", drops)
         _check(self)
 
     def to_json(self) -> str:
@@ -112,6 +143,9 @@ class RunConfig:
         for name in ("lr_drops", "controls"):
             if name in d:
                 d[name] = tuple(d[name])
+        # Written before the field existed: the value it had then (not the default).
+        for name, value in DEFAULT_OMITTED_FIELDS.items():
+            d.setdefault(name, value)
         return cls(**d)
 
     def identity(self) -> dict:
@@ -125,6 +159,8 @@ class RunConfig:
         for name, default in DEFAULT_OMITTED_FIELDS.items():
             if d[name] == default:
                 d.pop(name)
+        if self.warmup == "0":  # no warm-up: its form changes nothing
+            d.pop("warmup_form", None)
         return d
 
     def hash8(self) -> str:
@@ -228,3 +264,7 @@ def _check(c: RunConfig) -> None:
         fail("mixed_precision", c.mixed_precision, "bfloat16 (TPU), float16 (GPU) or unset")
     if not isinstance(c.seed, int) or not isinstance(c.data_seed, int):
         fail("seed/data_seed", (c.seed, c.data_seed), "integers")
+    if c.data_order not in DATA_ORDERS:
+        fail("data_order", c.data_order, f"one of {', '.join(DATA_ORDERS)}")
+    if c.warmup_form not in WARMUP_FORMS:
+        fail("warmup_form", c.warmup_form, f"one of {', '.join(WARMUP_FORMS)}")

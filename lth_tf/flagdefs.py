@@ -48,10 +48,13 @@ MAIN_JOB = dict(
     output_rate=0.0,
 )
 
-# RunConfig fields that have no flag of their own. Empty today: every field has
-# one. A field added to RunConfig must get a flag below or be listed here with
-# the reason (tests/test_cli.py checks both directions).
-CONFIG_FIELDS_WITHOUT_FLAGS: frozenset[str] = frozenset()
+# RunConfig fields that have no flag of their own. A field added to RunConfig must
+# get a flag below or be listed here with the reason (tests/test_cli.py checks
+# both directions). warmup_form: every new run warms up as open_lth does; only a
+# run directory written before the field existed has the other form, and the
+# command that resumes it takes the form from its config.json
+# (config.RECORDED_FIELDS, rundir.resumed_config).
+CONFIG_FIELDS_WITHOUT_FLAGS: frozenset[str] = frozenset(config_lib.RECORDED_FIELDS)
 
 # imp's flags that are not RunConfig fields: where the run goes and how this
 # process runs it; none of them changes what the run computes.
@@ -268,6 +271,18 @@ def define_train_flags() -> None:
     )
     flags.DEFINE_integer("seed", 0, "Initialisation seed.")
     flags.DEFINE_integer("data_seed", 0, "Data order and augmentation seed.")
+    _define_choice(
+        "data_order",
+        None,
+        config_lib.DATA_ORDERS,
+        "data order",
+        "The data order of the rounds after the dense round 0. per_round (default, the "
+        "papers' protocol and open_lth's): each IMP round, control and branch round draws "
+        "its own order from --data_seed, its round and its branch, so its SGD noise is its "
+        "own. replay: each one replays round 0's batches from its rewind step k, sharing the "
+        "dense run's noise (runs written before this flag existed are replay runs; resume "
+        "them with --data_order=replay). Round 0, and so W_k, has --data_seed's order in both.",
+    )
     flags.DEFINE_string("eval_every", None, "Evaluation period: '100it', '1ep'.")
     flags.DEFINE_boolean(
         "test_every_period",
@@ -742,7 +757,8 @@ def protocol_lines(config: config_lib.RunConfig) -> list[str]:
     drops = f", x{config.lr_gamma} at {','.join(config.lr_drops)}" if config.lr_drops else ""
     schedule = (
         f"{config.optimizer} lr={config.lr:g}{drops}, batch {config.batch_size}, "
-        f"{config.training_steps} per round, rewind to {config.rewind_step}"
+        f"{config.training_steps} per round, rewind to {config.rewind_step}, "
+        f"data order {config.data_order}"
     )
     if FLAGS.arch is None:
         controls = ", ".join(config.controls) or "none"

@@ -28,12 +28,17 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     replicates = replicate_configs(config, FLAGS.replicates)
-    if FLAGS.replicates == 1:
-        out_dir = paths.join(FLAGS.root_dir, FLAGS.run_name or paths.run_name(config))
+    group = FLAGS.replicates > 1
+    if FLAGS.run_name:
+        out_dir = paths.join(FLAGS.root_dir, FLAGS.run_name)
+    else:  # the default name, or the directory an earlier spelling of this run has
+        out_dir = rundir.find_run_dir(FLAGS.root_dir, config, group=group)
+    if not group:
         runs = [(config, out_dir)]
     else:
-        out_dir = paths.join(FLAGS.root_dir, FLAGS.run_name or paths.group_name(config))
         runs = [(c, paths.replicate_dir(out_dir, i)) for i, c in enumerate(replicates, 1)]
+    # A run resumes with the fields it recorded that no flag sets (its warm-up form).
+    runs = [(rundir.resumed_config(c, d), d) for c, d in runs]
     if FLAGS.print_config:
         for c, d in runs:
             print(f"Run directory: {d}\n{c.to_json()}")
@@ -52,6 +57,8 @@ def main(argv):
     StopRequest.install()  # again: a multi-worker strategy took SIGTERM over
     chief = distribute.is_chief(strategy)
     log = print if chief else (lambda *a: None)
+    if not FLAGS.run_name:
+        _note_replay_run(config, out_dir, group, log)
     for i, (c, run_dir) in enumerate(runs, 1):
         if len(runs) > 1:
             log(f"=== replicate {i}/{len(runs)}: seed {c.seed}, data_seed {c.data_seed}")
@@ -62,6 +69,24 @@ def main(argv):
         print(reporting.write_report(out_dir))
         print(f"\nReport: {paths.report_file(out_dir)}\nPlot:   {paths.plot_file(out_dir)}")
     return 0
+
+
+def _note_replay_run(config, out_dir: str, group: bool, log) -> None:
+    """Says so when a new per_round run starts beside this command's replay run.
+
+    Runs written before --data_order existed replay round 0's data order: the
+    same command now starts the papers' per_round run in another directory.
+    """
+    if config.data_order != "per_round" or tf.io.gfile.exists(out_dir):
+        return
+    replay = dataclasses.replace(config, data_order="replay")
+    old = rundir.find_run_dir(FLAGS.root_dir, replay, group=group)
+    if tf.io.gfile.exists(paths.config_file(paths.replicate_dir(old, 1) if group else old)):
+        log(
+            f"Note: {old} holds this experiment with --data_order=replay (every round on "
+            "round 0's batches from k; runs written before --data_order existed). Starting "
+            f"the per_round run in {out_dir}; add --data_order=replay to resume that one."
+        )
 
 
 def replicate_configs(config, n: int) -> list:

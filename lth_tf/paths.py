@@ -32,9 +32,14 @@ def join(*parts) -> str:
     return os.path.join(*[str(p) for p in parts])
 
 
-def run_name(config) -> str:
+def run_prefix(config) -> str:
+    """<arch>_<dataset>_: what the default names of a config's runs start with."""
     dataset = re.sub(r"[^A-Za-z0-9]+", "-", config.dataset.split("/")[-1]).strip("-")
-    return f"{config.arch}_{dataset}_{config.hash8()}"
+    return f"{config.arch}_{dataset}_"
+
+
+def run_name(config) -> str:
+    return f"{run_prefix(config)}{config.hash8()}"
 
 
 def group_name(config) -> str:

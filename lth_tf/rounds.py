@@ -205,7 +205,9 @@ class Experiment:
                     f"   round 0 is finished without W_k for k = {missing}: too late to record "
                     "them; lth_tf.branch trains the dense network from W_0 to k where needed."
                 )
-        return self._train_round(_Round(rdir, 0, IMP, start, record_rewind=True))
+        return self._train_round(
+            _Round(rdir, 0, IMP, start, record_rewind=True, data_seed=self.round_data_seed(0))
+        )
 
     def _recorded(self, k: int) -> bool:
         r0 = paths.round_dir(self.run_dir, 0)
@@ -218,7 +220,7 @@ class Experiment:
 
         Round 0 records the run's own k (checkpoints/rewind.npz) and every k of
         `rewind_points` (checkpoints/rewind_step_NNNNNNN.npz); W_0 is round 0's
-        start.npz. Any other k is trained from W_0 with the run's data order and a
+        start.npz. Any other k is trained from W_0 with round 0's data order and a
         fresh optimizer (k steps; it does not count as a trained round), and cached
         where lth_tf.stability caches its rewind points.
 
@@ -323,6 +325,19 @@ class Experiment:
         masks.check_subset(new, prev_masks)
         return new
 
+    def round_data_seed(self, r: int, branch: str = IMP) -> int:
+        """The data seed of round r of `branch` (IMP, a control, a branch's name).
+
+        Round 0 trains with the config's data seed, and so does every round with
+        data_order=replay: each then sees round 0's batches from its first step.
+        With data_order=per_round every other round draws its own order from the
+        data seed, its round and its branch (the authors' framework draws a new
+        order per level), so a round sees its own SGD noise, not the dense run's.
+        """
+        if (r == 0 and branch == IMP) or self.config.data_order == "replay":
+            return self.config.data_seed
+        return _seed_for(self.config.data_seed, "data", r, branch)
+
     def imp_round(self, r: int, round_masks: dict) -> dict:
         return self._branch_round(IMP, r, round_masks)
 
@@ -336,13 +351,18 @@ class Experiment:
         # reinitialised model is built in the same order whatever was finished.
         start = STARTS[branch](self, r, imp_masks)
         rdir = paths.round_dir(self.run_dir, r, None if branch == IMP else branch)
-        return self._train_round(_Round(rdir, r, branch, start))
+        data_seed = self.round_data_seed(r, branch)
+        return self._train_round(_Round(rdir, r, branch, start, data_seed=data_seed))
 
     def train_branch(self, rdir, r, branch, round_masks, weights, start_step, data_seed=None):
         """Trains masked `weights` from `start_step` to the end into `rdir` (idempotent).
 
-        Used by the stability analyses for copies trained with other data orders.
+        Used by lth_tf.branching for the rounds of a branch (data_seed None: the
+        round's own order, `round_data_seed(r, branch)`), and by the stability
+        analyses for copies trained with other data orders (their data_seed).
         """
+        if data_seed is None:
+            data_seed = self.round_data_seed(r, branch)
         start = Start(round_masks, weights, start_step)
         return self._train_round(_Round(rdir, r, branch, start, data_seed=data_seed))
 

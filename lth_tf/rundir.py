@@ -5,8 +5,11 @@ entry points can ask "what does this run hold" without the training stack.
 The layout itself (every file name) is lth_tf/paths.py.
 """
 
+import dataclasses
+import re
+
 from lth_tf import files, paths
-from lth_tf.config import NON_IDENTITY_FIELDS, RunConfig
+from lth_tf.config import NON_IDENTITY_FIELDS, RECORDED_FIELDS, RunConfig
 from lth_tf.keras import tf
 
 IMP = "imp"  # the branch name of the IMP rounds in finished_rounds()
@@ -227,3 +230,60 @@ def group_config(path: str) -> dict:
                 )
             common.pop(key, None)
     return common
+
+
+# ---- finding the run directory of a command ----------------------------------------------------
+
+
+def resumed_config(config: RunConfig, run_dir: str) -> RunConfig:
+    """`config` with the fields no flag sets (config.RECORDED_FIELDS) taken from run_dir's run.
+
+    A run resumes with what it recorded (e.g. a run written before warmup_form
+    existed keeps its warm-up); a new run, or a directory whose config.json
+    cannot be read (open_run_dir then says why), keeps `config`.
+    """
+    if not files.exists(paths.config_file(run_dir)):
+        return config
+    try:
+        existing = load_config(run_dir)
+    except (ValueError, TypeError):
+        return config
+    return dataclasses.replace(
+        config, **{name: getattr(existing, name) for name in RECORDED_FIELDS}
+    )
+
+
+def find_run_dir(root_dir: str, config: RunConfig, group: bool = False) -> str:
+    """The default directory of `config`'s run (or replicate group) under root_dir.
+
+    <root_dir>/<arch>_<dataset>_<hash8>[_replicates] when it exists or no other
+    directory holds this run. Otherwise an existing directory named like a run
+    of the same arch and dataset whose config.json (replicate_1's, for a group)
+    reads as this run: the same identity once its durations are in one spelling
+    and the fields no flag sets are its own (`resumed_config`). So a run
+    directory named before durations had one spelling ('500' and '500it' named
+    two runs), or before a field joined the identity at its old value, is still
+    found by the command that made it. With several such directories, the first
+    by name.
+    """
+    name = paths.group_name(config) if group else paths.run_name(config)
+    canonical = paths.join(root_dir, name)
+    suffix = name[len(paths.run_name(config)) :]  # "_replicates" or ""
+
+    def holder(directory):
+        return paths.replicate_dir(directory, 1) if group else directory
+
+    if files.exists(paths.config_file(holder(canonical))) or not tf.io.gfile.isdir(root_dir):
+        return canonical
+    pattern = re.compile(re.escape(paths.run_prefix(config)) + r"[0-9a-f]{8}" + suffix + "$")
+    for name in sorted(n.rstrip("/") for n in tf.io.gfile.listdir(root_dir)):
+        directory = paths.join(root_dir, name)
+        if not pattern.match(name) or not files.exists(paths.config_file(holder(directory))):
+            continue
+        try:
+            existing = load_config(holder(directory))
+        except (ValueError, TypeError):
+            continue
+        if not existing.differences(resumed_config(config, holder(directory))):
+            return directory
+    return canonical

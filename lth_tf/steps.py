@@ -1,9 +1,9 @@
 """Durations: '50000it', '160ep', '0'. The one place epochs become steps.
 
 Users write training lengths and rewind points in iterations or epochs, as the
-paper does. They stay strings in the config (so a run directory records what
-the user asked for) and become step counts only here, once the number of steps
-per epoch of the dataset is known.
+paper does. They stay strings in the config, in one spelling (`canonical`: a bare
+number is iterations, so '500' is '500it'), and become step counts only here,
+once the number of steps per epoch of the dataset is known.
 """
 
 import dataclasses
@@ -54,6 +54,20 @@ def parse(text: str | int, what: str = "duration") -> Duration:
             "with a unit suffix, e.g. '50000it', '160ep', or '0' (bare numbers are iterations)."
         )
     return Duration(int(match.group(1)), match.group(2) or "it")
+
+
+def canonical(text: str | int, what: str = "duration") -> str:
+    """The one spelling of a duration: '500' and '500it' are '500it'; zero is '0'.
+
+    Configs hold their durations in this spelling (lth_tf.config), so that two
+    spellings of one schedule name one run. Zero is '0' whatever its unit: the
+    default rewind step, as every run directory has recorded it.
+
+    Raises:
+      ValueError: as `parse`.
+    """
+    duration = parse(text, what)
+    return "0" if duration.value == 0 else str(duration)
 
 
 def to_steps(text: str | int, steps_per_epoch: int, what: str = "duration") -> int:

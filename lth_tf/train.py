@@ -7,8 +7,9 @@ offset, the global step the round started from. The learning rate is the
 schedule's value at `offset + iterations` (`OffsetSchedule`), so a round
 rewound to step k continues the schedule from k. `global_step(model)` is the
 one reader of that sum. The data pipeline is started at the segment's first
-step too (lth_tf.data), so the segment sees the batches the full schedule
-would have seen.
+step too (lth_tf.data), so the segment sees the batches the full schedule of
+its data seed would have seen (which seed each round has: rounds.Experiment.
+round_data_seed).
 """
 
 import dataclasses
@@ -21,13 +22,29 @@ from lth_tf.keras import keras, tf
 
 
 class StepSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up, then multiply by `gamma` at each boundary step."""
+    """Linear warm-up, then multiply by `gamma` at each boundary step.
 
-    def __init__(self, lr: float, warmup_steps: int = 0, boundaries=(), gamma: float = 0.1):
+    At global step s the rate is lr * gamma^(boundaries <= s) * min(1, s / W) with
+    warm-up form 'step' (open_lth's: step 0 trains at rate 0), or
+    min(1, (s + 1) / W) with form 'step+1' (runs written before the form was a
+    config field; lth_tf.config.WARMUP_FORMS).
+    """
+
+    def __init__(
+        self,
+        lr: float,
+        warmup_steps: int = 0,
+        boundaries=(),
+        gamma: float = 0.1,
+        warmup_form: str = "step",
+    ):
+        if warmup_form not in ("step", "step+1"):
+            raise ValueError(f"warmup_form: got {warmup_form!r}; expected 'step' or 'step+1'.")
         self.lr = float(lr)
         self.warmup_steps = int(warmup_steps)
         self.boundaries = tuple(int(b) for b in boundaries)
         self.gamma = float(gamma)
+        self.warmup_form = warmup_form
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
@@ -35,13 +52,25 @@ class StepSchedule(keras.optimizers.schedules.LearningRateSchedule):
         for boundary in self.boundaries:
             lr = tf.where(step >= boundary, lr * self.gamma, lr)
         if self.warmup_steps > 0:
-            lr = lr * tf.minimum(1.0, (step + 1.0) / self.warmup_steps)
+            done = step + 1.0 if self.warmup_form == "step+1" else step
+            lr = lr * tf.minimum(1.0, done / self.warmup_steps)
         return lr
 
     def get_config(self):
         return dict(
-            lr=self.lr, warmup_steps=self.warmup_steps, boundaries=self.boundaries, gamma=self.gamma
+            lr=self.lr,
+            warmup_steps=self.warmup_steps,
+            boundaries=self.boundaries,
+            gamma=self.gamma,
+            warmup_form=self.warmup_form,
         )
+
+
+def lr_schedule(config, schedule: "Schedule") -> StepSchedule:
+    """The config's learning rate as a function of the global step."""
+    return StepSchedule(
+        config.lr, schedule.warmup, schedule.boundaries, config.lr_gamma, config.warmup_form
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,9 +160,7 @@ def make_optimizer(config, schedule: Schedule):
         name="step_offset",
         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
     )
-    lr = OffsetSchedule(
-        StepSchedule(config.lr, schedule.warmup, schedule.boundaries, config.lr_gamma), offset
-    )
+    lr = OffsetSchedule(lr_schedule(config, schedule), offset)
     if config.optimizer == "sgd":
         optimizer = sparsity.MaskedSGD(learning_rate=lr, momentum=config.momentum)
     else:

@@ -343,8 +343,10 @@ def test_the_no_flag_main_job_is_unchanged(parse):
         output_rate=0.0,
     )
     # Pinned: a change of the run identity renames every run directory. (It changed
-    # once, on purpose: jit_compile and steps_per_execution left the identity.)
-    assert c.hash8() == "cf60f868"
+    # twice, on purpose: jit_compile and steps_per_execution left the identity; then
+    # new runs drew a data order per round. --data_order=replay names the run before.)
+    assert c.hash8() == "d77a6768"
+    assert parse("--data_order=replay").hash8() == "cf60f868"
 
 
 def test_conv_rate_and_validation_holdout_flags_reach_the_config(parse):
@@ -359,7 +361,7 @@ def test_conv_rate_and_validation_holdout_flags_reach_the_config(parse):
     assert (c.conv_rate, c.validation_holdout) == (1.0, 0)
     c = parse("--arch=resnet20", "--conv_rate=0.5", "--prune_scope=layerwise")
     assert (c.conv_rate, c.output_rate, c.prune_scope) == (0.5, 1.0, "layerwise")
-    assert parse("--arch=resnet20").hash8() == "dd4075e8"  # unset: the recipe's run dir
+    assert parse("--arch=resnet20").hash8() == "3d184bf8"  # unset: the recipe's run dir
     with pytest.raises(flags.IllegalFlagValueError):
         parse("--validation_holdout=-1")
 

@@ -1,6 +1,8 @@
 """Contracts of durations, recipes and the frozen run config."""
 
+import bisect
 import dataclasses
+import json
 
 import pytest
 
@@ -112,14 +114,48 @@ def test_rewind_step_must_be_visible_to_the_callback():
     train.resolve(ok, steps_per_epoch=1251)
 
 
+def _open_lth_lr(lr, warmup, milestones, gamma, it):
+    # open_lth's training/optimizers.py get_lr_schedule: the LambdaLR factor at
+    # iteration `it` is gamma ** bisect(milestones, it) * min(1, it / warmup).
+    factor = gamma ** bisect.bisect(milestones, it)
+    if warmup:
+        factor *= min(1.0, it / warmup)
+    return lr * factor
+
+
 def test_learning_rate_schedule_has_warmup_and_drops():
     schedule = train.StepSchedule(0.4, warmup_steps=10, boundaries=(100, 200), gamma=0.1)
-    lr = {s: float(schedule(s)) for s in (0, 4, 9, 50, 99, 100, 199, 200, 500)}
-    assert lr[0] == pytest.approx(0.04)
-    assert lr[4] == pytest.approx(0.2)
-    assert lr[9] == lr[50] == lr[99] == pytest.approx(0.4)
+    lr = {s: float(schedule(s)) for s in (0, 4, 5, 9, 10, 50, 99, 100, 199, 200, 500)}
+    assert lr[0] == 0.0  # open_lth's warm-up: the first step trains at rate 0
+    assert lr[4] == pytest.approx(0.16) and lr[5] == pytest.approx(0.2)
+    assert lr[9] == pytest.approx(0.36)
+    assert lr[10] == lr[50] == lr[99] == pytest.approx(0.4)
     assert lr[100] == lr[199] == pytest.approx(0.04)
     assert lr[200] == lr[500] == pytest.approx(0.004)
+
+
+@pytest.mark.parametrize("warmup", [10, 7, 1])
+def test_the_learning_rate_of_a_new_run_is_open_lths(warmup):
+    c = config_lib.make_config(
+        "resnet50", lr=0.4, warmup=f"{warmup}it", lr_drops=("20it", "30it"), lr_gamma=0.1
+    )
+    assert c.warmup_form == "step"
+    schedule = train.resolve(c, steps_per_epoch=1)
+    lr = train.lr_schedule(c, schedule)
+    w = warmup
+    for step in sorted({0, w // 2, w, w + 1, 19, 20, 29, 30, 40}):
+        expected = _open_lth_lr(0.4, w, [20, 30], 0.1, step)
+        assert float(lr(step)) == pytest.approx(expected, rel=1e-6, abs=1e-9), step
+    # The optimizer of a round warms up so too.
+    optimizer = train.make_optimizer(c, schedule)
+    assert optimizer.get_config()["learning_rate"]["config"]["schedule"]["warmup_form"] == "step"
+
+
+def test_runs_written_before_the_warmup_form_keep_theirs():
+    schedule = train.StepSchedule(0.4, warmup_steps=10, warmup_form="step+1")
+    lr = {s: float(schedule(s)) for s in (0, 4, 9, 10)}
+    assert lr[0] == pytest.approx(0.04) and lr[4] == pytest.approx(0.2)
+    assert lr[9] == lr[10] == pytest.approx(0.4)
 
 
 def test_segments_split_at_evaluation_periods():
@@ -156,9 +192,10 @@ def test_closed_sets_of_the_config_are_the_ones_the_flags_offer():
         assert control in flags["controls"].help
 
 
-# Run directory hashes of the recipes written before conv_rate and
-# validation_holdout existed (and after jit_compile and steps_per_execution left
-# the identity): the new fields at their defaults must not rename them.
+# Run directory hashes of the recipes written before conv_rate,
+# validation_holdout, data_order and warmup_form existed (and after jit_compile
+# and steps_per_execution left the identity): the new fields at the values runs
+# had before them must not rename them.
 HASHES_BEFORE_NEW_FIELDS = {
     "lenet_300_100": "dfd172c9",
     "vgg16": "9ec5ed3e",
@@ -173,13 +210,45 @@ HASHES_BEFORE_NEW_FIELDS = {
 RULE_BEFORE = {"lenet_300_100": {"prune_scope": "global", "output_rate": 0.0}}
 
 
+# The recipes' run directories since new runs draw a data order per round (and
+# warm up as open_lth does): pinned, so that no later change renames them unnoticed.
+HASHES_OF_NEW_RUNS = {
+    "lenet_300_100": "3dbf93b6",  # the 2019 paper's layer-wise rule
+    "vgg16": "60ad4a80",
+    "vgg19": "02df7e69",
+    "resnet20": "3d184bf8",
+    "resnet56": "c3c9180b",
+    "resnet50": "3ae91001",
+}
+
+
 @pytest.mark.parametrize("arch, hash8", sorted(HASHES_BEFORE_NEW_FIELDS.items()))
-def test_new_fields_at_their_defaults_keep_existing_run_directories(arch, hash8):
-    c = config_lib.make_config(arch, **RULE_BEFORE.get(arch, {}))
+def test_new_fields_at_their_old_values_keep_existing_run_directories(arch, hash8):
+    c = config_lib.make_config(
+        arch, **config_lib.DEFAULT_OMITTED_FIELDS, **RULE_BEFORE.get(arch, {})
+    )
     assert c.hash8() == hash8
-    for name, default in config_lib.DEFAULT_OMITTED_FIELDS.items():
-        assert getattr(c, name) == default
+    for name in config_lib.DEFAULT_OMITTED_FIELDS:
         assert name not in c.identity()
+
+
+@pytest.mark.parametrize("arch, hash8", sorted(HASHES_OF_NEW_RUNS.items()))
+def test_new_runs_have_the_papers_data_order_and_warmup_in_their_identity(arch, hash8):
+    c = config_lib.make_config(arch)
+    assert (c.data_order, c.warmup_form) == ("per_round", "step")
+    assert c.hash8() == hash8 != HASHES_BEFORE_NEW_FIELDS[arch]
+    assert c.identity()["data_order"] == "per_round"
+    # Without a warm-up its form changes nothing computed: not part of the identity.
+    assert ("warmup_form" in c.identity()) == (c.warmup != "0")
+
+
+def test_a_replay_run_without_warmup_is_the_run_directory_it_was():
+    old = config_lib.make_config("resnet20", data_order="replay")  # warmup_form: the new one
+    assert old.hash8() == HASHES_BEFORE_NEW_FIELDS["resnet20"]
+    assert config_lib.make_config("resnet50", data_order="replay").hash8() not in (
+        HASHES_BEFORE_NEW_FIELDS["resnet50"],
+        HASHES_OF_NEW_RUNS["resnet50"],
+    )  # its warm-up computes otherwise
 
 
 def test_new_fields_set_away_from_their_defaults_change_the_identity():
@@ -202,13 +271,54 @@ def test_steps_per_execution_unset_means_automatic_and_survives_json():
 
 
 def test_a_config_json_written_before_the_new_fields_still_reads():
-    import json
-
-    c = config_lib.make_config("lenet_300_100", rounds=3)
+    c = config_lib.make_config("resnet50", rounds=3)
     d = json.loads(c.to_json())
     for name in config_lib.DEFAULT_OMITTED_FIELDS:
         d.pop(name)
-    assert config_lib.RunConfig.from_json(json.dumps(d)) == c
+    read = config_lib.RunConfig.from_json(json.dumps(d))
+    # Each missing field reads as the value runs had before it existed, not its default.
+    assert read == dataclasses.replace(c, **config_lib.DEFAULT_OMITTED_FIELDS)
+    assert (read.data_order, read.warmup_form) == ("replay", "step+1")
+    assert read.hash8() == HASHES_BEFORE_NEW_FIELDS["resnet50"]
+
+
+@pytest.mark.parametrize(
+    "field, spellings",
+    [
+        ("rewind_step", ("500", "500it", 500, " 500 it")),
+        ("rewind_step", ("0", "0it", "0ep", 0)),
+        ("training_steps", ("300", "300it")),
+        ("eval_every", ("100", "100it")),
+        ("warmup", ("5", "5it")),
+        ("lr_drops", (("80", "120ep"), ("80it", "120ep"))),
+    ],
+)
+def test_every_spelling_of_a_duration_is_one_config_and_one_run(field, spellings):
+    configs = [config_lib.make_config("resnet20", **{field: s}) for s in spellings]
+    assert len({c.hash8() for c in configs}) == 1
+    assert all(c == configs[0] for c in configs)
+    # And as config.json recorded it in another spelling (runs written before).
+    d = json.loads(configs[0].to_json())
+    d[field] = list(spellings[0]) if field == "lr_drops" else spellings[0]
+    assert config_lib.RunConfig.from_json(json.dumps(d)) == configs[0]
+
+
+def test_durations_keep_the_spelling_run_directories_recorded():
+    # Zero is '0' (the default rewind step), others 'Nit' / 'Nep' as the recipes write them.
+    assert steps.canonical("0ep") == "0" and steps.canonical(500) == "500it"
+    assert steps.canonical("160ep") == "160ep" and steps.canonical("50000it") == "50000it"
+    for arch in presets.RECIPES:
+        recipe = presets.recipe(arch)
+        c = config_lib.make_config(arch)
+        for name in config_lib.DURATION_FIELDS:
+            if name in recipe:
+                assert getattr(c, name) == recipe[name], (arch, name)
+
+
+@pytest.mark.parametrize("field, value", [("data_order", "shuffled"), ("warmup_form", "s/W")])
+def test_bad_data_order_and_warmup_form_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        config_lib.make_config("lenet_300_100", **{field: value})
 
 
 @pytest.mark.parametrize(
