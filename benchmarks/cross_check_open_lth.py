@@ -273,10 +273,12 @@ def load_torch_weights(model, weights: dict) -> None:
     model.load_state_dict(state)
 
 
-def open_lth_model(ol, weights: dict):
+def open_lth_model(ol, weights: dict, double: bool = False):
     model = ol.registry.get(
         ol.hparams.ModelHparams("mnist_lenet_300_100", "kaiming_normal", "uniform")
     )
+    if double:
+        model = model.double()
     load_torch_weights(model, weights)
     return model
 
@@ -570,10 +572,10 @@ def main():
         )
         return lth, torch_model, lth_seen, torch_seen
 
-    def accuracies(lth, torch_model):
+    def accuracies(lth, torch_model, dtype=np.float32):
         lth_acc = train.evaluate(lth, data, "test", 500)["accuracy"]
         lth_pred = np.argmax(lth.predict(x_test, batch_size=500, verbose=0), axis=1)
-        torch_acc, torch_pred = torch_accuracy(torch_model, x_test, y_test)
+        torch_acc, torch_pred = torch_accuracy(torch_model, x_test.astype(dtype), y_test)
         return lth_acc, torch_acc, lth_pred, torch_pred
 
     result = {
@@ -587,6 +589,9 @@ def main():
             "rewind_step": K,
             "phases": {
                 "sgd": f"plain SGD, lr {SGD_LR}",
+                "sgd_float64": "the sgd phase with weights and batches in float64 on both "
+                "sides (lth_tf's output layer stays float32: its builder fixes the logits' "
+                "dtype)",
                 "momentum": f"SGD momentum {MOMENTUM}, constant lr {MOMENTUM_LR}",
                 "momentum_lr_drop": f"SGD momentum {MOMENTUM}, lr {MOMENTUM_LR} x{GAMMA} "
                 f"at step {DROP_AT}",
@@ -614,6 +619,25 @@ def main():
     )
     phases["sgd"]["same_update_arithmetic"] = control_row(lth_seen, torch_seen, control)
     sgd_lth, sgd_torch, lth_wk, torch_wk = lth, torch_model, lth_seen[K], torch_seen[K]
+
+    # The sgd phase again in float64: rounding 2^29 times finer.
+    keras.backend.set_floatx("float64")
+    try:
+        w0_64 = {k: v.astype(np.float64) for k, v in w0.items()}
+        batches_64 = [(x.astype(np.float64), y) for x, y in batches]
+        lth = lth_model(config, data, w0_64)
+    finally:
+        keras.backend.set_floatx("float32")
+    torch_model = open_lth_model(ol, w0_64, double=True)
+    lth_seen = lth_train(lth, batches_64)
+    torch_seen = open_lth_train(ol, torch_model, batches_64, SGD_LR, 0.0, against=lth_seen)
+    phases["sgd_float64"] = compare_phase(
+        "sgd_float64", lth_seen, torch_seen, *accuracies(lth, torch_model, np.float64)
+    )
+    phases["sgd_float64"]["dtypes"] = {
+        "lth_tf": {v.name: v.dtype.name for v in lth.trainable_variables},
+        "open_lth": sorted({str(p.dtype) for p in torch_model.parameters()}),
+    }
 
     # Phase 2: momentum at a constant rate.
     lth, torch_model, lth_seen, torch_seen = run(
@@ -767,13 +791,16 @@ def main():
     phases["rewind_own_masks"]["masks"] = "each side its own (same_count_own_weights)"
     result["phases"] = phases
 
-    sgd, mom, drop, rew = (phases[n] for n in ("sgd", "momentum", "momentum_lr_drop", "rewind"))
+    sgd, mom, drop, rew, f64 = (
+        phases[n] for n in ("sgd", "momentum", "momentum_lr_drop", "rewind", "sgd_float64")
+    )
     prune = result["prune"]
     result["criteria"] = {
         "sgd_max_abs_dw_at_step_200_at_most_1e-4": sgd["max_abs_dw_all_layers"] <= 1e-4,
         "sgd_max_abs_dw_up_to_the_first_relu_disagreement_at_most_1e-4": (
             sgd["relu_disagreements"]["max_abs_dw_up_to_first_step"] <= 1e-4
         ),
+        "sgd_float64_max_abs_dw_at_step_200_at_most_1e-4": f64["max_abs_dw_all_layers"] <= 1e-4,
         "masks_identical_at_the_same_count_same_weights": (
             prune["same_count_same_weights"]["differing_entries"] == 0
         ),
@@ -797,7 +824,10 @@ def main():
         "update arithmetic meets the same kinks at the same steps against lth_tf and none "
         "against open_lth (max |dw| "
         f"{sgd['same_update_arithmetic']['max_abs_dw_vs_open_lth_all_layers']:.2g}): the "
-        "forward and backward passes' rounding, not the update, causes the gap.",
+        "forward and backward passes' rounding, not the update, causes the gap. In float64 "
+        f"(the output layer float32 in lth_tf) {f64['relu_disagreements']['steps_with_any']} "
+        f"steps have a ReLU disagreement and max |dw| is {f64['max_abs_dw_all_layers']:.2g} "
+        f"after {STEPS} steps.",
         f"Momentum at a constant rate: max |dw| {mom['max_abs_dw_all_layers']:.2g}; first ReLU "
         f"disagreement {first(mom)}. The two momentum forms are the same steps: PyTorch's form "
         "against Keras' form in one framework differs by "
