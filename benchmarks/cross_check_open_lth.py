@@ -19,16 +19,24 @@ channel statistics), turned into arrays once and fed to both.
                     build_model('lenet_300_100') (kernels transposed); both train 200
                     steps of plain SGD at lr 0.1 (open_lth's LeNet recipe) and record
                     W_k at k = 50.
+  sgd_float64       the same in float64 (lth_tf's output layer stays float32).
   momentum          the same start, 200 steps of SGD with momentum 0.9 at a constant
                     lr 0.01.
   momentum_lr_drop  the same with the rate multiplied by 0.1 at step 100, where the two
-                    momentum forms part; a control steps open_lth's model with Keras'
-                    form (v = m * v - lr * g; w += v) to show what the gap is made of.
+                    momentum forms part.
   prune             20% global magnitude pruning of the sgd phase's final weights,
                     output layer dense: open_lth's sparse_global Strategy.prune against
-                    lth_tf.masks.prune (global scope, output_rate 0).
-  rewind            each side rewound to its own W_k under its own mask, trained from
-                    step k to 200 again with plain SGD.
+                    lth_tf.masks.prune (global scope, output_rate 0), also told
+                    open_lth's count.
+  rewind            both rewound to their W_k under one mask (the one both rules give
+                    at open_lth's count), trained from step k to 200 again with plain
+                    SGD; rewind_own_masks: each side under its own mask.
+
+Along every run: max |dw| at a few steps, and the ReLUs (example, unit) that are on
+in one framework and off in the other at each step: where rounding differences
+stop being rounding differences. In each phase a control steps open_lth's model in
+torch with lth_tf's update arithmetic (v = -g * lr + v * m; w += v), which
+separates the update's form from the forward and backward passes' rounding.
 
 open_lth's side runs its own code: models.registry.get (mnist_lenet_300_100),
 training.train.train (its loop, its optimizer from training/optimizers.get_optimizer
@@ -38,8 +46,9 @@ set_masks and set_weights, train.compile_model (MaskedSGD), train_on_batch,
 train.reset_optimizer, masks.prune, train.evaluate.
 
 Writes benchmarks/results/cross_check_open_lth.json: per-layer max |dw| after each
-phase (and along the way), the first step's gradient difference, mask agreement,
-both test accuracies, and the momentum measurements.
+phase (and along the way), the ReLU disagreements, the first step's gradient
+difference, mask agreement, both test accuracies, the controls, and findings in
+words with their figures. Takes a few minutes on two cores.
 """
 
 import argparse
