@@ -32,8 +32,9 @@ a new mode is one more entry.
 """
 
 import dataclasses
+import math
 
-from lth_tf import files, paths, rounds, steps, train
+from lth_tf import files, masks, paths, rounds, steps, train
 from lth_tf.config import NON_IDENTITY_FIELDS, RunConfig
 
 # kind -> (how the masks are found, how each round starts)
@@ -173,12 +174,13 @@ def make_spec(
     k = _rewind_point(kind, rewind_step, experiment.config, experiment.schedule)
     if kind == "oneshot":
         used("rounds", "the iterative kinds (oneshot has one round per density)", num_rounds)
-        return Spec(kind, k, densities=_checked_densities(densities))
+        return Spec(kind, k, densities=_checked_densities(densities, experiment))
     used("densities", "--kind=oneshot", densities)
     if kind != "finetune":
         used("finetune_lr", "--kind=finetune", finetune_lr)
         used("finetune_steps", "--kind=finetune", finetune_steps)
     num_rounds = _branch_rounds(experiment.run_dir, num_rounds)
+    _check_keeps_weights(experiment, rounds.round_fraction(experiment.config), num_rounds)
     if kind == "finetune":
         lr, n = _finetune_settings(
             experiment.config, experiment.schedule, finetune_lr, finetune_steps
@@ -226,15 +228,41 @@ def _rewind_point(kind: str, rewind_step, config, schedule) -> int:
     return k
 
 
-def _checked_densities(densities) -> tuple:
+def _checked_densities(densities, experiment=None) -> tuple:
+    """oneshot's densities, each in (0, 1), none repeated, none that empties a layer.
+
+    With `experiment`, each density is checked against its model's layer sizes and
+    prune rates: pruning round 0 straight to density d removes 1 - d of the weights
+    at rate 1 (rate * (1 - d) of a layer at another rate), which must leave every
+    layer a weight (lth_tf.masks.emptied_layer).
+    """
     if not densities:
         raise BranchError("--kind=oneshot needs --densities, e.g. --densities=0.2,0.05,0.01.")
     for d in densities:
-        if not 0 < d < 1:
+        if not (isinstance(d, (int, float)) and math.isfinite(d) and 0 < d < 1):
             raise BranchError(f"--densities: {d} is not a density in (0, 1).")
     if len(set(densities)) != len(densities):
         raise BranchError(f"--densities: {list(densities)} repeats a density.")
+    if experiment is not None:
+        for d in densities:
+            _check_keeps_weights(experiment, 1.0 - d, 1, f"--densities: {d:g}", "a larger density")
     return tuple(float(d) for d in densities)
+
+
+def _check_keeps_weights(
+    experiment, fraction: float, num_rounds: int, asked=None, instead="fewer --rounds"
+) -> None:
+    """Refuses rounds that leave a layer of the run's model with no weight (masks.emptied_layer)."""
+    e = experiment
+    sizes = {n: e.initial_weights[f"{n}/kernel"].size for n in e.layers}
+    emptied = masks.emptied_layer(sizes, e.rates, fraction, num_rounds, e.config.prune_scope)
+    if emptied is not None:
+        name, r, size, rate = emptied
+        asked = asked or f"--rounds={num_rounds} (each pruning {100 * fraction:.3g}%)"
+        raise BranchError(
+            f"{asked} would leave layer {name} ({size:,} weights, prune rate {rate:g}) with no "
+            f"weight by round {r}: the network could only guess. Choose {instead}."
+        )
 
 
 def _branch_rounds(run_dir: str, num_rounds: int | None) -> int:
@@ -253,8 +281,10 @@ def _branch_rounds(run_dir: str, num_rounds: int | None) -> int:
 def _finetune_settings(config, schedule, finetune_lr, finetune_steps) -> tuple:
     """(constant rate, steps per round) of a finetune branch, defaults filled in."""
     lr = _final_lr(config, schedule) if finetune_lr is None else float(finetune_lr)
-    if not lr > 0:
-        raise BranchError(f"--finetune_lr={finetune_lr}: expected a positive learning rate.")
+    if not (math.isfinite(lr) and lr > 0):
+        raise BranchError(
+            f"--finetune_lr={finetune_lr}: expected a finite, positive learning rate, e.g. 1e-4."
+        )
     n = schedule.total - schedule.rewind
     if finetune_steps is not None:
         n = steps.to_steps(finetune_steps, schedule.steps_per_epoch, "finetune_steps")
