@@ -59,6 +59,7 @@ def call(name, *argv):
     for m in ENTRY_POINTS.values():
         m.define_flags()
     FLAGS.unparse_flags()
+    round_default = FLAGS["round"].default  # per entry point (flagdefs); restored below
     FLAGS.set_default("round", 0 if name == "stability" else None)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -71,6 +72,7 @@ def call(name, *argv):
             err.write(f"error: {e}\n")
         finally:
             FLAGS.unparse_flags()
+            FLAGS.set_default("round", round_default)
     return code or 0, err.getvalue()
 
 
