@@ -95,7 +95,7 @@ def run():
     flags.mark_flag_as_required("run_dir")
     flags.mark_flag_as_required("kind")
     logging.set_verbosity(logging.WARNING)
-    app.run(main)
+    app.run(main, flags_parser=flagdefs.parse_flags)
 
 
 if __name__ == "__main__":

@@ -203,6 +203,7 @@ def make_spec(
         used("finetune_lr", "--kind=finetune", finetune_lr)
         used("finetune_steps", "--kind=finetune", finetune_steps)
     num_rounds = _branch_rounds(experiment.run_dir, num_rounds)
+    _check_keeps_weights(experiment, rounds.round_fraction(experiment.config), num_rounds)
     if kind == "finetune":
         lr, n = _finetune_settings(
             experiment.config, experiment.schedule, finetune_lr, finetune_steps
@@ -233,6 +234,17 @@ def _oneshot_spec(experiment: rounds.Experiment, k: int, density: float) -> Spec
         raise BranchError(f"--densities: {e}") from None
     survivors = masks.imp_survivors(sizes, c.prune_fraction, n, c.prune_scope, experiment.rates)
     total = sum(sizes.values())
+    for group, alive in survivors.items():
+        # A group of several layers (the global pool) splits its survivors by magnitude:
+        # it counts as emptying a layer when even an even split leaves that layer none.
+        pool = sum(sizes[name] for name in group)
+        for name in group:
+            if sizes[name] * alive / pool < 1:
+                raise BranchError(
+                    f"--densities: {density:g} would leave layer {name} ({sizes[name]} "
+                    f"weights) with no weight at IMP's per-layer densities ({n:.2f} IMP rounds "
+                    f"at --prune_fraction={c.prune_fraction:g}). Ask for a larger density."
+                )
     # Enough decimals (of %) that two different numbers of survivors get two names.
     decimals = max(2, math.ceil(math.log10(total)) - 2)
     reached = sum(survivors.values()) / total
@@ -280,14 +292,31 @@ def _rewind_point(kind: str, rewind_step, config, schedule) -> int:
 
 
 def _checked_densities(densities) -> tuple:
+    """oneshot's densities, each in (0, 1), none repeated (layer sizes: `_oneshot_spec`)."""
     if not densities:
         raise BranchError("--kind=oneshot needs --densities, e.g. --densities=0.2,0.05,0.01.")
     for d in densities:
-        if not 0 < d < 1:
+        if not (isinstance(d, (int, float)) and math.isfinite(d) and 0 < d < 1):
             raise BranchError(f"--densities: {d} is not a density in (0, 1).")
     if len(set(densities)) != len(densities):
         raise BranchError(f"--densities: {list(densities)} repeats a density.")
     return tuple(float(d) for d in densities)
+
+
+def _check_keeps_weights(
+    experiment, fraction: float, num_rounds: int, asked=None, instead="fewer --rounds"
+) -> None:
+    """Refuses rounds that leave a layer of the run's model with no weight (masks.emptied_layer)."""
+    e = experiment
+    sizes = {n: e.initial_weights[f"{n}/kernel"].size for n in e.layers}
+    emptied = masks.emptied_layer(sizes, e.rates, fraction, num_rounds, e.config.prune_scope)
+    if emptied is not None:
+        name, r, size, rate = emptied
+        asked = asked or f"--rounds={num_rounds} (each pruning {100 * fraction:.3g}%)"
+        raise BranchError(
+            f"{asked} would leave layer {name} ({size:,} weights, prune rate {rate:g}) with no "
+            f"weight by round {r}: the network could only guess. Choose {instead}."
+        )
 
 
 def _branch_rounds(run_dir: str, num_rounds: int | None) -> int:
@@ -306,8 +335,10 @@ def _branch_rounds(run_dir: str, num_rounds: int | None) -> int:
 def _finetune_settings(config, schedule, finetune_lr, finetune_steps) -> tuple:
     """(constant rate, steps per round) of a finetune branch, defaults filled in."""
     lr = _final_lr(config, schedule) if finetune_lr is None else float(finetune_lr)
-    if not lr > 0:
-        raise BranchError(f"--finetune_lr={finetune_lr}: expected a positive learning rate.")
+    if not (math.isfinite(lr) and lr > 0):
+        raise BranchError(
+            f"--finetune_lr={finetune_lr}: expected a finite, positive learning rate, e.g. 1e-4."
+        )
     n = schedule.total - schedule.rewind
     if finetune_steps is not None:
         n = steps.to_steps(finetune_steps, schedule.steps_per_epoch, "finetune_steps")

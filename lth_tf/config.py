@@ -8,6 +8,7 @@ code never reads flags and never mutates a config.
 import dataclasses
 import hashlib
 import json
+import math
 
 from lth_tf import FORMAT_VERSION, presets, steps
 
@@ -197,11 +198,37 @@ def make_config(arch: str, **overrides) -> RunConfig:
     return RunConfig(arch=arch, **fields)
 
 
+# The float fields of a config: each must be a finite number (not a bool, a string,
+# inf or nan), whatever wrote it (a flag, a test, an edited config.json).
+_NUMBER_FIELDS = (
+    "lr",
+    "momentum",
+    "weight_decay",
+    "lr_gamma",
+    "output_rate",
+    "conv_rate",
+    "prune_fraction",
+    "target_density",
+)
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check(c: RunConfig) -> None:
     def fail(field, value, expected):
         raise ValueError(f"{field}: got {value!r}; expected {expected}.")
 
     presets.recipe(c.arch)  # unknown arch -> error listing the known ones
+    # Numbers first: a non-number (e.g. a string in an edited config.json) or an
+    # infinite or NaN rate is refused before any comparison uses it.
+    for field in _NUMBER_FIELDS:
+        value = getattr(c, field)
+        if value is None and field == "target_density":
+            continue
+        if not _finite_number(value):
+            fail(field, value, "a finite number")
     if not isinstance(c.batch_size, int) or c.batch_size <= 0:
         fail("batch_size", c.batch_size, "a positive integer (the global batch size)")
     if c.optimizer not in OPTIMIZERS:
@@ -214,19 +241,37 @@ def _check(c: RunConfig) -> None:
         fail("weight_decay", c.weight_decay, "a value >= 0")
     if not 0 < c.lr_gamma <= 1:
         fail("lr_gamma", c.lr_gamma, "a factor in (0, 1]")
-    if not 0 <= c.output_rate <= 1 / max(c.prune_fraction, 1e-12):
-        fail(
-            "output_rate",
-            c.output_rate,
-            "a multiplier >= 0 of the prune fraction (0 keeps it dense)",
+    if not isinstance(c.rounds, int) or isinstance(c.rounds, bool) or c.rounds < 0:
+        fail("rounds", c.rounds, "an integer >= 0 (0 trains the dense network only)")
+    if not 0 < c.prune_fraction < 1:
+        fail("prune_fraction", c.prune_fraction, "a fraction in (0, 1), e.g. 0.2")
+    if c.target_density is not None and not 0 < c.target_density <= 1:
+        fail("target_density", c.target_density, "a density in (0, 1], e.g. 0.3")
+    # A layer at rate r removes r * fraction of its weights each round: r * fraction >= 1
+    # would remove all of them (the fraction of a round is the prune fraction, or with a
+    # target density 1 - target_density ** (1 / rounds): lth_tf.rounds.round_fraction).
+    fraction = c.prune_fraction
+    what = f"prune_fraction={c.prune_fraction:g}"
+    if c.target_density is not None:
+        fraction = 1.0 - c.target_density ** (1.0 / max(c.rounds, 1))
+        what = (
+            f"each round's fraction {fraction:.4g} (target_density={c.target_density:g} in "
+            f"{max(c.rounds, 1)} round(s))"
         )
-    if not 0 <= c.conv_rate <= 1 / max(c.prune_fraction, 1e-12):
-        fail(
-            "conv_rate",
-            c.conv_rate,
-            "a multiplier >= 0 of the prune fraction with conv_rate * prune_fraction <= 1 "
-            "(0 keeps the conv layers dense, 0.5 prunes them at half rate)",
-        )
+    for field, role in (
+        ("output_rate", "0 keeps the output layer dense, 0.5 prunes it at half rate"),
+        ("conv_rate", "0 keeps the conv layers dense, 0.5 prunes them at half rate"),
+    ):
+        rate = getattr(c, field)
+        if not 0 <= rate * fraction < 1 or rate < 0:
+            fail(
+                field,
+                rate,
+                f"a multiplier >= 0 of the prune fraction with {field} * fraction < 1; with "
+                f"{what}, {rate:g} would prune {100 * min(rate * fraction, 1):.4g}% of the "
+                f"layer each round (a layer with no weight left). Use {field} < "
+                f"{1 / fraction:.4g} ({role})",
+            )
     if (
         not isinstance(c.validation_holdout, int)
         or isinstance(c.validation_holdout, bool)
@@ -249,14 +294,8 @@ def _check(c: RunConfig) -> None:
     spe = c.steps_per_execution
     if spe is not None and (not isinstance(spe, int) or isinstance(spe, bool) or spe < 1):
         fail("steps_per_execution", spe, "an integer >= 1 (or unset: automatic)")
-    if not isinstance(c.rounds, int) or c.rounds < 0:
-        fail("rounds", c.rounds, "an integer >= 0 (0 trains the dense network only)")
-    if not 0 < c.prune_fraction < 1:
-        fail("prune_fraction", c.prune_fraction, "a fraction in (0, 1), e.g. 0.2")
     if c.prune_scope not in PRUNE_SCOPES:
         fail("prune_scope", c.prune_scope, f"one of {', '.join(PRUNE_SCOPES)}")
-    if c.target_density is not None and not 0 < c.target_density <= 1:
-        fail("target_density", c.target_density, "a density in (0, 1], e.g. 0.3")
     for control in c.controls:
         if control not in CONTROLS:
             fail("controls", control, f"a comma-separated subset of {', '.join(CONTROLS)}")

@@ -72,7 +72,7 @@ def run():
     flagdefs.declare_key_flags(flagdefs.flag_names(flagdefs.define_export_flags))
     flags.mark_flag_as_required("run_dir")
     logging.set_verbosity(logging.WARNING)
-    app.run(main)
+    app.run(main, flags_parser=flagdefs.parse_flags)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,14 @@ Names, one per concept across entry points:
 
 import dataclasses
 import functools
+import math
 import sys
+import textwrap
 
 from absl import flags
 
 from lth_tf import config as config_lib
-from lth_tf import data, presets, steps
+from lth_tf import data, paths, presets, steps
 
 FLAGS = flags.FLAGS
 
@@ -202,6 +204,52 @@ def _duration_validator(name):
     return check
 
 
+def _finite_validator(name):
+    """Refuses inf and nan (absl's float flags parse both): no rate or fraction is infinite."""
+
+    def check(value):
+        if value is not None and not math.isfinite(value):
+            raise flags.ValidationError(
+                f"--{name}={value}: expected a finite number (inf and nan are not rates, "
+                "fractions or factors)."
+            )
+        return True
+
+    return check
+
+
+def _name_validator(name, instead):
+    """Refuses a path where a name is expected (lth_tf.paths.check_name)."""
+
+    def check(value):
+        if not value:  # unset, or --run_name= (the default name)
+            return True
+        try:
+            paths.check_name(value, f"--{name}", instead)
+        except ValueError as e:
+            raise flags.ValidationError(str(e)) from None
+        return True
+
+    return check
+
+
+def parse_flags(argv):
+    """absl's flag parsing for app.run(flags_parser=...): bad input exits with code 2.
+
+    absl's own parser exits with 1, the code of a failure; a value the user can
+    fix exits with 2, as every entry point's other refusals of bad input do.
+    """
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        message = str(e)
+        if "\n" in message:
+            message = "\n" + textwrap.indent(message, "  ")
+        sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
+        sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
+        sys.exit(2)
+
+
 def _dataset_validator(value):
     if value is None:
         return True
@@ -315,6 +363,8 @@ def define_train_flags() -> None:
     )
     for name in ("training_steps", "warmup", "eval_every", "lr_drops"):
         flags.register_validator(name, _duration_validator(name))
+    for name in ("lr", "momentum", "weight_decay", "lr_gamma"):
+        flags.register_validator(name, _finite_validator(name))
 
 
 @_idempotent
@@ -406,6 +456,8 @@ def define_prune_flags() -> None:
     )
     flags.register_validator("controls", _controls_validator)
     flags.register_validator("rewind_step", _duration_validator("rewind_step"))
+    for name in ("prune_fraction", "target_density", "output_rate", "conv_rate"):
+        flags.register_validator(name, _finite_validator(name))
 
 
 @_idempotent
@@ -431,7 +483,15 @@ def define_imp_flags() -> None:
         "run_name",
         None,
         "Run directory name under root_dir; default <arch>_<dataset>_<hash of the config>. "
-        "The other entry points take the result as --run_dir=<root_dir>/<run_name>.",
+        "The other entry points take the result as --run_dir=<root_dir>/<run_name>. A name, "
+        "not a path (no '/' or '..'): choose the place with --root_dir.",
+    )
+    flags.register_validator(
+        "run_name",
+        _name_validator(
+            "run_name",
+            "a directory name under --root_dir such as my_run (to write elsewhere, set --root_dir)",
+        ),
     )
     _define_checkpoint_seconds_flag()
     flags.DEFINE_boolean(
@@ -566,6 +626,13 @@ def _define_branch_flag() -> None:
         "A branch of the run written by lth_tf.branch, by its directory name under "
         "<run_dir>/branches/, e.g. rewind_100it (default: the run's own IMP rounds).",
     )
+    flags.register_validator(
+        "branch",
+        _name_validator(
+            "branch",
+            "the name of one of the run's branches (a directory under <run_dir>/branches/)",
+        ),
+    )
 
 
 def _densities_validator(value):
@@ -611,6 +678,7 @@ def define_branch_flags() -> None:
         None,
         "--kind=finetune: the constant learning rate (default: the schedule's last one).",
     )
+    flags.register_validator("finetune_lr", _finite_validator("finetune_lr"))
     flags.DEFINE_string(
         "finetune_steps",
         None,

@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags, logging
 
-from lth_tf import distribute, files, flagdefs, paths, reporting, rounds, rundir
+from lth_tf import distribute, files, flagdefs, masks, paths, reporting, rounds, rundir
 from lth_tf.callbacks import DivergedError, Interrupted, StopRequest
 from lth_tf.keras import keras, tf
 
@@ -22,11 +22,13 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments {argv[1:]}; every option is a --flag.")
+        raise app.UsageError(
+            f"Unexpected arguments {argv[1:]}; every option is a --flag.", exitcode=2
+        )
     try:
         config = flagdefs.config_from_flags()
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        raise app.UsageError(str(e), exitcode=2) from None
     replicates = replicate_configs(config, FLAGS.replicates)
     group = FLAGS.replicates > 1
     if FLAGS.run_name:
@@ -113,6 +115,7 @@ def _run_one(config, run_dir, strategy, log) -> int:
             log=log,
             rewind_points=[k for k in FLAGS.rewind_steps or () if k],
         )
+        check_keeps_weights(experiment)
         rundir.open_run_dir(config, my_dir)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -142,6 +145,35 @@ def _run_one(config, run_dir, strategy, log) -> int:
             return 2
         raise
     return 0
+
+
+def check_keeps_weights(experiment) -> None:
+    """Refuses a pruning protocol that leaves a layer with no weight (nothing written yet).
+
+    Checked against the model's own layer sizes, once it is built: e.g.
+    --target_density=1e-9 would prune every weight of LeNet and train to chance.
+
+    Raises:
+      ValueError: naming the layer, the round and what to change.
+    """
+    config = experiment.config
+    sizes = {n: experiment.initial_weights[f"{n}/kernel"].size for n in experiment.layers}
+    fraction = rounds.round_fraction(config)
+    emptied = masks.emptied_layer(
+        sizes, experiment.rates, fraction, config.rounds, config.prune_scope
+    )
+    if emptied is None:
+        return
+    name, r, size, rate = emptied
+    if config.target_density is not None:
+        asked = f"--target_density={config.target_density:g} in {config.rounds} round(s)"
+    else:
+        asked = f"--prune_fraction={config.prune_fraction:g} for {config.rounds} rounds"
+    raise ValueError(
+        f"{asked} would leave layer {name} ({size:,} weights, prune rate {rate:g}) with no "
+        f"weight by round {r}: the network could only guess. Choose a larger --target_density, "
+        "fewer --rounds or a smaller --prune_fraction (or a lower rate for that layer)."
+    )
 
 
 def _group_problem(out_dir: str, replicates: int) -> str | None:
@@ -193,7 +225,7 @@ def run():
     define_flags()
     flagdefs.declare_key_flags(flagdefs.IMP_KEY_FLAGS)
     logging.set_verbosity(logging.WARNING)
-    app.run(main)
+    app.run(main, flags_parser=flagdefs.parse_flags)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,48 @@ def layer_rates(kinds: dict, *, conv_rate: float = 1.0, output_rate: float = 1.0
     return {name: by_kind[kind] for name, kind in kinds.items()}
 
 
+def emptied_layer(
+    sizes: dict, rates: dict, fraction: float, rounds: int, scope: str = "global"
+) -> tuple | None:
+    """The first layer that `rounds` rounds of `prune` at `fraction` leave with no weight.
+
+    Counts only, no weights: a layer pruned on its own (rate != 1, or layerwise
+    scope) loses exactly round(rate * fraction * survivors) each round; the
+    rate-1 layers of the global scope share one pool, which loses
+    round(fraction * survivors). Which layer of the pool keeps its weights
+    depends on their magnitudes, so a pool layer counts as emptied when even an
+    even spread of the pool's survivors would leave it less than one weight.
+
+    Args:
+      sizes: {layer: number of kernel weights}.
+      rates: {layer: rate multiplier} (missing layers have rate 1).
+      fraction: each round's prune fraction.
+      rounds: how many rounds.
+      scope: 'global' or 'layerwise'.
+
+    Returns:
+      None when every layer keeps a weight, else (layer, round, size, rate).
+    """
+    alive = dict(sizes)
+    pool = [n for n in sizes if rates.get(n, 1.0) == 1 and scope == "global"]
+    total = sum(sizes[n] for n in pool)
+    pooled = total
+    for r in range(1, rounds + 1):
+        for name in sizes:
+            rate = rates.get(name, 1.0)
+            if name in pool or rate == 0:
+                continue
+            alive[name] -= _count(min(rate * fraction, 1.0), alive[name])
+            if alive[name] < 1:
+                return name, r, sizes[name], rate
+        if pool:
+            pooled -= _count(fraction, pooled)
+            for name in pool:
+                if sizes[name] * pooled / total < 1:
+                    return name, r, sizes[name], 1.0
+    return None
+
+
 def _count(fraction: float, surviving: int) -> int:
     return int(np.round(fraction * surviving))
 

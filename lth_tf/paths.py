@@ -27,6 +27,36 @@ ROUND_RE = re.compile(r"^round_(\d{2,})$")
 REPLICATE_RE = re.compile(r"^replicate_(\d+)$")
 
 
+def check_name(value, flag: str, instead: str) -> str:
+    """Returns `value` if it is a name (one directory entry), else raises.
+
+    Run names, branch names and stability series are names, not paths: they
+    stay under their run or root. Refused: '', '.', '..', anything with a path
+    separator ('/', '\\') or a control character (an absolute path contains '/').
+
+    Args:
+      value: what was received.
+      flag: how the user gave it, e.g. '--run_name'.
+      instead: what to pass instead, e.g. 'a directory name under --root_dir such as my_run'.
+
+    Raises:
+      ValueError: saying what was received and what to pass instead.
+    """
+    bad = (
+        not isinstance(value, str)
+        or value in ("", ".", "..")
+        or any(c in value for c in "/\\")
+        or any(ord(c) < 32 for c in value)
+    )
+    if bad:
+        raise ValueError(
+            f"{flag}={value!r} is not a name: it must be one directory name (no '/', '\\', "
+            f"'..' or absolute path), so that nothing is written outside its directory. "
+            f"Pass {instead}."
+        )
+    return value
+
+
 def join(*parts) -> str:
     # os.path.join keeps 'gs://bucket/...' intact.
     return os.path.join(*[str(p) for p in parts])
@@ -53,7 +83,7 @@ def config_file(run_dir):
 
 def round_dir(run_dir, round_index: int, branch: str | None = None):
     name = f"round_{round_index:02d}"
-    return join(run_dir, "branches", branch, name) if branch else join(run_dir, name)
+    return join(branch_dir(run_dir, branch), name) if branch else join(run_dir, name)
 
 
 def masks_file(rdir):
@@ -76,7 +106,7 @@ def rewind_file(rdir, step: int):
 
 def branch_dir(run_dir, branch: str):
     """A branch of a run: a control, or one of lth_tf.branch (its rounds are round_dir's)."""
-    return join(run_dir, "branches", branch)
+    return join(run_dir, "branches", check_name(branch, "branch", "a branch name"))
 
 
 def branch_file(run_dir, branch: str):
@@ -143,7 +173,9 @@ def export_report_file(run_dir, round_index: int):
 def stability_dir(run_dir, round_index: int, series: str | None = None):
     """stability/round_NN of the run's IMP subnetworks; stability/<series>/round_NN of others."""
     name = f"round_{round_index:02d}"
-    return join(run_dir, "stability", series, name) if series else join(run_dir, "stability", name)
+    if series:
+        return join(run_dir, "stability", check_name(series, "series", "a series name"), name)
+    return join(run_dir, "stability", name)
 
 
 def stability_point_dir(run_dir, round_index: int, step: int, series: str | None = None):

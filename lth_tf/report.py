@@ -50,7 +50,7 @@ def run():
     define_flags()
     flagdefs.declare_key_flags(flagdefs.flag_names(flagdefs.define_report_flags))
     flags.mark_flag_as_required("run_dir")
-    app.run(main)
+    app.run(main, flags_parser=flagdefs.parse_flags)
 
 
 if __name__ == "__main__":

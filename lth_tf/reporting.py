@@ -634,10 +634,13 @@ def write_report(run_dir: str, extra_sections=(), out: str | None = None) -> str
       The accuracy table: accuracy_table() for a run, aggregate_table() for a group.
 
     Raises:
-      RunDirError: run_dir is neither a run nor a replicate group.
+      RunDirError: run_dir is neither a run nor a replicate group, or `out` (other than
+        run_dir) is another run or group or lies inside a run (check_out).
     """
     group = read_group(run_dir)
     out = out or run_dir
+    if _split(out) != _split(run_dir):
+        check_out(out)
     if group["replicates"] == [run_dir]:
         results = group["results"][0]
         text = accuracy_table(results)
@@ -722,6 +725,41 @@ def _inside(path: str, run_dirs) -> bool:
     return any(p[: len(q)] == q for q in map(_split, run_dirs))
 
 
+def _holds_runs(directory: str) -> bool:
+    """Whether directory is a run (config.json) or a replicate group (replicate_N/config.json)."""
+    if files.exists(paths.config_file(directory)):
+        return True
+    try:
+        rundir.replicate_dirs(directory)
+    except rundir.RunDirError:
+        return False
+    return True
+
+
+def check_out(out: str) -> None:
+    """Refuses an --out that is a run or a replicate group, or lies inside a run.
+
+    A report written there would overwrite that run's (or group's) report.md,
+    report.json and plot. A comparison's output directory (report.md but no
+    config.json) may be written again.
+
+    Raises:
+      RunDirError: saying which run it would write into and what to pass instead.
+    """
+    parts = _split(out)
+    first = 3 if "://" in out else 2  # never the file system's root or a bucket alone
+    for i in range(len(parts), first - 1, -1):
+        directory = "/".join(parts[:i])
+        if _holds_runs(directory):
+            where = "is" if i == len(parts) else "lies inside"
+            raise rundir.RunDirError(
+                f"--out={out} {where} the run or replicate group {directory}: the report would "
+                "overwrite its own. Choose a directory outside every run (or leave --out out: "
+                "a run's report goes into the run, a comparison's into a comparison_<hash> "
+                "directory next to the runs)."
+            )
+
+
 def default_comparison_dir(run_dirs: list) -> str:
     """comparison_<hash8 of the run paths> in the deepest directory holding every run.
 
@@ -754,9 +792,11 @@ def write_comparison(run_dirs: list, out: str | None = None) -> tuple:
       (the output directory, the table).
 
     Raises:
-      RunDirError: an input is not a run or group, or out lies inside one of them.
+      RunDirError: an input is not a run or group, or out lies inside one of them, or a
+        given out is another run or group or lies inside a run (check_out).
     """
     groups = [read_group(d) for d in run_dirs]
+    given = out
     out = out or default_comparison_dir(run_dirs)
     if _inside(out, run_dirs):
         raise rundir.RunDirError(
@@ -764,6 +804,8 @@ def write_comparison(run_dirs: list, out: str | None = None) -> tuple:
             "Choose a directory outside them (or leave --out out for a comparison_<hash> "
             "directory next to them)."
         )
+    if given:
+        check_out(given)
     labels = comparison_labels([g["config"] for g in groups], list(run_dirs))
     text = aggregate_table(
         [(label, g["aggregate"]) for label, g in zip(labels, groups, strict=True)]

@@ -21,7 +21,7 @@ import sys
 
 from absl import app, flags, logging
 
-from lth_tf import distribute, files, flagdefs, linear_mode, paths, reporting, steps
+from lth_tf import distribute, files, flagdefs, linear_mode, paths, reporting, rundir, steps
 from lth_tf.callbacks import Interrupted, StopRequest
 
 
@@ -30,6 +30,8 @@ def main(argv):
     f = flags.FLAGS
     try:
         run_dir = flagdefs.one_run_dir(f.run_dir)
+        if f.branch is not None:
+            check_branch(run_dir, f.branch)
         strategy = distribute.get_strategy(f.strategy, num_gpus=f.num_gpus, tpu=f.tpu)
         StopRequest.install()  # again: a multi-worker strategy took SIGTERM over
         chief = distribute.is_chief(strategy)
@@ -76,6 +78,23 @@ def main(argv):
     return 0
 
 
+def check_branch(run_dir: str, branch: str) -> None:
+    """Refuses a --branch that is not a name, or not one of the run's branches.
+
+    Raises:
+      ValueError: saying what was received and listing the run's branches.
+    """
+    paths.check_name(branch, "--branch", "the name of one of the run's branches")
+    rundir.config_json(run_dir)  # not a run: say so, not "no such branch"
+    known = rundir.branches(run_dir)
+    if branch not in known:
+        raise ValueError(
+            f"--branch={branch}: {run_dir} has no such branch (no "
+            f"{paths.branch_dir(run_dir, branch)}). Its branches: {', '.join(known) or 'none'}. "
+            "Pass one of them, or make the branch with `python -m lth_tf.branch` first."
+        )
+
+
 def define_flags() -> None:
     """Defines this entry point's flags (lth_tf/flagdefs.py; idempotent)."""
     flagdefs.define_stability_flags()
@@ -87,7 +106,7 @@ def run():
     flags.mark_flag_as_required("run_dir")
     logging.set_verbosity(logging.WARNING)
     StopRequest.install()
-    app.run(main)
+    app.run(main, flags_parser=flagdefs.parse_flags)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Dataset names (`--dataset`):
                    out the last N training images (5,000 for Conv-2/4/6, as in
                    the 2019 paper)
   imagenet2012     ImageNet from TensorFlow Datasets (streaming pipeline)
-  npz:PATH         a user's .npz with x_train, y_train, x_test, y_test
+  npz:PATH         a user's .npz with x_train, y_train, x_test, y_test (and
+                   optionally num_classes; arrays.load_npz says what is refused)
   synthetic        random images of the architecture's natural input shape;
   synthetic:HxWxC:N  or of an explicit shape and class count (benchmarks)
 

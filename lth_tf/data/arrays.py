@@ -324,6 +324,39 @@ def _as_nhwc(x: np.ndarray, what: str, path: str) -> np.ndarray:
     return x
 
 
+def _num_classes(arrays: dict, path: str) -> int:
+    """The number of classes of an npz dataset: declared, or read from dense labels.
+
+    A `num_classes` entry (an integer scalar) declares it: every label must lie in
+    0..num_classes-1 (classes without a training example are allowed). Without it
+    the labels must be dense: the classes are 0..max(y_train) and each of them has
+    a training example, so that a stray label (200000 among 10 classes) cannot
+    build a 200001-class model.
+    """
+    if "num_classes" in arrays:
+        declared = arrays["num_classes"]
+        if declared.shape != () or not np.issubdtype(declared.dtype, np.integer) or declared < 2:
+            raise ValueError(
+                f"{path}: num_classes is {declared!r}; expected one integer >= 2 (the number "
+                "of classes; labels run 0..num_classes-1)."
+            )
+        return int(declared)
+    y = arrays["y_train"]
+    top = int(y.max())
+    if top < 1:
+        raise ValueError(f"{path}: y_train has a single class ({top}); need at least 2.")
+    present = np.unique(y)
+    if len(present) != top + 1:
+        missing = top + 1 - len(present)
+        raise ValueError(
+            f"{path}: y_train's labels run up to {top} but {missing:,} of the classes "
+            f"0..{top} have no training example ({len(present)} distinct labels): labels "
+            "must be dense. Renumber the classes 0..K-1, or declare the number of classes "
+            "with a num_classes entry (np.savez(..., num_classes=K))."
+        )
+    return top + 1
+
+
 def bundled_mnist_path() -> str:
     """The path of the MNIST .npz shipped inside the package (lth_tf/data_files)."""
     return str(importlib.resources.files("lth_tf") / "data_files" / "mnist.npz")
@@ -332,6 +365,11 @@ def bundled_mnist_path() -> str:
 @functools.lru_cache(maxsize=4)
 def load_npz(path: str, expected_sha256: str | None = None, validation_holdout: int = 0) -> Arrays:
     """Reads an .npz with x_train, y_train, x_test, y_test (uint8 images, integer labels).
+
+    Optionally num_classes (an integer scalar); without it the labels must be
+    dense (`_num_classes`). Every value that cannot make sense is refused here,
+    before a run directory is written: images of 0 pixels, an empty split, labels
+    outside 0..num_classes-1 or of a non-integer dtype.
 
     The last `validation_holdout` training examples (0: the default, see
     `split_validation`) are held out for validation.
@@ -366,25 +404,39 @@ def load_npz(path: str, expected_sha256: str | None = None, validation_holdout: 
     for key, x in (("x_train", x_train), ("x_test", x_test)):
         if x.dtype != np.uint8:
             raise ValueError(f"{path}: {key} has dtype {x.dtype}; expected uint8 pixels 0..255.")
+        if min(x.shape[1:]) < 1:
+            raise ValueError(
+                f"{path}: {key} has shape {x.shape}: images of {'x'.join(map(str, x.shape[1:]))} "
+                "pixels hold nothing; expected images of at least 1x1 pixel and 1 channel."
+            )
     if x_train.shape[1:] != x_test.shape[1:]:
         raise ValueError(
             f"{path}: x_train images are {x_train.shape[1:]} but x_test images are {x_test.shape[1:]}."
         )
-    labels = {}
+    if len(x_train) < 20:
+        raise ValueError(f"{path}: only {len(x_train)} training examples; need at least 20.")
+    if len(x_test) == 0:
+        raise ValueError(f"{path}: x_test holds no image; the test split needs at least one.")
     for key, n in (("y_train", len(x_train)), ("y_test", len(x_test))):
         y = arrays[key]
         if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
             raise ValueError(
                 f"{path}: {key} has shape {y.shape} and dtype {y.dtype}; expected {n} integer labels."
             )
-        if len(y) and y.min() < 0:
+        if y.min() < 0:
             raise ValueError(f"{path}: {key} has negative labels; expected 0..num_classes-1.")
+    num_classes = _num_classes(arrays, path)
+    labels = {}
+    for key in ("y_train", "y_test"):
+        y = arrays[key]
+        top = int(y.max())  # a Python int: exact for uint64 labels >= 2**63
+        if top >= num_classes:
+            raise ValueError(
+                f"{path}: {key} has the label {top}, outside 0..{num_classes - 1} "
+                f"({num_classes} classes). Fix the labels, or declare the number of classes "
+                "with a num_classes entry in the file."
+            )
         labels[key] = y.astype(np.int64)
-    num_classes = int(max(labels["y_train"].max(), labels["y_test"].max())) + 1
-    if num_classes < 2:
-        raise ValueError(f"{path}: labels have {num_classes} class; need at least 2.")
-    if len(x_train) < 20:
-        raise ValueError(f"{path}: only {len(x_train)} training examples; need at least 20.")
     return split_validation(
         x_train, labels["y_train"], x_test, labels["y_test"], num_classes, validation_holdout
     )
