@@ -64,7 +64,8 @@ def main(argv):
             finetune_lr=FLAGS.finetune_lr,
             finetune_steps=FLAGS.finetune_steps,
         )
-        branching.Branch(experiment, spec).run()
+        branch = branching.Branch(experiment, spec)  # its name: an older lth_tf's, if so
+        branch.run()
     except (ValueError, FileNotFoundError) as e:  # BranchError, RunDirError, CorruptRunError...
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -76,7 +77,7 @@ def main(argv):
         return 3
     if chief:
         print(reporting.write_report(run_dir))
-        print(f"\nBranch {spec.name}: {paths.branch_dir(run_dir, spec.name)}")
+        print(f"\nBranch {branch.name}: {paths.branch_dir(run_dir, branch.name)}")
     return 0
 
 
