@@ -13,7 +13,7 @@ import uuid
 
 import numpy as np
 
-from lth_tf import schemas
+from lth_tf import paths, schemas
 from lth_tf.keras import tf
 
 
@@ -185,16 +185,32 @@ def read_npz(path: str) -> dict:
         with np.load(io.BytesIO(blob), allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except Exception as e:
-        raise DamagedFileError(path, f"cannot be read ({type(e).__name__}: {e})") from e
+        raise DamagedFileError(
+            path, f"cannot be read ({type(e).__name__}: {e})", advice=_weights_advice(path)
+        ) from e
     stored = arrays.pop(_CHECKSUM_KEY, None)
     if stored is None:
-        raise DamagedFileError(path, "has no checksum: it was not written by lth_tf")
+        raise DamagedFileError(
+            path, "has no checksum: it was not written by lth_tf", advice=_weights_advice(path)
+        )
     if stored.tobytes().decode() != _checksum(arrays):
-        raise DamagedFileError(path, "fails its sha256 checksum")
+        raise DamagedFileError(path, "fails its sha256 checksum", advice=_weights_advice(path))
     for key, value in arrays.items():
         if _non_finite(value):
             raise NonFiniteError(path, key, _non_finite(value), written=True)
     return arrays
+
+
+def _weights_advice(path: str) -> str:
+    # W_k (rewind.npz) is what every pruned round rewinds to: recomputing it would mean
+    # retraining round 0, and the finished rounds would no longer follow from it.
+    if os.path.basename(path) == os.path.basename(paths.checkpoint_file("", "rewind")):
+        return (
+            "nothing was changed. It cannot be recomputed in place (every pruned round rewinds "
+            "to it): put back a good copy (e.g. from a copy of the run), or start a new run "
+            "(another --run_name or --root_dir)."
+        )
+    return _RECOMPUTE
 
 
 def _non_finite(value) -> int:
@@ -243,7 +259,7 @@ class NonFiniteError(DamagedFileError):
     def __init__(self, path: str, array: str, count: int, written: bool):
         what = f"array {array!r} holds {count} NaN or infinite value(s)"
         if written:
-            super().__init__(path, what)
+            super().__init__(path, what, advice=_weights_advice(path))
         else:
             super().__init__(
                 path,

@@ -240,7 +240,7 @@ EXPORT = Schema(
         "layers": OBJECT,
         "density_prunable": NUMBER,
         "eval_split": STR,
-        "eval_examples": INT,
+        "eval_examples": optional(INT),
         "signatures": list_of(STR),
         "raw_ratio_sparse_over_dense": NUMBER,
     },
