@@ -163,10 +163,10 @@ SUMMARY = Schema(
         "round": INT,
         "density": NUMBER,
         "test_accuracy": NUMBER,
-        "best_validation_accuracy": optional(NUMBER),
-        "best_validation_step": optional(INT),
     },
     optional={
+        "best_validation_accuracy": optional(NUMBER),
+        "best_validation_step": optional(INT),
         "start_step": INT,
         "branch": STR,
         "end_step": INT,
