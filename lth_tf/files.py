@@ -1,7 +1,10 @@
 """Crash-safe reads and writes: temporary name, then rename into place.
 
 A reader never sees half a file: a file either has its final content or does
-not exist. Errors on read name the file and say what to do.
+not exist. Nor one changed since it was written: weight files (npz) carry a
+sha256 of their arrays and must hold finite values; the JSON files later steps
+trust carry a sha256 per field and must fit their schema (lth_tf.schemas).
+Errors on read name the file (and the field or array) and say what to do.
 """
 
 import errno
@@ -142,11 +145,16 @@ def _verify_fields(path: str, obj: dict) -> None:
         if key not in obj:
             raise EditedFileError(path, key, f"field {key!r} was removed")
         if key not in stored:
-            raise EditedFileError(path, key, f"field {key!r} was added ({obj[key]!r})")
+            raise EditedFileError(path, key, f"field {key!r} was added ({_short(obj[key])})")
         if stored[key] != _digest(obj[key]):
             raise EditedFileError(
-                path, key, f"field {key!r} was changed (it now reads {obj[key]!r})"
+                path, key, f"field {key!r} was changed (it now reads {_short(obj[key])})"
             )
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _checksum(arrays: dict) -> str:
@@ -174,7 +182,8 @@ def read_npz(path: str) -> dict:
 
     Raises:
       FileNotFoundError: the file does not exist.
-      DamagedFileError: the file is truncated, corrupted or not ours.
+      DamagedFileError: the file is truncated, corrupted or not ours, or holds NaN
+        or infinite values (NonFiniteError, naming the array).
     """
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
