@@ -65,8 +65,11 @@ def main(argv):
             finetune_lr=FLAGS.finetune_lr,
             finetune_steps=FLAGS.finetune_steps,
         )
-        for spec in specs:
-            branching.Branch(experiment, spec).run()
+        branches = [
+            branching.Branch(experiment, spec) for spec in specs
+        ]  # names: an older lth_tf's, if so
+        for b in branches:
+            b.run()
     except (ValueError, FileNotFoundError) as e:  # BranchError, RunDirError, CorruptRunError...
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -78,8 +81,8 @@ def main(argv):
         return 3
     if chief:
         print(reporting.write_report(run_dir))
-        for spec in specs:
-            print(f"\nBranch {spec.name}: {paths.branch_dir(run_dir, spec.name)}")
+        for b in branches:
+            print(f"\nBranch {b.name}: {paths.branch_dir(run_dir, b.name)}")
     return 0
 
 

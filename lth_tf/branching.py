@@ -40,8 +40,11 @@ a new mode is one more entry.
 import dataclasses
 import math
 
+import numpy as np
+
 from lth_tf import files, masks, paths, rounds, steps, train
 from lth_tf.config import NON_IDENTITY_FIELDS, RunConfig
+from lth_tf.keras import tf
 
 # kind -> (how the masks are found, how each round starts)
 KINDS = {
@@ -79,12 +82,24 @@ class Spec:
 
     @property
     def name(self) -> str:
-        """Its directory under <run>/branches/ and its label in reports."""
+        """Its directory under <run>/branches/ and its label in reports.
+
+        Distinct parameters give distinct names: the learning rate is written in
+        full (its shortest exact decimal), as e.g. 0.0001 where that is exact.
+        """
         if self.kind == "finetune":
-            return f"finetune_lr{self.finetune_lr:g}_{self.finetune_steps}it"
+            return f"finetune_lr{_exact(self.finetune_lr)}_{self.finetune_steps}it"
         if self.kind == "oneshot":
             return f"oneshot_{self.rewind_step}it_d{100 * self.reached:.{self.decimals}f}"
         return f"{self.kind}_{self.rewind_step}it"
+
+    @property
+    def legacy_name(self) -> str | None:
+        """The name an older lth_tf gave this branch, where it differs (6 significant digits)."""
+        if self.kind == "finetune":
+            old = f"finetune_lr{self.finetune_lr:g}_{self.finetune_steps}it"
+            return old if old != self.name else None
+        return None
 
     def description(self) -> dict:
         """branch.json: what the branch is (rounds are not part of it: they extend)."""
@@ -103,6 +118,20 @@ class Spec:
             if self.kind == "oneshot"
             else {}
         )
+
+
+def _exact(x: float) -> str:
+    """x as the shortest decimal that reads back as x ('1e-05', '0.0001', '0.123456789')."""
+    short = f"{x:g}"  # the names of older lth_tf: kept wherever they are exact
+    return short if float(short) == x else repr(float(x))
+
+
+def _same_description(key, ours, theirs) -> bool:
+    if key == "finetune_lr" and None not in (ours, theirs):
+        # The rate trains as a float32: an older lth_tf recorded the default rate
+        # (the schedule's last) at float32's full precision.
+        return np.float32(ours) == np.float32(theirs)
+    return ours == theirs
 
 
 def check_shares_round_0(config: RunConfig, requested: dict) -> None:
@@ -152,7 +181,10 @@ def _normalise(key, value):
 
 
 def _final_lr(config: RunConfig, schedule: train.Schedule) -> float:
-    return float(train.lr_schedule(config, schedule)(schedule.total - 1).numpy())
+    lr = train.lr_schedule(config, schedule)(schedule.total - 1)
+    # A float32 rate, as its shortest decimal (0.0012, not 0.0012000000569969416): the
+    # same float32, and a readable branch name.
+    return float(str(np.float32(lr.numpy())))
 
 
 def make_spec(
@@ -397,7 +429,7 @@ class Branch:
     def __init__(self, experiment: rounds.Experiment, spec: Spec):
         self.experiment = experiment
         self.spec = spec
-        self.name = spec.name
+        self.name = self._resolve_name()
         self.masks_rule, self.retraining = KINDS[spec.kind]
         self._trainer = None
 
@@ -440,28 +472,50 @@ class Branch:
         extra = self._trainer.trained if self._trainer is not None else []
         return list(self.experiment.trained) + list(extra)
 
+    def _resolve_name(self) -> str:
+        """spec.name, or the older name of this very branch where an older lth_tf made it."""
+        run_dir, legacy = self.experiment.run_dir, self.spec.legacy_name
+        if legacy is None or tf.io.gfile.isdir(paths.branch_dir(run_dir, self.spec.name)):
+            return self.spec.name
+        path = paths.branch_file(run_dir, legacy)
+        if files.exists(path) and not self._differences(files.read_json(path), legacy):
+            return legacy
+        return self.spec.name
+
+    def _differences(self, described: dict, name: str) -> dict:
+        """{field: (described, asked)} where branch.json describes another branch than spec."""
+        mine = {**self.spec.description(), "name": name}
+        # One-shot: another density asked for, or IMP's rounds a hair apart, with the same
+        # survivors (the name) is the same branch: the first description stays.
+        asked = {"densities", "imp_rounds"} if self.spec.kind == "oneshot" else set()
+        return {
+            k: (described.get(k), mine.get(k))
+            for k in sorted(set(described) | set(mine))
+            if k not in asked and not _same_description(k, mine.get(k), described.get(k))
+        }
+
     def _described(self) -> dict:
         path = paths.branch_file(self.experiment.run_dir, self.name)
         return files.read_json(path) if files.exists(path) else {}
 
     def _write_description(self) -> None:
         described = self._described()
-        mine = self.spec.description()
+        mine = {**self.spec.description(), "name": self.name}
         if described:
-            # One-shot: another density asked for, or IMP's rounds a hair apart, with the
-            # same survivors (the name) is the same branch: the first description stays.
-            asked = ("densities", "imp_rounds") if self.spec.kind == "oneshot" else ()
-            differs = {
-                k
-                for k in set(described) | set(mine)
-                if k not in asked and described.get(k) != mine.get(k)
-            }
+            differs = self._differences(described, self.name)
             if differs:
-                raise BranchError(
-                    f"{paths.branch_file(self.experiment.run_dir, self.name)} describes another "
-                    f"branch ({', '.join(sorted(differs))} differ): the directory was changed by "
-                    "hand. Delete it to recompute the branch."
+                path = paths.branch_file(self.experiment.run_dir, self.name)
+                details = "; ".join(
+                    f"{k}: the file has {a!r}, this branch {b!r}" for k, (a, b) in differs.items()
                 )
+                raise BranchError(
+                    f"{path} describes another branch than the one asked for ({details}). "
+                    "Nothing was changed: the rounds beside it were trained as that file says "
+                    "and are kept. If the file was edited by hand, restore its values; to train "
+                    "the branch asked for, its directory must not hold another branch."
+                )
+            if "finetune_lr" in described:  # the same float32 rate: the file stays as it is
+                mine["finetune_lr"] = described["finetune_lr"]
         if self.experiment.write and not described:
             files.write_json(paths.branch_file(self.experiment.run_dir, self.name), mine)
 

@@ -1,7 +1,10 @@
 """Crash-safe reads and writes: temporary name, then rename into place.
 
 A reader never sees half a file: a file either has its final content or does
-not exist. Errors on read name the file and say what to do.
+not exist. Nor one changed since it was written: weight files (npz) carry a
+sha256 of their arrays and must hold finite values; the JSON files later steps
+trust carry a sha256 per field and must fit their schema (lth_tf.schemas).
+Errors on read name the file (and the field or array) and say what to do.
 """
 
 import errno
@@ -13,6 +16,7 @@ import uuid
 
 import numpy as np
 
+from lth_tf import paths, schemas
 from lth_tf.keras import tf
 
 
@@ -56,6 +60,12 @@ def exists(path: str) -> bool:
 
 
 def write_json(path: str, obj) -> None:
+    """Writes obj as JSON; a file later steps trust (lth_tf.schemas) gets per-field sha256s.
+
+    The digests let read_json refuse a file edited by hand, naming the field.
+    """
+    if isinstance(obj, dict) and schemas.for_path(path) is not None:
+        obj = {**obj, _CHECKSUM_KEY: _field_digests(obj)}
     _atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
@@ -67,15 +77,84 @@ def write_bytes(path: str, data: bytes) -> None:
     _atomic_write(path, data)
 
 
-def read_json(path: str):
+def read_json(path: str, schema=None):
+    """Reads a JSON file; one that later steps trust is verified and checked.
+
+    A file whose name has a schema (lth_tf.schemas) must not have been edited
+    since lth_tf wrote it (its per-field sha256s; files written before they
+    existed have none and are only checked) and must fit the schema. The
+    digests are not part of what is returned.
+
+    Args:
+      path: the file.
+      schema: a lth_tf.schemas.Schema to check instead of the file name's.
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+      DamagedFileError: the file is truncated or not JSON, was edited by hand
+        (EditedFileError), or misses a field or has one of the wrong type; the
+        message names the file and the field.
+    """
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
-            return json.loads(f.read())
-    except json.JSONDecodeError as e:
-        raise DamagedFileError(path, f"is not valid JSON ({e})") from e
+            blob = f.read()
+    except tf.errors.NotFoundError:
+        raise FileNotFoundError(f"{path} does not exist.") from None
+    try:
+        obj = json.loads(blob)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        advice = _RECOMPUTE if schemas.recomputable(path) else _RESTORE_ONLY
+        raise DamagedFileError(path, f"is not valid JSON ({e})", advice=advice) from e
+    schema = schema or schemas.for_path(path)
+    if schema is None:
+        return obj
+    if isinstance(obj, dict) and _CHECKSUM_KEY in obj:
+        _verify_fields(path, obj)
+    check_schema(path, obj, schema)
+    return obj
+
+
+def check_schema(path: str, obj, schema) -> None:
+    """Raises DamagedFileError naming path and the field where obj does not fit schema."""
+    try:
+        schema.check(obj)
+    except schemas.SchemaError as e:
+        raise DamagedFileError(path, f"does not fit its format: {e}", advice=_RESTORE) from e
 
 
 _CHECKSUM_KEY = "__sha256__"
+
+
+def _digest(value) -> str:
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _field_digests(obj: dict) -> dict:
+    # Through a JSON round trip, so that what is hashed is what a reader will load.
+    loaded = json.loads(json.dumps(obj))
+    return {key: _digest(value) for key, value in loaded.items()}
+
+
+def _verify_fields(path: str, obj: dict) -> None:
+    """Pops the digests from obj; raises EditedFileError naming a field edited since written."""
+    stored = obj.pop(_CHECKSUM_KEY)
+    if not isinstance(stored, dict):
+        raise EditedFileError(path, _CHECKSUM_KEY, f"its {_CHECKSUM_KEY!r} field was changed")
+    for key in sorted(set(stored) | set(obj)):
+        if key not in obj:
+            raise EditedFileError(path, key, f"field {key!r} was removed")
+        if key not in stored:
+            raise EditedFileError(path, key, f"field {key!r} was added ({_short(obj[key])})")
+        if stored[key] != _digest(obj[key]):
+            raise EditedFileError(
+                path, key, f"field {key!r} was changed (it now reads {_short(obj[key])})"
+            )
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _checksum(arrays: dict) -> str:
@@ -89,6 +168,9 @@ def _checksum(arrays: dict) -> str:
 
 def write_npz(path: str, arrays: dict, compress: bool = True) -> None:
     """Writes arrays with a sha256 of their contents; `compress=False` for float weights."""
+    for key, value in arrays.items():
+        if _non_finite(value):
+            raise NonFiniteError(path, key, _non_finite(value), written=False)
     buffer = io.BytesIO()
     payload = {**arrays, _CHECKSUM_KEY: np.frombuffer(_checksum(arrays).encode(), np.uint8)}
     (np.savez_compressed if compress else np.savez)(buffer, **payload)
@@ -100,7 +182,8 @@ def read_npz(path: str) -> dict:
 
     Raises:
       FileNotFoundError: the file does not exist.
-      DamagedFileError: the file is truncated, corrupted or not ours.
+      DamagedFileError: the file is truncated, corrupted or not ours, or holds NaN
+        or infinite values (NonFiniteError, naming the array).
     """
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
@@ -111,24 +194,89 @@ def read_npz(path: str) -> dict:
         with np.load(io.BytesIO(blob), allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except Exception as e:
-        raise DamagedFileError(path, f"cannot be read ({type(e).__name__}: {e})") from e
+        raise DamagedFileError(
+            path, f"cannot be read ({type(e).__name__}: {e})", advice=_weights_advice(path)
+        ) from e
     stored = arrays.pop(_CHECKSUM_KEY, None)
     if stored is None:
-        raise DamagedFileError(path, "has no checksum: it was not written by lth_tf")
+        raise DamagedFileError(
+            path, "has no checksum: it was not written by lth_tf", advice=_weights_advice(path)
+        )
     if stored.tobytes().decode() != _checksum(arrays):
-        raise DamagedFileError(path, "fails its sha256 checksum")
+        raise DamagedFileError(path, "fails its sha256 checksum", advice=_weights_advice(path))
+    for key, value in arrays.items():
+        if _non_finite(value):
+            raise NonFiniteError(path, key, _non_finite(value), written=True)
     return arrays
 
 
-class DamagedFileError(ValueError):
-    """A run's file is truncated or corrupted."""
-
-    def __init__(self, path: str, what: str):
-        super().__init__(
-            f"{path} {what}; the file is damaged. Delete it (and, for a round's file, that "
-            "round's summary.json) and rerun the same command to recompute it."
+def _weights_advice(path: str) -> str:
+    # W_k (rewind.npz) is what every pruned round rewinds to: recomputing it would mean
+    # retraining round 0, and the finished rounds would no longer follow from it.
+    if os.path.basename(path) == os.path.basename(paths.checkpoint_file("", "rewind")):
+        return (
+            "nothing was changed. It cannot be recomputed in place (every pruned round rewinds "
+            "to it): put back a good copy (e.g. from a copy of the run), or start a new run "
+            "(another --run_name or --root_dir)."
         )
+    return _RECOMPUTE
+
+
+def _non_finite(value) -> int:
+    """How many NaN or infinite entries a float array has (0 for other arrays)."""
+    value = np.asarray(value)
+    if value.dtype.kind not in "fc":
+        return 0
+    return int(value.size - np.count_nonzero(np.isfinite(value)))
+
+
+_RECOMPUTE = (
+    "the file is damaged. Delete it (and, for a round's file, that round's summary.json) and "
+    "rerun the same command to recompute it."
+)
+_RESTORE = (
+    "nothing was changed. lth_tf does not use a file changed by hand: the results beside it "
+    "were computed from what it wrote. Restore the file from a copy of the run (or undo the "
+    "edit); for other settings start a new run (another --run_name or --root_dir)."
+)
+
+_RESTORE_ONLY = (
+    "the file is damaged and lth_tf cannot recompute it (it holds what the run was made "
+    "with). Nothing was changed. Restore it from a copy of the run."
+)
+
+
+class DamagedFileError(ValueError):
+    """A run's file is truncated, corrupted or edited by hand."""
+
+    def __init__(self, path: str, what: str, advice: str = _RECOMPUTE):
+        super().__init__(f"{path} {what}; {advice}")
         self.path = path
+
+
+class EditedFileError(DamagedFileError):
+    """A JSON file lth_tf wrote whose content no longer matches its sha256s; `field` names where."""
+
+    def __init__(self, path: str, field: str, what: str):
+        super().__init__(path, f"was edited after lth_tf wrote it: {what}", advice=_RESTORE)
+        self.field = field
+
+
+class NonFiniteError(DamagedFileError):
+    """Weights with NaN or infinite values: refused on write and on read, naming the array."""
+
+    def __init__(self, path: str, array: str, count: int, written: bool):
+        what = f"array {array!r} holds {count} NaN or infinite value(s)"
+        if written:
+            super().__init__(path, what, advice=_weights_advice(path))
+        else:
+            super().__init__(
+                path,
+                f"was not written: {what}",
+                advice="the training produced them (it diverged: lower --lr, or add --warmup). "
+                "Nothing was written.",
+            )
+        self.array = array
 
 
 def read_jsonl(path: str) -> list:

@@ -145,7 +145,7 @@ def accuracy_table(results: dict) -> str:
         cells = [str(r), f"{100 * s['density']:.2f}", _pct(s["test_accuracy"])]
         cells += [_pct(s.get("test_accuracy_at_early_stopping"))] if at_es else []
         cells += [
-            f"{_pct(s['best_validation_accuracy'])} ({s['best_validation_step']})",
+            f"{_pct(s.get('best_validation_accuracy'))} ({s.get('best_validation_step')})",
             str(s.get("early_stopping_step")),
         ]
         for b in branches:

@@ -261,8 +261,19 @@ class Experiment:
         return weights
 
     def rewind_weights(self) -> dict:
-        path = paths.checkpoint_file(paths.round_dir(self.run_dir, 0), "rewind")
+        r0 = paths.round_dir(self.run_dir, 0)
+        path = paths.checkpoint_file(r0, "rewind")
         if not files.exists(path):
+            if files.exists(paths.summary_file(r0)):
+                raise CorruptRunError(
+                    f"{path} is missing, although round 0 is finished "
+                    f"({paths.summary_file(r0)}): W_k, the weights every pruned round rewinds "
+                    "to, was deleted or moved. Nothing was changed, and every finished round is "
+                    "kept. Put the file back (e.g. from a copy of the run) and rerun the same "
+                    "command. It cannot be recomputed in place: round 0 would have to train "
+                    "again, and the finished rounds would no longer follow from it; for a fresh "
+                    "run use another --run_name or --root_dir."
+                )
             raise FileNotFoundError(f"{path} is missing: round 0 must finish before pruning.")
         if getattr(self, "_rewind_cache", (None,))[0] != path:
             self._rewind_cache = (path, files.read_npz(path))  # read once per process
@@ -420,7 +431,10 @@ class Experiment:
                 )
         elif self.write:
             files.write_npz(masks_path, rd.start.masks)
-            files.write_json(paths.sparsity_file(rd.rdir), masks.report(rd.start.masks))
+        # Also after a stop between the two files: sparsity.json follows from the masks.
+        sparsity_path = paths.sparsity_file(rd.rdir)
+        if self.write and not files.exists(sparsity_path):
+            files.write_json(sparsity_path, masks.report(rd.start.masks))
 
     def _restore_or_start(self, rd: _Round, checkpointer) -> int:
         """Puts the model at the round's start, or at its last checkpoint; returns the step."""

@@ -6,9 +6,10 @@ The layout itself (every file name) is lth_tf/paths.py.
 """
 
 import dataclasses
+import json
 import re
 
-from lth_tf import files, paths
+from lth_tf import FORMAT_VERSION, files, paths, schemas
 from lth_tf.config import NON_IDENTITY_FIELDS, RECORDED_FIELDS, RunConfig
 from lth_tf.keras import tf
 
@@ -35,16 +36,18 @@ def open_run_dir(config: RunConfig, run_dir: str, write: bool = True) -> None:
     Raises:
       RunDirError: if run_dir is a file, or holds a run with a different config
         (nothing in it is touched).
+      DamagedFileError: its config.json is truncated, was edited by hand, or misses a
+        field or has one of the wrong type (the message names the file and the field).
     """
     if files.exists(run_dir) and not tf.io.gfile.isdir(run_dir):
         raise RunDirError(f"{run_dir} is a file, not a directory. Choose another --root_dir.")
     path = paths.config_file(run_dir)
     if files.exists(path):
-        with tf.io.gfile.GFile(path) as f:
-            text = f.read()
         try:
-            existing = RunConfig.from_json(text)
-        except (ValueError, TypeError) as e:
+            existing = _read_config(path)
+        except files.DamagedFileError:
+            raise  # names the file and the field, and says what to do
+        except ValueError as e:
             raise RunDirError(f"{run_dir} holds a run this lth_tf cannot continue: {e}") from e
         diff = existing.differences(config)
         if diff:
@@ -64,7 +67,26 @@ def open_run_dir(config: RunConfig, run_dir: str, write: bool = True) -> None:
         )
     if write:
         tf.io.gfile.makedirs(run_dir)
-        files.write_text(path, config.to_json())
+        files.write_json(path, json.loads(config.to_json()))
+
+
+def _read_config(path: str) -> RunConfig:
+    """config.json, verified (lth_tf.files.read_json) and checked against RunConfig's fields.
+
+    Raises:
+      DamagedFileError: the file is truncated, edited by hand, misses a field or has
+        one of the wrong type (the message names the file and the field).
+      ValueError: the values do not make a valid config (another format version, a
+        value out of range).
+    """
+    d = files.read_json(path)  # verified; the types of the fields present checked
+    # Another format version is refused by from_json, with what to do about it.
+    if d.get("format_version") == FORMAT_VERSION:
+        files.check_schema(path, d, schemas.config_schema())
+    try:
+        return RunConfig.from_json(json.dumps(d))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def _require_run(run_dir: str) -> str:
@@ -82,9 +104,11 @@ def load_config(run_dir: str) -> RunConfig:
 
     Raises:
       RunDirError: run_dir has no config.json (it is not a run).
+      DamagedFileError: config.json is truncated, edited by hand, or misses a field
+        or has one of the wrong type (lth_tf.files.read_json).
+      ValueError: its values do not make a valid config.
     """
-    with tf.io.gfile.GFile(_require_run(run_dir)) as f:
-        return RunConfig.from_json(f.read())
+    return _read_config(_require_run(run_dir))
 
 
 def config_json(run_dir: str) -> dict:
@@ -92,6 +116,8 @@ def config_json(run_dir: str) -> dict:
 
     Raises:
       RunDirError: run_dir has no config.json (it is not a run).
+      DamagedFileError: config.json is truncated, was edited by hand, or has a known
+        field of the wrong type.
     """
     return files.read_json(_require_run(run_dir))
 

@@ -2,6 +2,8 @@
 share a run's round 0 — IMP at other rewind points, learning-rate rewinding, fine-tuning,
 one-shot pruning — and the stability of their subnetworks and of the controls."""
 
+import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -199,6 +201,85 @@ def test_finetune_defaults_to_the_schedules_last_rate_and_the_rewinding_budget(b
     spec = branching.make_spec(e, "finetune", num_rounds=1)
     assert spec.finetune_lr == pytest.approx(base["config"].lr)  # LeNet: a constant Adam rate
     assert spec.finetune_steps == 40 - K
+    assert spec.name == f"finetune_lr{base['config'].lr:g}_{40 - K}it"  # the float32 rate, short
+
+
+# ---- branch names ----------------------------------------------------------------------------
+
+
+def test_finetune_rates_equal_to_6_significant_digits_get_their_own_branches(base):
+    a = branching.Spec("finetune", 0, rounds=1, finetune_lr=0.0123456, finetune_steps=10)
+    b = dataclasses.replace(a, finetune_lr=0.01234564)
+    assert (a.name, b.name) == ("finetune_lr0.0123456_10it", "finetune_lr0.01234564_10it")
+    first, _ = _branch(base, "finetune", finetune_lr=0.0123456, finetune_steps="10it", num_rounds=1)
+    second, _ = _branch(
+        base, "finetune", finetune_lr=0.01234564, finetune_steps="10it", num_rounds=1
+    )  # not refused: another branch, beside the first
+    assert second.trained == [(second.name, 1)]
+    for branch, lr in ((first, 0.0123456), (second, 0.01234564)):
+        assert files.read_json(paths.branch_file(base["run_dir"], branch.name))["finetune_lr"] == lr
+
+
+def _copy_of(base, name):
+    import shutil
+
+    copy = dict(base, run_dir=str(base["tmp"].mktemp(name) / "run"))
+    shutil.copytree(base["run_dir"], copy["run_dir"])
+    return copy
+
+
+def test_a_branch_named_by_an_older_lth_tf_still_resolves(base):
+    copy = _copy_of(base, "legacy")
+    lr = 0.0123456789  # older names: 6 significant digits
+    b, summaries = _branch(copy, "finetune", finetune_lr=lr, finetune_steps="10it", num_rounds=1)
+    assert b.name == "finetune_lr0.0123456789_10it"
+    legacy = "finetune_lr0.0123457_10it"
+    os.rename(paths.branch_dir(copy["run_dir"], b.name), paths.branch_dir(copy["run_dir"], legacy))
+    described = files.read_json(paths.branch_file(copy["run_dir"], legacy))
+    with open(paths.branch_file(copy["run_dir"], legacy), "w") as f:  # as the older one wrote it
+        json.dump({**described, "name": legacy}, f)
+    again, resumed = _branch(copy, "finetune", finetune_lr=lr, finetune_steps="10it", num_rounds=1)
+    assert again.name == legacy and again.trained == []  # found, nothing retrained
+    assert resumed == summaries
+    # Another rate that the older name would have shared gets its own branch.
+    other = branching.Branch(
+        _experiment(copy),
+        branching.make_spec(
+            _experiment(copy),
+            "finetune",
+            finetune_lr=0.01234567,
+            finetune_steps="10it",
+            num_rounds=1,
+        ),
+    )
+    assert other.name == "finetune_lr0.01234567_10it"
+
+
+def test_a_branch_directory_holding_another_branch_is_kept_and_the_advice_says_so(base):
+    copy = _copy_of(base, "other")
+    e = _experiment(copy)
+    spec = branching.make_spec(e, "rewind", rewind_step=f"{OTHER_K}it", num_rounds=1)
+    files.write_json(
+        paths.branch_file(copy["run_dir"], spec.name),
+        {**spec.description(), "retraining": "lr_rewind"},
+    )
+    before = _tree(paths.branch_dir(copy["run_dir"], spec.name))
+    with pytest.raises(branching.BranchError) as info:
+        branching.Branch(e, spec).run()
+    message = str(info.value)
+    assert paths.branch_file(copy["run_dir"], spec.name) in message
+    assert "retraining: the file has 'lr_rewind', this branch 'weight_rewind'" in message
+    assert "Nothing was changed" in message and "Delete" not in message
+    assert _tree(paths.branch_dir(copy["run_dir"], spec.name)) == before
+
+
+def _tree(directory) -> dict:
+    out = {}
+    for dirpath, _, names in os.walk(directory):
+        for name in names:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                out[os.path.join(dirpath, name)] = f.read()
+    return out
 
 
 # ---- one-shot --------------------------------------------------------------------------------
@@ -438,3 +519,13 @@ def test_every_rewind_point_is_recorded_off_the_automatic_execution_grid(tiny_co
     # ... and recording them left the trajectory unchanged.
     e.run()
     assert _same(_npz(r0, "final"), _npz(paths.round_dir(reference, 0), "final"))
+    # They hold W_k: what k steps of training from W_0 give (the reference run, which did
+    # not record them, trains the dense network 0..k for them).
+    recorded = {k: files.read_npz(paths.rewind_file(r0, k)) for k in (5, 15)}
+    for k in (5, 15):
+        trained = e.dense_weights_at(k)
+        assert e.trained[-1] == ("dense_to_k", k)
+        assert set(recorded[k]) == set(trained)
+        for key in trained:
+            np.testing.assert_allclose(recorded[k][key], trained[key], rtol=1e-5, atol=1e-6)
+    assert not _same(recorded[5], _npz(r0, "start")) and not _same(recorded[5], recorded[15])

@@ -34,7 +34,13 @@ def test_make_config_fills_the_recipe_and_keeps_overrides():
 
 def test_every_recipe_builds_a_valid_config():
     for arch in presets.RECIPES:
-        config_lib.make_config(arch)
+        c = config_lib.make_config(arch)
+        assert c.arch == arch
+        for field, value in presets.recipe(arch).items():  # the recipe, field by field
+            expected = tuple(value) if isinstance(value, list) else value
+            assert getattr(c, field) == expected, (arch, field)
+        # Valid: it survives its own JSON round trip (which checks every field again).
+        assert config_lib.RunConfig.from_json(c.to_json()) == c
 
 
 def test_unknown_arch_lists_the_known_ones():

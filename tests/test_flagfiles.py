@@ -126,7 +126,7 @@ def test_a_run_dir_accepts_another_steps_per_execution(tiny_config, tmp_path, fi
     rundir.open_run_dir(tiny_config(steps_per_execution=first), run_dir)
     rundir.open_run_dir(tiny_config(steps_per_execution=then, jit_compile=True), run_dir)
     # config.json keeps the values of the invocation that created the run.
-    saved = config_lib.RunConfig.from_json(Path(paths.config_file(run_dir)).read_text())
+    saved = rundir.load_config(run_dir)
     assert saved.steps_per_execution == first
 
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from lth_tf.keras import keras, tf, tfmot
+from lth_tf import sparsity
+from lth_tf.keras import keras, tf
 from lth_tf.models import ARCHITECTURES, OUTPUT_LAYER, build_model
 
 NUM_CLASSES = 5
@@ -285,13 +286,14 @@ def test_mixed_precision_output_stays_float32():
         model = build_model("conv2", (8, 8, 3), NUM_CLASSES)
         assert model.get_layer("conv1").compute_dtype == "float16"
         assert model.output.dtype == tf.float32
-        # The float32 output layer keeps float32 inside a tfmot wrapper only if the
-        # wrapper gets the layer's policy; with the global mixed policy its mask
-        # multiply mixes float16 and float32 and fails.
-        pruned = keras.models.clone_model(
-            model,
-            clone_function=lambda layer: _wrap_prunable(layer, dtype=layer.dtype_policy),
-        )
+        # The float32 output layer keeps float32 inside lth_tf's pruning wrapper only if
+        # the wrapper gets the layer's policy; with the global mixed policy its masked
+        # kernel would mix float16 and float32 and fail.
+        pruned = sparsity.wrap(model)
+        wrappers = sparsity.wrappers(pruned)
+        assert type(wrappers[OUTPUT_LAYER]) is sparsity.MaskedLayer
+        assert wrappers[OUTPUT_LAYER].compute_dtype == "float32"
+        assert wrappers["conv1"].compute_dtype == "float16"
         assert pruned(np.ones((1, 8, 8, 3), "float32")).dtype == tf.float32
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -328,24 +330,12 @@ def test_bad_arguments_say_what_was_received(arch, kwargs, received):
         )
 
 
-def _wrap_prunable(layer, **wrapper_kwargs):
-    # A fresh copy of every layer, so the pruned model shares no variables with
-    # the original; the seeded initialisers make the copies' weights identical.
-    fresh = layer.__class__.from_config(layer.get_config())
-    if isinstance(layer, keras.layers.Conv2D | keras.layers.Dense):
-        return tfmot.sparsity.keras.prune_low_magnitude(fresh, **wrapper_kwargs)
-    return fresh
-
-
 @pytest.mark.parametrize("arch", ["lenet_300_100", "conv2", "resnet20"])
-def test_tfmot_prune_and_strip_round_trip(small_models, arch):
+def test_lth_tf_wrap_and_strip_round_trip(small_models, arch):
     model = small_models[arch]
-    pruned = keras.models.clone_model(model, clone_function=_wrap_prunable)
+    pruned = sparsity.wrap(model)  # lth_tf's wrapper (MaskedLayer), as every run uses
     wrapped = [
-        layer.layer.name
-        for layer in pruned.layers
-        # tfmot does not export its wrapper class.
-        if type(layer).__name__ == "PruneLowMagnitude"
+        layer.layer.name for layer in pruned.layers if isinstance(layer, sparsity.MaskedLayer)
     ]
     prunable = [
         layer.name
@@ -354,9 +344,10 @@ def test_tfmot_prune_and_strip_round_trip(small_models, arch):
     ]
     assert wrapped == prunable
     x = np.ones((2, *SMALL_SHAPES[arch]), "float32")
-    assert pruned(x, training=False).shape == (2, NUM_CLASSES)
+    # All-ones masks: the wrapped model is the model.
+    np.testing.assert_allclose(pruned(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
 
-    stripped = tfmot.sparsity.keras.strip_pruning(pruned)
+    stripped = sparsity.strip(pruned)
     assert [layer.name for layer in stripped.layers] == [layer.name for layer in model.layers]
     assert [type(layer) for layer in stripped.layers] == [type(layer) for layer in model.layers]
     for a, b in zip(model.weights, stripped.weights, strict=True):

@@ -58,13 +58,17 @@ def _snapshot(root) -> dict:
 
 
 def _results(run_dir) -> dict:
-    """Masks and summaries (minus wall time) of every round and branch."""
+    """Masks, per-layer densities and summaries (minus wall time) of every round and branch."""
     out = {}
     for dirpath, _, names in os.walk(run_dir):
         rel = os.path.relpath(dirpath, run_dir)
         if "masks.npz" in names:
             for k, v in files.read_npz(os.path.join(dirpath, "masks.npz")).items():
                 out[f"{rel}/{k}"] = v.tobytes()
+            # Every round with masks has its sparsity.json (the report's per-layer rows).
+            out[f"{rel}/sparsity"] = json.dumps(
+                files.read_json(os.path.join(dirpath, "sparsity.json")), sort_keys=True
+            )
         if "summary.json" in names:
             s = files.read_json(os.path.join(dirpath, "summary.json"))
             s.pop("wall_seconds")
@@ -87,19 +91,27 @@ def test_killed_at_every_kind_of_write_and_rerun_ends_as_an_uninterrupted_run(fi
     moments = [
         "round_00/checkpoints/rewind.npz",
         "round_01/masks.npz",
+        "round_01/sparsity.json",  # killed between masks.npz and sparsity.json
         "round_01/checkpoints/final.npz",
         "round_02/summary.json",
         "branches/random_prune/round_02/masks.npz",
     ]
+    planted = {}
     for moment in moments:
         killed = _imp(tmp_path, env={"LTH_TF_FAILPOINT": f"kill:{moment}"})
         assert killed.returncode == 137, (moment, killed.stderr[-2000:])
         assert not os.path.exists(tmp_path / "r" / moment)
+        # A kill in the middle of a write leaves the temporary file half written.
+        tmp = tmp_path / "r" / f"{moment}.tmp-0badf00d"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(b"half a file")
+        planted[os.path.relpath(tmp, tmp_path)] = hashlib.sha256(b"half a file").hexdigest()
     final = _imp(tmp_path)
     assert final.returncode == 0, final.stderr[-3000:]
     assert _results(tmp_path / "r") == _results(finished / "r")
-    leftovers = [p for p in _snapshot(tmp_path) if ".tmp-" in p]
-    assert leftovers == [] or all("tmp-" in p for p in leftovers)  # never read by lth_tf
+    # The half-written temporary files were never read, nor touched, and no others are left.
+    leftovers = {p: h for p, h in _snapshot(tmp_path).items() if ".tmp-" in p}
+    assert leftovers == planted
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -264,8 +276,8 @@ def test_a_run_from_another_format_version_is_refused(finished, tmp_path):
     import shutil
 
     shutil.copytree(finished / "r", tmp_path / "r")
-    config = tmp_path / "r" / "config.json"
-    config.write_text(config.read_text().replace('"format_version": 1', '"format_version": 0'))
+    config = str(tmp_path / "r" / "config.json")
+    files.write_json(config, {**files.read_json(config), "format_version": 0})  # as lth_tf 0 wrote
     before = _snapshot(tmp_path)
     result = _imp(tmp_path)
     assert result.returncode == 2 and "format version 0" in result.stderr
@@ -287,3 +299,57 @@ def test_divergence_stops_with_the_loss_and_step_and_keeps_other_runs(finished, 
     assert not (tmp_path / "r" / "round_00" / "summary.json").exists()
     assert not (tmp_path / "r" / "round_00" / "ckpt").exists()  # no checkpoint of NaN weights
     assert _snapshot(finished) == before
+
+
+def _copy(finished, tmp_path):
+    import shutil
+
+    shutil.copytree(finished / "r", tmp_path / "r")
+    return tmp_path / "r"
+
+
+def test_a_hand_edited_config_json_is_refused_and_the_run_kept(finished, tmp_path):
+    run_dir = _copy(finished, tmp_path)
+    config = run_dir / "config.json"
+    config.write_text(config.read_text().replace('"prune_fraction": 0.2', '"prune_fraction": 0.5'))
+    before = _snapshot(tmp_path)
+    result = _imp(tmp_path, "--prune_fraction=0.5", "--rounds=3")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert str(config) in result.stderr and "'prune_fraction' was changed" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "which", ["round_02/checkpoints/final.npz", "round_00/checkpoints/rewind.npz"]
+)
+def test_non_finite_weights_with_a_valid_checksum_are_refused(finished, tmp_path, which):
+    # final.npz: the next round's masks would silently drop the weight; rewind.npz: the NaN
+    # would travel into every later round.
+    run_dir = _copy(finished, tmp_path)
+    target = str(run_dir / which)
+    weights = files.read_npz(target)
+    weights["fc1/kernel"][3, 7] = np.nan
+    payload = {**weights, "__sha256__": np.frombuffer(files._checksum(weights).encode(), np.uint8)}
+    with open(target, "wb") as f:
+        np.savez(f, **payload)
+    before = _snapshot(tmp_path)
+    result = _imp(tmp_path, "--rounds=3")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert target in result.stderr and "'fc1/kernel' holds 1 NaN" in result.stderr
+    if "rewind" in which:  # W_k cannot be recomputed: the advice is not to delete it
+        assert "put back a good copy" in result.stderr and "Delete" not in result.stderr
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_finished_run_whose_rewind_npz_was_deleted_says_so(finished, tmp_path):
+    run_dir = _copy(finished, tmp_path)
+    rewind = run_dir / "round_00" / "checkpoints" / "rewind.npz"
+    os.remove(rewind)
+    before = _snapshot(tmp_path)
+    result = _imp(tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"{rewind} is missing, although round 0 is finished" in result.stderr
+    assert "must finish before pruning" not in result.stderr
+    assert "Put the file back" in result.stderr and "Delete" not in result.stderr
+    assert _snapshot(tmp_path) == before

@@ -305,3 +305,27 @@ def test_set_weights_rejects_wrong_keys_and_shapes():
         sparsity.set_weights(model, {**changed, "fc/bias": np.zeros(7, np.float32)})
     after = sparsity.get_weights(model)
     assert all(np.array_equal(weights[k], after[k]) for k in weights)
+
+
+def test_masked_sgd_masks_an_indexed_slices_gradient_of_a_masked_kernel():
+    # A masked kernel's gradient may come as IndexedSlices (e.g. from tf.gather of its
+    # rows); MaskedSGD must take its masked dense update, not Keras' unmasked sparse one.
+    rows = tf.constant([0, 5, 9], tf.int64)
+    updated = {}
+    for kind in ("sparse", "dense"):
+        model = sparsity.wrap(_base_model())
+        m = _random_masks(model)
+        sparsity.set_masks(model, m)
+        optimizer = sparsity.MaskedSGD(0.05, momentum=0.9)
+        optimizer.take_masks(model)
+        kernel = sparsity.wrappers(model)["fc"].layer.kernel
+        values = tf.ones((3, kernel.shape[1]), kernel.dtype)
+        gradient = tf.IndexedSlices(values, rows, tf.constant(kernel.shape, tf.int64))
+        if kind == "dense":
+            gradient = tf.convert_to_tensor(gradient)
+        for _ in range(2):  # the second step also reads the momentum of the first
+            optimizer.apply_gradients([(gradient, kernel)])
+        after = kernel.numpy()
+        assert np.all(after[m["fc"] == 0] == 0), kind  # pruned weights stay exactly zero
+        updated[kind] = after
+    np.testing.assert_array_equal(updated["sparse"], updated["dense"])
