@@ -1,0 +1,200 @@
+"""Contracts of ImageNet input sharding (`input_shards=V`): each host reads its files only.
+
+On a tfds-built fake ImageNet of 32 training JPEGs in 8 files (4 records each),
+with V = 4 virtual shards of 2 files: hosts are input pipelines of
+`tf.distribute.InputContext` (what `distribute_datasets_from_function` gives each
+worker), H = 1, 2 or 4 of them. The global batch of every step, the union of the
+hosts' per-replica batches in host then replica order, must be the one-pipeline
+batch of that step, at step 0, at step k and after resuming at step k; a host
+must open only its own files, at most 1/H of the records plus one file.
+"""
+
+import collections
+import io
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from conftest import _add_to_tar, _jpeg
+
+from lth_tf.data import imagenet
+from lth_tf.keras import tf
+
+SYNSETS = ("n01440764", "n01443537", "n01484850", "n01491361")  # Labels 0-3.
+PER_CLASS = 8
+NUM_FILES = 8
+NUM_TRAIN = len(SYNSETS) * PER_CLASS  # 32
+SHARDS = 4
+BATCH = 8  # 2 records of each shard per step; 4 steps per epoch
+SIZE = 16
+SEED = 5
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A tfds preparation of a fake ImageNet whose training split is 8 files."""
+    import tensorflow_datasets as tfds
+
+    root = tmp_path_factory.mktemp("tfds_sharded")
+    manual_dir = root / "downloads" / "manual"
+    manual_dir.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    with tarfile.open(manual_dir / "ILSVRC2012_img_train.tar", "w") as outer:
+        for synset in SYNSETS:
+            inner_bytes = io.BytesIO()
+            with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
+                for i in range(PER_CLASS):
+                    height, width = rng.integers(20, 40, size=2)
+                    _add_to_tar(inner, f"{synset}_{i}.JPEG", _jpeg(rng, height, width))
+            _add_to_tar(outer, f"{synset}.tar", inner_bytes.getvalue())
+    with tarfile.open(manual_dir / "ILSVRC2012_img_val.tar", "w") as tar:
+        for i in range(1, NUM_FILES + 1):  # tfds needs an example per file
+            _add_to_tar(tar, f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg(rng, 24, 30))
+    builder = tfds.builder("imagenet2012", data_dir=os.fspath(root))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, num_shards=NUM_FILES)
+    )
+    return os.fspath(root)
+
+
+@pytest.fixture(scope="module")
+def data(data_dir):
+    return imagenet.ImageNetData(data_dir, image_size=SIZE, input_shards=SHARDS)
+
+
+def _context(hosts, host, replicas):
+    return tf.distribute.InputContext(
+        num_input_pipelines=hosts, input_pipeline_id=host, num_replicas_in_sync=replicas
+    )
+
+
+def _take(ds, n):
+    return [(x.numpy(), y.numpy()) for x, y in ds.take(n)]
+
+
+@pytest.fixture(scope="module")
+def reference(data):
+    """The one-pipeline batches of steps 0-9 (two and a half epochs)."""
+    return _take(data.train(BATCH, SEED), 10)
+
+
+def test_the_fake_imagenet_has_the_layout_the_tests_assume(data):
+    assert data.steps_per_epoch(BATCH) == NUM_TRAIN // BATCH == 4
+    shards = imagenet.virtual_shards(
+        imagenet.require_prepared("imagenet2012", data.data_dir), "train", SHARDS
+    )
+    assert [[n for _, n in files] for files in shards] == [[4, 4]] * SHARDS
+
+
+def test_an_epoch_is_every_record_once_and_epochs_differ(data, reference, monkeypatch):
+    # Images replaced by a hash of their JPEG bytes: the ids of the records read.
+    def record_id(image_bytes, seed, image_size, dtype):
+        bucket = tf.strings.to_hash_bucket_fast(image_bytes, 1 << 20)
+        return tf.fill([image_size, image_size, 3], tf.cast(bucket, dtype))
+
+    monkeypatch.setattr(imagenet, "decode_and_random_crop", record_id)
+    ids = [x[:, 0, 0, 0] for x, _ in _take(data.train(BATCH, SEED), 8)]
+    first, second = np.concatenate(ids[:4]), np.concatenate(ids[4:])
+    assert len(set(first)) == NUM_TRAIN  # 4 steps of 8 distinct records: the split
+    assert set(first) == set(second) and list(first) != list(second)  # reshuffled
+    # Augmentation is seeded by the example's global index: two epochs differ.
+    assert not np.array_equal(reference[0][0], reference[4][0])
+
+
+@pytest.mark.parametrize("hosts,replicas", [(1, 1), (2, 2), (4, 4), (2, 4), (1, 2)])
+@pytest.mark.parametrize("start", [0, 3, 6])
+def test_global_batches_do_not_depend_on_the_number_of_hosts(
+    data, reference, hosts, replicas, start
+):
+    steps = 3  # from 3: crosses an epoch boundary; from 6: resumed inside epoch 1
+    local = replicas // hosts
+    shares = [
+        _take(data.train(BATCH, SEED, start, _context(hosts, h, replicas)), steps * local)
+        for h in range(hosts)
+    ]
+    for s in range(steps):
+        # Host order, then each host's replicas in turn: the global batch.
+        parts = [shares[h][s * local + r] for h in range(hosts) for r in range(local)]
+        assert all(len(y) == BATCH // replicas for _, y in parts)
+        x, y = reference[start + s]
+        np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), y)
+        np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), x)
+
+
+def test_another_data_seed_gives_another_order(data, reference):
+    other = _take(data.train(BATCH, SEED + 1), 1)
+    assert not np.array_equal(other[0][0], reference[0][0])
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Counts the records read from each training file by the pipelines built after it."""
+    counts = collections.Counter()
+    read_file = imagenet.record_file_dataset
+
+    def count(path, record):
+        counts[path.decode()] += 1
+        return record
+
+    def counting(path):
+        return read_file(path).map(
+            lambda record: tf.numpy_function(count, [path, record], tf.string, stateful=True)
+        )
+
+    monkeypatch.setattr(imagenet, "record_file_dataset", counting)
+    return counts
+
+
+@pytest.mark.parametrize("hosts", [1, 2, 4])
+def test_each_host_reads_only_its_own_files(data, reads, hosts):
+    builder = imagenet.require_prepared("imagenet2012", data.data_dir)
+    files = [os.fspath(p) for p in builder.info.splits["train"].filepaths]
+    lengths = builder.info.splits["train"].shard_lengths
+    epochs = 2
+    opened = []
+    for h in range(hosts):
+        reads.clear()
+        ds = data.train(BATCH, SEED, 0, _context(hosts, h, hosts))
+        assert len(_take(ds, epochs * data.steps_per_epoch(BATCH))) == 8
+        opened.append(set(reads))
+        # Its files: 1/H of the records, plus at most one file when H does not
+        # divide the number of files (here it does).
+        mine = files[h * NUM_FILES // hosts : (h + 1) * NUM_FILES // hosts]
+        assert opened[h] == set(mine)
+        assert sum(lengths[files.index(f)] for f in mine) <= NUM_TRAIN / hosts + max(lengths)
+        # Each epoch reads the host's files once; reading ahead may start the next.
+        share = NUM_TRAIN // hosts
+        assert epochs * share <= sum(reads.values()) <= (epochs + 1) * share
+    # Together the hosts read every file, each file on one host only.
+    assert sorted(f for o in opened for f in o) == sorted(files)
+
+
+def test_resuming_skips_records_without_reading_other_files(data, reads):
+    # Resumed at step 6 (epoch 1, step 2) on host 1 of 2: only host 1's files are
+    # read, and the skipped records of epoch 1 are read, not decoded.
+    _take(data.train(BATCH, SEED, 6, _context(2, 1, 2)), 1)
+    builder = imagenet.require_prepared("imagenet2012", data.data_dir)
+    files = [os.fspath(p) for p in builder.info.splits["train"].filepaths]
+    assert set(reads) <= set(files[4:])
+
+
+@pytest.mark.parametrize(
+    "shards,hosts,match",
+    [
+        (3, 1, "--batch_size=8 is not divisible by --input_shards=3"),
+        (4, 3, "cannot be split evenly over 3 hosts"),
+        (16, 1, "has 8 files and every virtual shard needs at least one"),
+    ],
+)
+def test_shardings_that_cannot_work_are_refused(data_dir, shards, hosts, match):
+    with pytest.raises(ValueError, match=match):
+        data = imagenet.ImageNetData(data_dir, image_size=SIZE, input_shards=shards)
+        data.train(BATCH if hosts == 1 else 12, SEED, 0, _context(hosts, 0, hosts))
+
+
+def test_a_sliced_split_is_refused(data_dir):
+    with pytest.raises(ValueError, match="needs a whole split"):
+        imagenet.imagenet_dataset(
+            data_dir, "train[:50%]", batch_size=8, training=True, seed=0, input_shards=4
+        )
