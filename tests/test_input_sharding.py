@@ -88,17 +88,29 @@ def test_the_fake_imagenet_has_the_layout_the_tests_assume(data):
 
 
 def test_an_epoch_is_every_record_once_and_epochs_differ(data, reference, monkeypatch):
-    # Images replaced by a hash of their JPEG bytes: the ids of the records read.
+    # Images replaced by a hash of their JPEG bytes (the id of the record read) and
+    # by their augmentation seed.
     def record_id(image_bytes, seed, image_size, dtype):
-        bucket = tf.strings.to_hash_bucket_fast(image_bytes, 1 << 20)
-        return tf.fill([image_size, image_size, 3], tf.cast(bucket, dtype))
+        bucket = tf.cast(tf.strings.to_hash_bucket_fast(image_bytes, 1 << 20), dtype)
+        return tf.reshape(
+            tf.stack([bucket, tf.cast(seed[0], dtype), tf.cast(seed[1], dtype)]), [1, 1, 3]
+        )
 
     monkeypatch.setattr(imagenet, "decode_and_random_crop", record_id)
-    ids = [x[:, 0, 0, 0] for x, _ in _take(data.train(BATCH, SEED), 8)]
+    steps = [x[:, 0, 0] for x, _ in _take(data.train(BATCH, SEED), 8)]
+    ids = [x[:, 0] for x in steps]
     first, second = np.concatenate(ids[:4]), np.concatenate(ids[4:])
     assert len(set(first)) == NUM_TRAIN  # 4 steps of 8 distinct records: the split
     assert set(first) == set(second) and list(first) != list(second)  # reshuffled
-    # Augmentation is seeded by the example's global index: two epochs differ.
+    # Position p of step s is augmented with the seed of global index s * B + p, as
+    # in the unsharded pipeline: every example of the run gets its own.
+    key = tf.constant([SEED, imagenet._EXAMPLE_STREAM], tf.int64)
+    for s, x in enumerate(steps):
+        for p in range(BATCH):
+            seed = tf.random.experimental.stateless_fold_in(
+                key, tf.constant(s * BATCH + p, tf.int64)
+            )
+            np.testing.assert_array_equal(x[p, 1:], tf.cast(seed, tf.float32).numpy())
     assert not np.array_equal(reference[0][0], reference[4][0])
 
 
