@@ -38,7 +38,7 @@ NON_IDENTITY_FIELDS = (
 # identity, with their default values. A field at its default is left out of the
 # identity, so that every config that does not use it keeps its hash (and so its
 # run directory); set to anything else it is part of the identity like any field.
-DEFAULT_OMITTED_FIELDS = {"conv_rate": 1.0, "validation_holdout": 0}
+DEFAULT_OMITTED_FIELDS = {"conv_rate": 1.0, "validation_holdout": 0, "input_shards": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +66,11 @@ class RunConfig:
     # dataset's convention (CIFAR-10: validate on the test set, as the authors'
     # framework does; MNIST, npz, synthetic: the last 5,000 or 10%).
     validation_holdout: int = 0
+    # imagenet2012: V > 0 defines the training order over V virtual shards of its
+    # files, so that each of H hosts (H dividing V) reads only V/H of them and the
+    # batches are the same for every such H (lth_tf.data.imagenet); 0: every host
+    # reads every record.
+    input_shards: int = 0
     seed: int = 0
     data_seed: int = 0
     data_dir: str | None = None
@@ -201,6 +206,18 @@ def _check(c: RunConfig) -> None:
             c.validation_holdout,
             "an integer >= 0: training examples held out for validation (0: the dataset's "
             "convention, e.g. 5000 for the 2019 paper's CIFAR-10 protocol)",
+        )
+    if (
+        not isinstance(c.input_shards, int)
+        or isinstance(c.input_shards, bool)
+        or c.input_shards < 0
+        or (c.input_shards and c.dataset != "imagenet2012")
+    ):
+        fail(
+            "input_shards",
+            c.input_shards,
+            "0, or with --dataset=imagenet2012 a number of virtual shards that divides the "
+            f"batch size and is a multiple of the number of hosts (dataset: {c.dataset!r})",
         )
     steps.parse(c.warmup, "warmup")
     for drop in c.lr_drops:

@@ -210,3 +210,19 @@ def test_a_sliced_split_is_refused(data_dir):
         imagenet.imagenet_dataset(
             data_dir, "train[:50%]", batch_size=8, training=True, seed=0, input_shards=4
         )
+
+
+def test_the_number_of_shards_is_part_of_a_run_and_only_for_imagenet(data_dir):
+    from lth_tf import config, data
+
+    resnet50 = config.make_config("resnet50")
+    sharded = config.make_config("resnet50", input_shards=SHARDS)
+    assert "input_shards" not in resnet50.identity()  # existing run names unchanged
+    assert sharded.identity()["input_shards"] == SHARDS
+    assert sharded.hash8() != resnet50.hash8()
+    with pytest.raises(ValueError, match="input_shards: got 4; expected 0, or with --dataset"):
+        config.make_config("resnet20", input_shards=4)
+    with pytest.raises(ValueError, match="only imagenet2012 is read in shards"):
+        data.load("mnist", input_shards=2)
+    loaded = data.load("imagenet2012", data_dir=data_dir, input_shards=SHARDS)
+    assert loaded.input_shards == SHARDS and loaded.steps_per_epoch(BATCH) == 4
