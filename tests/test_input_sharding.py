@@ -11,8 +11,13 @@ must open only its own files, at most 1/H of the records plus one file.
 
 import collections
 import io
+import json
 import os
+import socket
+import subprocess
+import sys
 import tarfile
+import textwrap
 
 import numpy as np
 import pytest
@@ -226,3 +231,92 @@ def test_the_number_of_shards_is_part_of_a_run_and_only_for_imagenet(data_dir):
         data.load("mnist", input_shards=2)
     loaded = data.load("imagenet2012", data_dir=data_dir, input_shards=SHARDS)
     assert loaded.input_shards == SHARDS and loaded.steps_per_epoch(BATCH) == 4
+
+
+# One worker of a 2-worker MultiWorkerMirroredStrategy on 127.0.0.1: the per-replica
+# batches its pipeline feeds (through train.train_data, as training does) at steps
+# 0-2 and resumed at step 6, and the files its pipeline opened.
+WORKER = textwrap.dedent(
+    """
+    import json, sys
+    from lth_tf import distribute, train
+    from lth_tf.data import imagenet
+    from lth_tf.keras import tf
+    opened = set()
+    read_file = imagenet.record_file_dataset
+
+    def counting(path):
+        def note(p, record):
+            opened.add(p.decode())
+            return record
+
+        return read_file(path).map(
+            lambda r: tf.numpy_function(note, [path, r], tf.string, stateful=True)
+        )
+
+    imagenet.record_file_dataset = counting
+    strategy = distribute.get_strategy("multi_worker")
+    data = imagenet.ImageNetData(sys.argv[1], image_size=int(sys.argv[2]), input_shards=4)
+
+    class _Model:
+        distribute_strategy = strategy
+
+    def batches(start, steps):
+        it = iter(train.train_data(_Model, data, 8, int(sys.argv[3]), start))
+        out = []
+        for _ in range(steps):
+            x, y = next(it)
+            out.append([(a.numpy().tolist(), b.numpy().tolist()) for a, b in zip(
+                strategy.experimental_local_results(x), strategy.experimental_local_results(y))])
+        return out
+
+    result = {"start": batches(0, 3), "resumed": batches(6, 2)}
+    result["opened"] = sorted(opened)
+    print(json.dumps(result))
+    """
+)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_loopback_workers_read_their_files_and_train_on_the_global_batches(
+    data_dir, reference, tmp_path
+):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(2)]}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), data_dir, str(SIZE), str(SEED)],
+            env={
+                **env,
+                "TF_CONFIG": json.dumps(
+                    {"cluster": cluster, "task": {"type": "worker", "index": i}}
+                ),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    workers = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    files = [
+        os.fspath(p)
+        for p in imagenet.require_prepared("imagenet2012", data_dir).info.splits["train"].filepaths
+    ]
+    assert [w["opened"] for w in workers] == [files[:4], files[4:]]
+    for key, first in (("start", 0), ("resumed", 6)):
+        for s, step in enumerate(zip(*(w[key] for w in workers), strict=True)):
+            # Worker 0's replica, then worker 1's: the one-pipeline batch of the step.
+            x, y = reference[first + s]
+            np.testing.assert_array_equal(np.concatenate([r[0][0] for r in step]), x)
+            np.testing.assert_array_equal(np.concatenate([r[0][1] for r in step]), y)
