@@ -212,12 +212,14 @@ def _check(c: RunConfig) -> None:
         or isinstance(c.input_shards, bool)
         or c.input_shards < 0
         or (c.input_shards and c.dataset != "imagenet2012")
+        or (c.input_shards and c.batch_size % c.input_shards)
     ):
         fail(
             "input_shards",
             c.input_shards,
             "0, or with --dataset=imagenet2012 a number of virtual shards that divides the "
-            f"batch size and is a multiple of the number of hosts (dataset: {c.dataset!r})",
+            f"batch size and is a multiple of the number of hosts (dataset: {c.dataset!r}, "
+            f"batch size: {c.batch_size})",
         )
     steps.parse(c.warmup, "warmup")
     for drop in c.lr_drops:

@@ -227,6 +227,8 @@ def test_the_number_of_shards_is_part_of_a_run_and_only_for_imagenet(data_dir):
     assert sharded.hash8() != resnet50.hash8()
     with pytest.raises(ValueError, match="input_shards: got 4; expected 0, or with --dataset"):
         config.make_config("resnet20", input_shards=4)
+    with pytest.raises(ValueError, match=r"dataset: 'imagenet2012', batch size: 1024\)"):
+        config.make_config("resnet50", input_shards=48)
     with pytest.raises(ValueError, match="only imagenet2012 is read in shards"):
         data.load("mnist", input_shards=2)
     loaded = data.load("imagenet2012", data_dir=data_dir, input_shards=SHARDS)
