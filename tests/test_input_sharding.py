@@ -196,6 +196,38 @@ def test_resuming_skips_records_without_reading_other_files(data, reads):
     assert set(reads) <= set(files[4:])
 
 
+@pytest.mark.parametrize("hosts,replicas,batch", [(2, 2, 4), (4, 4, 4), (2, 4, 4), (4, 4, 16)])
+def test_each_host_evaluates_its_own_files_in_the_same_number_of_batches(
+    data, reads, hosts, replicas, batch
+):
+    from lth_tf.data import base
+
+    whole = sorted(x.tobytes() for b, _ in _take(data.eval("validation", batch), 100) for x in b)
+    assert len(whole) == NUM_FILES  # 8 validation images, one per file
+    builder = imagenet.require_prepared("imagenet2012", data.data_dir)
+    files = [os.fspath(p) for p in builder.info.splits["validation"].filepaths]
+    batches = base.eval_steps(NUM_FILES, batch, replicas) * (replicas // hosts)
+    seen = []
+    for h in range(hosts):
+        reads.clear()
+        share = _take(data.eval("validation", batch, _context(hosts, h, replicas)), 100)
+        # As many batches on every host as base.eval_share gives (Keras runs that many
+        # steps on every worker); none empty, as each host has enough examples.
+        assert len(share) == batches and all(len(y) for _, y in share)
+        mine = files[h * NUM_FILES // hosts : (h + 1) * NUM_FILES // hosts]
+        assert set(reads) == set(mine) and sum(reads.values()) == len(mine)
+        seen += [x.tobytes() for b, _ in share for x in b]
+    assert sorted(seen) == whole  # the split, once
+
+
+def test_evaluation_falls_back_to_reading_every_record_when_files_are_too_few(data, reads):
+    # 16 hosts, 8 validation files: base.eval_share's shares, read through tfds
+    # (every host reads every record, none through record_file_dataset).
+    share = _take(data.eval("validation", 16, _context(16, 3, 16)), 100)
+    assert not reads
+    assert sum(len(y) for _, y in share) <= 1
+
+
 @pytest.mark.parametrize(
     "shards,hosts,match",
     [

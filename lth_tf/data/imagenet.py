@@ -256,7 +256,7 @@ def imagenet_dataset(
         step s is the single-pipeline batch of step s (see lth_tf.data.base).
         Evaluation: the pipeline's share of every evaluation step, in per-replica
         batches (`lth_tf.data.base.eval_share`).
-      input_shards: training only: 0 for the order above; V > 0 defines the order
+      input_shards: training: 0 for the order above; V > 0 defines the order
         over V virtual shards (`virtual_shards`: runs of consecutive files), so
         that each pipeline reads only its files. Shard v's records of epoch e are
         read in a file order and shuffled (a buffer of ``shuffle_buffer_size // V``)
@@ -268,7 +268,10 @@ def imagenet_dataset(
         step s is the one-pipeline batch of step s for every P that divides V.
         Needs V to divide B and P to divide V, a whole split (no slicing) and at
         least one file per shard. Resuming at step k skips each shard's first
-        records of its epoch by count, without decoding them.
+        records of its epoch by count, without decoding them. Evaluation with
+        ``input_context`` (any V > 0): pipeline i of P reads only files
+        ``[i * F/P, (i+1) * F/P)`` of the split, in as many per-replica batches
+        as ``eval_share`` gives (see `_eval_by_files`).
 
     Returns:
       A `tf.data.Dataset` of ``(images, labels)``: images ``(B, S, S, 3)`` of
@@ -313,21 +316,32 @@ def imagenet_dataset(
             input_context=input_context,
         )
     else:
-        if start_step or steps_per_epoch is not None or input_shards:
+        if start_step or steps_per_epoch is not None:
             raise ValueError(
-                f"start_step={start_step}, steps_per_epoch={steps_per_epoch} and "
-                f"input_shards={input_shards} only apply to training pipelines; evaluation "
-                "always reads the whole split once. Leave them at 0, None and 0."
+                f"start_step={start_step} and steps_per_epoch={steps_per_epoch} only apply "
+                "to training pipelines; evaluation always reads the whole split once. "
+                "Leave them at 0 and None."
             )
-        ds = _eval_batches(
-            builder,
-            split,
-            batch_size=batch_size,
-            image_size=image_size,
-            dtype=dtype,
-            drop_remainder=drop_remainder,
-            input_context=input_context,
-        )
+        ds = None
+        if input_shards and input_context is not None:
+            ds = _eval_by_files(
+                builder,
+                split,
+                batch_size=batch_size,
+                image_size=image_size,
+                dtype=dtype,
+                input_context=input_context,
+            )
+        if ds is None:
+            ds = _eval_batches(
+                builder,
+                split,
+                batch_size=batch_size,
+                image_size=image_size,
+                dtype=dtype,
+                drop_remainder=drop_remainder,
+                input_context=input_context,
+            )
     # Unlike the in-memory pipelines, autotune stays on: decoding JPEGs needs all the
     # host's cores. Parallel map and interleave keep their input order, so the
     # batches of a given step are the same in every run.
@@ -404,6 +418,57 @@ def _eval_batches(builder, split, *, batch_size, image_size, dtype, drop_remaind
         # is decoded (drop_remainder does not apply: the last step is partial).
         return base.eval_share(ds, num_examples, batch_size, input_context, preprocess)
     return _decoded_batches(ds, preprocess, batch_size, drop_remainder)
+
+
+def _eval_by_files(builder, split, *, batch_size, image_size, dtype, input_context):
+    """One pipeline's share of an evaluation pass, read from its own files only.
+
+    Pipeline i of P reads files ``[i * F // P, (i + 1) * F // P)`` of the split
+    (in stored order) and cuts its n_i examples into the same number of
+    per-replica batches as `lth_tf.data.base.eval_share` gives every pipeline
+    (`eval_steps` steps of N / P replicas), as even as can be: the shares are
+    disjoint and together are the split, once. None when the split is sliced, has
+    fewer files than pipelines, or a pipeline would have fewer examples than
+    batches: `eval_share` (every record read by every pipeline) then does it.
+    """
+    n, p = input_context.num_replicas_in_sync, input_context.num_input_pipelines
+    i = input_context.input_pipeline_id
+    if split not in list(builder.info.splits.keys()):
+        return None
+    info = builder.info.splits[split]
+    paths = [os.fspath(path) for path in info.filepaths]
+    lengths = [int(length) for length in info.shard_lengths]
+    num_files = len(paths)
+    if num_files < p or len(lengths) != num_files:
+        return None
+    slots = base.eval_steps(sum(lengths), batch_size, n) * (n // p)
+    counts = [sum(lengths[j * num_files // p : (j + 1) * num_files // p]) for j in range(p)]
+    if min(counts) < slots:
+        return None
+    mine, count = paths[i * num_files // p : (i + 1) * num_files // p], counts[i]
+    decoders = _decoders()
+    features = decoders.extract_features(builder.info.features)
+
+    def preprocess(index, serialized):
+        example = features.deserialize_example(serialized, decoders=decoders.decoders)
+        image = decode_and_center_crop(example["image"], image_size, dtype)
+        # Example j goes to batch k: [k * count // slots, (k + 1) * count // slots).
+        batch = ((index + 1) * slots - 1) // count
+        return batch, image, tf.cast(example["label"], tf.int32)
+
+    ds = tf.data.Dataset.from_tensor_slices(mine).interleave(
+        record_file_dataset,
+        cycle_length=min(len(mine), _FILES_READ_AT_ONCE),
+        num_parallel_calls=min(len(mine), _FILES_READ_AT_ONCE),
+        deterministic=True,
+    )
+    ds = ds.enumerate().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.group_by_window(
+        key_func=lambda k, image, label: k,
+        reduce_func=lambda k, window: window.batch(count),
+        window_size_func=lambda k: (k + 1) * count // slots - k * count // slots,
+    )
+    return ds.map(lambda k, images, labels: (images, labels)).prefetch(tf.data.AUTOTUNE)
 
 
 def _decoded_batches(ds, preprocess, batch_size, drop_remainder):
@@ -799,7 +864,7 @@ class ImageNetData:
         """One ordered pass, center-cropped; 'test' reads the validation split.
 
         With `input_context`, this pipeline's share of the examples (see
-        `imagenet_dataset`).
+        `imagenet_dataset`); with `input_shards`, read from its own files.
         """
         base.check_split(split)
         return imagenet_dataset(
@@ -811,6 +876,7 @@ class ImageNetData:
             image_size=self.image_size,
             drop_remainder=False,
             input_context=input_context,
+            input_shards=self.input_shards,
         )
 
     def num_examples(self, split: str) -> int:
