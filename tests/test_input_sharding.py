@@ -269,13 +269,15 @@ def test_the_number_of_shards_is_part_of_a_run_and_only_for_imagenet(data_dir):
 
 # One worker of a 2-worker MultiWorkerMirroredStrategy on 127.0.0.1: the per-replica
 # batches its pipeline feeds (through train.train_data, as training does) at steps
-# 0-2 and resumed at step 6, and the files its pipeline opened.
+# 0-2 and resumed at step 6, and the files its pipeline opened; then the validation
+# loss and accuracy of a tiny model through train.evaluate, per worker and on one
+# device, and the validation files each worker opened.
 WORKER = textwrap.dedent(
     """
     import json, sys
     from lth_tf import distribute, train
     from lth_tf.data import imagenet
-    from lth_tf.keras import tf
+    from lth_tf.keras import keras, tf
     opened = set()
     read_file = imagenet.record_file_dataset
 
@@ -306,6 +308,25 @@ WORKER = textwrap.dedent(
 
     result = {"start": batches(0, 3), "resumed": batches(6, 2)}
     result["opened"] = sorted(opened)
+    # Evaluation, each worker on its own validation files, reduced by Keras, and on
+    # one device.
+    opened.clear()
+    keras.utils.set_random_seed(0)
+
+    def compiled(model):
+        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        return model
+
+    with strategy.scope():
+        inputs = keras.Input((int(sys.argv[2]), int(sys.argv[2]), 3))
+        outputs = keras.layers.Dense(1000)(keras.layers.Flatten()(inputs))
+        model = compiled(keras.Model(inputs, outputs))
+    result["distributed"] = train.evaluate(model, data, "validation", 4)
+    result["eval_opened"] = sorted(opened)
+    plain = keras.models.clone_model(model)
+    plain.set_weights(model.get_weights())
+    result["one_device"] = train.evaluate(compiled(plain), data, "validation", 4)
     print(json.dumps(result))
     """
 )
@@ -348,6 +369,16 @@ def test_two_loopback_workers_read_their_files_and_train_on_the_global_batches(
         for p in imagenet.require_prepared("imagenet2012", data_dir).info.splits["train"].filepaths
     ]
     assert [w["opened"] for w in workers] == [files[:4], files[4:]]
+    validation = [
+        os.fspath(p)
+        for p in imagenet.require_prepared("imagenet2012", data_dir)
+        .info.splits["validation"]
+        .filepaths
+    ]
+    assert [w["eval_opened"] for w in workers] == [validation[:4], validation[4:]]
+    for w in workers:
+        for key in ("loss", "accuracy"):
+            assert w["distributed"][key] == pytest.approx(w["one_device"][key], rel=1e-5)
     for key, first in (("start", 0), ("resumed", 6)):
         for s, step in enumerate(zip(*(w[key] for w in workers), strict=True)):
             # Worker 0's replica, then worker 1's: the one-pipeline batch of the step.
