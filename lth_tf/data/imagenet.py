@@ -252,8 +252,9 @@ def imagenet_dataset(
         Training: the pipeline keeps positions ``[i * B/P, (i+1) * B/P)`` of every
         global batch (by the example's global index, before decoding, so it
         decodes and augments only its share, though it reads every record unless
-        ``input_shards`` is set) and yields them as per-replica batches of ``B/N``; the union over pipelines at
-        step s is the single-pipeline batch of step s (see lth_tf.data.base).
+        ``input_shards`` is set) and yields them as per-replica batches of
+        ``B/N``; the union over pipelines at step s is the single-pipeline batch
+        of step s (see lth_tf.data.base).
         Evaluation: the pipeline's share of every evaluation step, in per-replica
         batches (`lth_tf.data.base.eval_share`).
       input_shards: training: 0 for the order above; V > 0 defines the order
