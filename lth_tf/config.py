@@ -47,6 +47,7 @@ DEFAULT_OMITTED_FIELDS = {
     "validation_holdout": 0,
     "data_order": "replay",
     "warmup_form": "step+1",
+    "input_shards": 0,
 }
 
 # The data order of the rounds after round 0. per_round: each IMP round and each
@@ -92,6 +93,11 @@ class RunConfig:
     # framework does; MNIST, npz, synthetic: the last 5,000 or 10%).
     validation_holdout: int = 0
     warmup_form: str = "step"  # WARMUP_FORMS
+    # imagenet2012: V > 0 defines the training order over V virtual shards of its
+    # files, so that each of H hosts (H dividing V) reads only V/H of them and the
+    # batches are the same for every such H (lth_tf.data.imagenet); 0: every host
+    # reads every record.
+    input_shards: int = 0
     seed: int = 0
     data_seed: int = 0
     data_order: str = "per_round"  # DATA_ORDERS
@@ -282,6 +288,20 @@ def _check(c: RunConfig) -> None:
             c.validation_holdout,
             "an integer >= 0: training examples held out for validation (0: the dataset's "
             "convention, e.g. 5000 for the 2019 paper's CIFAR-10 protocol)",
+        )
+    if (
+        not isinstance(c.input_shards, int)
+        or isinstance(c.input_shards, bool)
+        or c.input_shards < 0
+        or (c.input_shards and c.dataset != "imagenet2012")
+        or (c.input_shards and c.batch_size % c.input_shards)
+    ):
+        fail(
+            "input_shards",
+            c.input_shards,
+            "0, or with --dataset=imagenet2012 a number of virtual shards that divides the "
+            f"batch size and is a multiple of the number of hosts (dataset: {c.dataset!r}, "
+            f"batch size: {c.batch_size})",
         )
     steps.parse(c.warmup, "warmup")
     for drop in c.lr_drops:

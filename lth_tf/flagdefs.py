@@ -302,6 +302,16 @@ def define_train_flags() -> None:
         lower_bound=0,
     )
     flags.DEFINE_integer(
+        "input_shards",
+        None,
+        "imagenet2012: the number V of virtual shards (runs of its files) that define the "
+        "training order, part of the run; each of H hosts (H dividing V) reads only V/H "
+        "of them, and the batches are the same for every such H. A divisor of the batch "
+        "size, at most the number of training files. 0 (default): every host reads every "
+        "record.",
+        lower_bound=0,
+    )
+    flags.DEFINE_integer(
         "batch_size", None, "Global batch size (split over replicas).", lower_bound=1
     )
     flags.DEFINE_string("training_steps", None, "Training length T: '50000it' or '160ep'.")

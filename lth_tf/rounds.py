@@ -154,6 +154,7 @@ class Experiment:
                 augment=config.augment,
                 arch_dataset=recipe["dataset"],
                 validation_holdout=config.validation_holdout,
+                input_shards=config.input_shards,
             )
         self.data = data
         self.schedule = train.resolve(config, self.data.steps_per_epoch(config.batch_size))

@@ -256,7 +256,7 @@ SCHEMAS = {
     _basename(paths.config_file("")): config_schema(complete=False),
     _basename(paths.summary_file("")): SUMMARY,
     _basename(paths.sparsity_file("")): SPARSITY,
-    _basename(paths.branch_file("", "")): BRANCH,
+    _basename(paths.branch_file("", "any")): BRANCH,
     _basename(paths.join(paths.stability_point_dir("", 0, 0), "interpolation.json")): INTERPOLATION,
     _basename(paths.export_report_file("", 0)): EXPORT,
 }

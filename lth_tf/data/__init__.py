@@ -107,6 +107,7 @@ def load(
     augment: bool = False,
     arch_dataset: str = "mnist",
     validation_holdout: int = 0,
+    input_shards: int = 0,
 ) -> Dataset:
     """Returns the dataset called `name` (see the module docstring).
 
@@ -118,6 +119,8 @@ def load(
       validation_holdout: hold the last this many training examples out for
         validation (a fixed split, independent of the data seed); 0 keeps the
         dataset's convention. In-memory datasets only (not imagenet2012).
+      input_shards: imagenet2012 only: the virtual shards that define its training
+        order (`lth_tf.data.imagenet.imagenet_dataset`); 0 for the others.
 
     Raises:
       ValueError: for an unknown name, a malformed npz file, or a
@@ -127,6 +130,11 @@ def load(
     """
     check_name(name)
     holdout = validation_holdout
+    if input_shards and name != "imagenet2012":
+        raise ValueError(
+            f"input_shards={input_shards}: only imagenet2012 is read in shards; {name} is "
+            "read whole by every host. Use --input_shards=0."
+        )
     if name == "mnist":
         arrays = load_npz(bundled_mnist_path(), BUNDLED_MNIST_SHA256, holdout)
         return ArrayData(name, arrays, augment)
@@ -145,7 +153,7 @@ def load(
             )
         from lth_tf.data.imagenet import ImageNetData
 
-        return ImageNetData(data_dir, augment=augment)
+        return ImageNetData(data_dir, augment=augment, input_shards=input_shards)
     from lth_tf.data import tfds
 
     return ArrayData(name, tfds.arrays(_TFDS_NAMES[name], data_dir, holdout), augment)

@@ -11,7 +11,13 @@ resumable:
 * ``start_step=k`` jumps to the epoch that holds step ``k`` and skips the records
   before it without decoding them, so a run resumed (or rewound) at step ``k`` sees
   the same batches as an uninterrupted run did from step ``k``.
+
+With ``input_shards=V`` (a run's ``--input_shards``) the training order is
+defined over V virtual shards instead, so that each of H hosts reads only its
+share of the files (see `virtual_shards` and `imagenet_dataset`).
 """
+
+import os
 
 import tensorflow_datasets as tfds
 
@@ -39,6 +45,13 @@ _EVAL_CROP_NUMERATOR, _EVAL_CROP_DENOMINATOR = 7, 8
 # of one user seed on independent random streams.
 _ORDER_STREAM = 1
 _EXAMPLE_STREAM = 2
+_SHARD_ORDER_STREAM = 3
+
+# Sharded training reads the files of one virtual shard this many at a time
+# (interleaved record by record) and with this read buffer, so that a shard's
+# stream mixes files and reads large blocks from network storage.
+_FILES_READ_AT_ONCE = 4
+_READ_BUFFER_BYTES = 8 << 20
 
 
 def imagenet_num_examples(data_dir: str | None, *, name: str = IMAGENET_NAME) -> dict[str, int]:
@@ -201,6 +214,7 @@ def imagenet_dataset(
     shuffle_buffer_size: int = 10_000,
     name: str = IMAGENET_NAME,
     input_context: tf.distribute.InputContext | None = None,
+    input_shards: int = 0,
 ) -> tf.data.Dataset:
     """ImageNet (tfds ``imagenet2012``) batches of normalized images and labels.
 
@@ -237,11 +251,28 @@ def imagenet_dataset(
         ``strategy.distribute_datasets_from_function``; ``batch_size`` stays global.
         Training: the pipeline keeps positions ``[i * B/P, (i+1) * B/P)`` of every
         global batch (by the example's global index, before decoding, so it
-        decodes and augments only its share, though it reads every record) and
-        yields them as per-replica batches of ``B/N``; the union over pipelines at
-        step s is the single-pipeline batch of step s (see lth_tf.data.base).
+        decodes and augments only its share, though it reads every record unless
+        ``input_shards`` is set) and yields them as per-replica batches of
+        ``B/N``; the union over pipelines at step s is the single-pipeline batch
+        of step s (see lth_tf.data.base).
         Evaluation: the pipeline's share of every evaluation step, in per-replica
         batches (`lth_tf.data.base.eval_share`).
+      input_shards: training: 0 for the order above; V > 0 defines the order
+        over V virtual shards (`virtual_shards`: runs of consecutive files), so
+        that each pipeline reads only its files. Shard v's records of epoch e are
+        read in a file order and shuffled (a buffer of ``shuffle_buffer_size // V``)
+        from ``(seed, e, v)``; epoch e of shard v is the first
+        ``steps_per_epoch * B / V`` of them; global batch s holds ``B / V``
+        consecutive records of each shard's stream, shard 0 first. Pipeline i of P
+        reads shards ``[i * V/P, (i+1) * V/P)`` only: exactly the positions of the
+        global batches its replicas train on, so the union over pipelines at
+        step s is the one-pipeline batch of step s for every P that divides V.
+        Needs V to divide B and P to divide V, a whole split (no slicing) and at
+        least one file per shard. Resuming at step k skips each shard's first
+        records of its epoch by count, without decoding them. Evaluation with
+        ``input_context`` (any V > 0): pipeline i of P reads only files
+        ``[i * F/P, (i+1) * F/P)`` of the split, in as many per-replica batches
+        as ``eval_share`` gives (see `_eval_by_files`).
 
     Returns:
       A `tf.data.Dataset` of ``(images, labels)``: images ``(B, S, S, 3)`` of
@@ -252,10 +283,26 @@ def imagenet_dataset(
       ValueError: on invalid arguments or an unknown split.
     """
     _check_args(batch_size, image_size, start_step, steps_per_epoch, seed, shuffle_buffer_size)
+    if input_shards < 0:
+        raise ValueError(f"imagenet_dataset: input_shards must be >= 0, got {input_shards}.")
     builder = require_prepared(name, data_dir)
     require_split(builder, split)
     dtype = tf.as_dtype(dtype)
-    if training:
+    if training and input_shards:
+        ds = _sharded_training_batches(
+            builder,
+            virtual_shards(builder, split, input_shards),
+            batch_size=batch_size,
+            seed=seed,
+            image_size=image_size,
+            dtype=dtype,
+            start_step=start_step,
+            steps_per_epoch=steps_per_epoch,
+            shuffle_buffer_size=shuffle_buffer_size,
+            drop_remainder=drop_remainder,
+            input_context=input_context,
+        )
+    elif training:
         ds = _training_batches(
             builder,
             split,
@@ -276,15 +323,26 @@ def imagenet_dataset(
                 "to training pipelines; evaluation always reads the whole split once. "
                 "Leave them at 0 and None."
             )
-        ds = _eval_batches(
-            builder,
-            split,
-            batch_size=batch_size,
-            image_size=image_size,
-            dtype=dtype,
-            drop_remainder=drop_remainder,
-            input_context=input_context,
-        )
+        ds = None
+        if input_shards and input_context is not None:
+            ds = _eval_by_files(
+                builder,
+                split,
+                batch_size=batch_size,
+                image_size=image_size,
+                dtype=dtype,
+                input_context=input_context,
+            )
+        if ds is None:
+            ds = _eval_batches(
+                builder,
+                split,
+                batch_size=batch_size,
+                image_size=image_size,
+                dtype=dtype,
+                drop_remainder=drop_remainder,
+                input_context=input_context,
+            )
     # Unlike the in-memory pipelines, autotune stays on: decoding JPEGs needs all the
     # host's cores. Parallel map and interleave keep their input order, so the
     # batches of a given step are the same in every run.
@@ -361,6 +419,57 @@ def _eval_batches(builder, split, *, batch_size, image_size, dtype, drop_remaind
         # is decoded (drop_remainder does not apply: the last step is partial).
         return base.eval_share(ds, num_examples, batch_size, input_context, preprocess)
     return _decoded_batches(ds, preprocess, batch_size, drop_remainder)
+
+
+def _eval_by_files(builder, split, *, batch_size, image_size, dtype, input_context):
+    """One pipeline's share of an evaluation pass, read from its own files only.
+
+    Pipeline i of P reads files ``[i * F // P, (i + 1) * F // P)`` of the split
+    (in stored order) and cuts its n_i examples into the same number of
+    per-replica batches as `lth_tf.data.base.eval_share` gives every pipeline
+    (`eval_steps` steps of N / P replicas), as even as can be: the shares are
+    disjoint and together are the split, once. None when the split is sliced, has
+    fewer files than pipelines, or a pipeline would have fewer examples than
+    batches: `eval_share` (every record read by every pipeline) then does it.
+    """
+    n, p = input_context.num_replicas_in_sync, input_context.num_input_pipelines
+    i = input_context.input_pipeline_id
+    if split not in list(builder.info.splits.keys()):
+        return None
+    info = builder.info.splits[split]
+    paths = [os.fspath(path) for path in info.filepaths]
+    lengths = [int(length) for length in info.shard_lengths]
+    num_files = len(paths)
+    if num_files < p or len(lengths) != num_files:
+        return None
+    slots = base.eval_steps(sum(lengths), batch_size, n) * (n // p)
+    counts = [sum(lengths[j * num_files // p : (j + 1) * num_files // p]) for j in range(p)]
+    if min(counts) < slots:
+        return None
+    mine, count = paths[i * num_files // p : (i + 1) * num_files // p], counts[i]
+    decoders = _decoders()
+    features = decoders.extract_features(builder.info.features)
+
+    def preprocess(index, serialized):
+        example = features.deserialize_example(serialized, decoders=decoders.decoders)
+        image = decode_and_center_crop(example["image"], image_size, dtype)
+        # Example j goes to batch k: [k * count // slots, (k + 1) * count // slots).
+        batch = ((index + 1) * slots - 1) // count
+        return batch, image, tf.cast(example["label"], tf.int32)
+
+    ds = tf.data.Dataset.from_tensor_slices(mine).interleave(
+        record_file_dataset,
+        cycle_length=min(len(mine), _FILES_READ_AT_ONCE),
+        num_parallel_calls=min(len(mine), _FILES_READ_AT_ONCE),
+        deterministic=True,
+    )
+    ds = ds.enumerate().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.group_by_window(
+        key_func=lambda k, image, label: k,
+        reduce_func=lambda k, window: window.batch(count),
+        window_size_func=lambda k: (k + 1) * count // slots - k * count // slots,
+    )
+    return ds.map(lambda k, images, labels: (images, labels)).prefetch(tf.data.AUTOTUNE)
 
 
 def _decoded_batches(ds, preprocess, batch_size, drop_remainder):
@@ -457,6 +566,214 @@ def _training_records(
     return ds.skip(skip_in_epoch)
 
 
+def record_file_dataset(path: tf.Tensor) -> tf.data.Dataset:
+    """The serialized records of one tfrecord file: where sharded training opens files.
+
+    The one place the sharded pipeline reads a file; tests and
+    benchmarks/input_sharding.py wrap it to count the records each host reads.
+    """
+    return tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES)
+
+
+def virtual_shards(builder, split: str, num_shards: int) -> list[list[tuple[str, int]]]:
+    """The files of each of `num_shards` virtual shards of a prepared split.
+
+    Shard v holds files ``[v * F // V, (v + 1) * F // V)`` of the split's F files in
+    their stored order, so shards differ by at most one file, and the V/H
+    consecutive shards of one of H hosts are ``F / H`` files, rounded up or down:
+    a host reads at most 1/H of the records plus one file (files of equal size).
+
+    Args:
+      builder: the prepared tfds builder.
+      split: a whole split, e.g. ``'train'`` (slices select records inside files).
+      num_shards: V >= 1, at most the split's number of files.
+
+    Returns:
+      ``[[(path, records), ...] for each shard]``.
+
+    Raises:
+      ValueError: for a sliced split, files that are not tfrecords, or more shards
+        than files.
+    """
+    whole_splits = sorted(builder.info.splits.keys())
+    if split not in whole_splits:
+        raise ValueError(
+            f"input_shards={num_shards} reads whole files, so it needs a whole split "
+            f"({whole_splits}); got {split!r}."
+        )
+    file_format = builder.info.file_format
+    if file_format is not None and getattr(file_format, "value", file_format) != "tfrecord":
+        raise ValueError(
+            f"input_shards={num_shards} reads tfrecord files, but {builder.name} at "
+            f"{builder.data_dir} is stored as {file_format}. Prepare it as tfrecord, or "
+            "use input_shards=0."
+        )
+    info = builder.info.splits[split]
+    paths = [os.fspath(p) for p in info.filepaths]
+    lengths = [int(n) for n in info.shard_lengths]
+    num_files = len(paths)
+    if not 1 <= num_shards <= num_files or len(lengths) != num_files:
+        raise ValueError(
+            f"input_shards={num_shards}: split {split!r} of {builder.name} at "
+            f"{builder.data_dir} has {num_files} files and every virtual shard needs at "
+            f"least one; use 1 to {num_files} (a divisor of the batch size and a "
+            "multiple of the number of hosts)."
+        )
+    return [
+        [
+            (paths[f], lengths[f])
+            for f in range(v * num_files // num_shards, (v + 1) * num_files // num_shards)
+        ]
+        for v in range(num_shards)
+    ]
+
+
+def sharded_steps_per_epoch(shards: list[list[tuple[str, int]]], batch_size: int) -> int:
+    """Full global batches per epoch over virtual shards: the smallest shard sets it.
+
+    Every step takes ``batch_size / V`` records of each shard, so an epoch is as
+    many steps as the smallest shard fills; each shard drops its remainder (other
+    records every epoch, as each epoch reshuffles the shard).
+
+    Raises:
+      ValueError: if V does not divide the batch size or no step fits.
+    """
+    num_shards = len(shards)
+    if batch_size % num_shards:
+        raise ValueError(
+            f"--batch_size={batch_size} is not divisible by --input_shards={num_shards}: "
+            "every global batch takes an equal number of records from each virtual shard. "
+            f"Use a divisor of the batch size, e.g. --input_shards="
+            f"{max(d for d in range(1, num_shards + 1) if batch_size % d == 0)}."
+        )
+    smallest = min(sum(n for _, n in files) for files in shards)
+    steps = smallest // (batch_size // num_shards)
+    if steps == 0:
+        raise ValueError(
+            f"Batch size {batch_size} needs {batch_size // num_shards} records of each of "
+            f"the {num_shards} virtual shards per step, but the smallest has {smallest}; "
+            "use a smaller --batch_size or fewer --input_shards."
+        )
+    return steps
+
+
+def _sharded_training_batches(
+    builder,
+    shards,
+    *,
+    batch_size,
+    seed,
+    image_size,
+    dtype,
+    start_step,
+    steps_per_epoch,
+    shuffle_buffer_size,
+    drop_remainder,
+    input_context,
+):
+    """The training stream of `imagenet_dataset` over virtual shards (this pipeline's files)."""
+    num_shards = len(shards)
+    most = sharded_steps_per_epoch(shards, batch_size)
+    if steps_per_epoch is None:
+        steps_per_epoch = most
+    elif steps_per_epoch > most:
+        raise ValueError(
+            f"steps_per_epoch={steps_per_epoch}: the smallest of the {num_shards} virtual "
+            f"shards fills only {most} steps of {batch_size // num_shards} records; use at "
+            f"most {most}."
+        )
+    if input_context is None:
+        pipelines, pipeline, per_replica = 1, 0, batch_size
+    else:
+        pipelines, pipeline = input_context.num_input_pipelines, input_context.input_pipeline_id
+        per_replica = base.share(batch_size, input_context).per_replica
+        if num_shards % pipelines:
+            raise ValueError(
+                f"--input_shards={num_shards} virtual shards cannot be split evenly over "
+                f"{pipelines} hosts (input pipelines); use a multiple of {pipelines} that "
+                "divides the batch size. The number of shards is part of the run: the same "
+                "value gives the same batches for every number of hosts that divides it."
+            )
+    local = num_shards // pipelines
+    records = _sharded_training_records(
+        shards[pipeline * local : (pipeline + 1) * local],
+        first_shard=pipeline * local,
+        num_shards=num_shards,
+        batch_size=batch_size,
+        seed=seed,
+        start_step=start_step,
+        steps_per_epoch=steps_per_epoch,
+        buffer_size=max(1, shuffle_buffer_size // num_shards),
+    )
+    decoders = _decoders()
+    features = decoders.extract_features(builder.info.features)
+    example_key = tf.constant([seed, _EXAMPLE_STREAM], dtype=tf.int64)
+
+    def preprocess(index, serialized):
+        example = features.deserialize_example(serialized, decoders=decoders.decoders)
+        example_seed = tf.random.experimental.stateless_fold_in(example_key, index)
+        image = decode_and_random_crop(example["image"], example_seed, image_size, dtype)
+        return image, tf.cast(example["label"], tf.int32)
+
+    return _decoded_batches(records, preprocess, per_replica, drop_remainder)
+
+
+def _sharded_training_records(
+    shards, *, first_shard, num_shards, batch_size, seed, start_step, steps_per_epoch, buffer_size
+) -> tf.data.Dataset:
+    """Infinite ``(global_index, serialized_record)`` stream of consecutive shards.
+
+    ``shards`` are shards ``first_shard ..`` of ``num_shards``; the stream holds,
+    for every step, ``batch_size / num_shards`` records of each in turn: the
+    positions ``[first_shard * B/V, (first_shard + len(shards)) * B/V)`` of the
+    global batch. Only these shards' files are opened.
+    """
+    rows = batch_size // num_shards
+    epoch_length = steps_per_epoch * batch_size
+    first_epoch, skip_steps = divmod(start_step, steps_per_epoch)
+    order_key = tf.constant([seed, _SHARD_ORDER_STREAM], dtype=tf.int64)
+
+    def shard_stream(shard, files):
+        paths = tf.constant([path for path, _ in files])
+        cycle = min(len(files), _FILES_READ_AT_ONCE)
+
+        def epoch_records(epoch):
+            # As in _training_records: the order is a function of (seed, epoch, shard)
+            # only, whatever seed the program set with tf.random.set_seed.
+            tf.compat.v1.get_default_graph().seed = None
+            fold_in = tf.random.experimental.stateless_fold_in
+            key = fold_in(fold_in(order_key, epoch), tf.constant(shard, tf.int64))
+            file_key = fold_in(key, tf.constant(0, tf.int64))
+            shuffle_key = tf.cast(fold_in(key, tf.constant(1, tf.int64)), tf.int64)
+            order = tf.argsort(tf.random.stateless_uniform([len(files)], seed=file_key))
+            ds = tf.data.Dataset.from_tensor_slices(tf.gather(paths, order)).interleave(
+                record_file_dataset,
+                cycle_length=cycle,
+                block_length=1,
+                num_parallel_calls=cycle,
+                deterministic=True,
+            )
+            ds = ds.shuffle(buffer_size, seed=shuffle_key[0], reshuffle_each_iteration=False)
+            ds = ds.take(steps_per_epoch * rows)
+            start = epoch * epoch_length + shard * rows
+            # Record j of the shard's epoch is at position shard * rows + j % rows of
+            # step j // rows: its global index numbers it as in the one-host stream.
+            return ds.enumerate().map(
+                lambda j, record: (start + j // rows * batch_size + j % rows, record)
+            )
+
+        ds = tf.data.Dataset.counter(start=first_epoch).flat_map(epoch_records)
+        # Resuming: the records of the earlier steps of the epoch are read, not decoded.
+        return ds.skip(skip_steps * rows)
+
+    streams = [shard_stream(first_shard + k, files) for k, files in enumerate(shards)]
+    if len(streams) == 1:
+        return streams[0]
+    # Step by step: `rows` records of each shard in turn.
+    choice = tf.data.Dataset.range(len(streams) * rows).map(lambda k: k // rows).repeat()
+    return tf.data.Dataset.choose_from_datasets(streams, choice)
+
+
 class ImageNetData:
     """ImageNet as a `Dataset`: `imagenet_dataset` pipelines with fixed-length epochs.
 
@@ -469,7 +786,13 @@ class ImageNetData:
     name = IMAGENET_NAME
     num_classes = 1000
 
-    def __init__(self, data_dir: str | None, augment: bool = True, image_size: int = 224):
+    def __init__(
+        self,
+        data_dir: str | None,
+        augment: bool = True,
+        image_size: int = 224,
+        input_shards: int = 0,
+    ):
         """Checks that ImageNet is prepared in `data_dir` and reads its split sizes.
 
         Args:
@@ -478,6 +801,9 @@ class ImageNetData:
             random-resized crop is part of the recipe); kept so that `load` treats
             every dataset alike.
           image_size: side of the square images.
+          input_shards: 0, or the number V of virtual shards that define the
+            training order, so that each of H hosts (H dividing V) reads only
+            V/H of them (see `imagenet_dataset`).
         """
         self.data_dir = data_dir
         self.augment = augment
@@ -488,9 +814,20 @@ class ImageNetData:
         counts = imagenet_num_examples(data_dir)
         self.num_train = counts["train"]
         self._num_eval = counts["validation"]
+        self.input_shards = input_shards
+        self._shards = None
+        if input_shards:
+            self._shards = virtual_shards(
+                require_prepared(IMAGENET_NAME, data_dir), "train", input_shards
+            )
 
     def steps_per_epoch(self, batch_size: int) -> int:
-        """Full batches per epoch; raises a ValueError when not even one fits."""
+        """Full batches per epoch; raises a ValueError when not even one fits.
+
+        With virtual shards, the smallest shard sets it (`sharded_steps_per_epoch`).
+        """
+        if self._shards is not None:
+            return sharded_steps_per_epoch(self._shards, batch_size)
         return base.steps_per_epoch(self.name, self.num_train, batch_size)
 
     def train(
@@ -503,7 +840,8 @@ class ImageNetData:
         """Infinite augmented training batches from global step `start_step`.
 
         `batch_size` is global; with `input_context`, this pipeline's share of each
-        global batch as per-replica batches (see `imagenet_dataset`).
+        global batch as per-replica batches (see `imagenet_dataset`); with
+        `input_shards`, read from this pipeline's virtual shards only.
         """
         return imagenet_dataset(
             self.data_dir,
@@ -515,6 +853,7 @@ class ImageNetData:
             start_step=start_step,
             steps_per_epoch=self.steps_per_epoch(batch_size),
             input_context=input_context,
+            input_shards=self.input_shards,
         )
 
     def eval(
@@ -526,7 +865,7 @@ class ImageNetData:
         """One ordered pass, center-cropped; 'test' reads the validation split.
 
         With `input_context`, this pipeline's share of the examples (see
-        `imagenet_dataset`).
+        `imagenet_dataset`); with `input_shards`, read from its own files.
         """
         base.check_split(split)
         return imagenet_dataset(
@@ -538,6 +877,7 @@ class ImageNetData:
             image_size=self.image_size,
             drop_remainder=False,
             input_context=input_context,
+            input_shards=self.input_shards,
         )
 
     def num_examples(self, split: str) -> int:
