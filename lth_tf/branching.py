@@ -452,7 +452,13 @@ class Branch:
             if files.exists(paths.summary_file(rdir)):
                 summaries.append(files.read_json(paths.summary_file(rdir)))
                 continue
-            round_masks = e.masks_after(prev, imp_rounds=imp_rounds)
+            round_masks = e.masks_after(
+                prev,
+                imp_rounds=imp_rounds,
+                r=r,
+                branch=self.name,
+                rewind_step=self.spec.rewind_step,
+            )
             start = RETRAINING[self.retraining](self, round_masks, prev)
             summaries.append(
                 self.trainer.train_branch(

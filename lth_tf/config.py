@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 import json
 
-from lth_tf import FORMAT_VERSION, presets, steps
+from lth_tf import FORMAT_VERSION, criteria, presets, steps
 
 OPTIMIZERS = ("sgd", "adam")
 PRUNE_SCOPES = ("global", "layerwise")
@@ -38,14 +38,15 @@ NON_IDENTITY_FIELDS = (
 # identity, with the value every run had before the field existed. A config.json
 # without the field reads as that value, and a field at that value is left out of
 # the identity, so that every run directory written before keeps its hash; set to
-# anything else it is part of the identity like any field. For conv_rate and
-# validation_holdout that value is also the default; data_order and warmup_form
+# anything else it is part of the identity like any field. For conv_rate,
+# validation_holdout and prune_criterion that value is also the default; data_order and warmup_form
 # default to the papers' protocol instead, which new runs record.
 DEFAULT_OMITTED_FIELDS = {
     "conv_rate": 1.0,
     "validation_holdout": 0,
     "data_order": "replay",
     "warmup_form": "step+1",
+    "prune_criterion": criteria.MAGNITUDE,
 }
 
 # The data order of the rounds after round 0. per_round: each IMP round and each
@@ -109,6 +110,9 @@ class RunConfig:
     rounds: int = 0
     prune_fraction: float = 0.2
     prune_scope: str = "global"
+    # Which survivors a round removes (lth_tf.criteria): magnitude (|W_f|, the papers'),
+    # magnitude_increase, random, or package.module:function (a score function).
+    prune_criterion: str = criteria.MAGNITUDE
     target_density: float | None = None
     controls: tuple[str, ...] = ()
     verbose: int = 1
@@ -255,6 +259,8 @@ def _check(c: RunConfig) -> None:
         fail("prune_fraction", c.prune_fraction, "a fraction in (0, 1), e.g. 0.2")
     if c.prune_scope not in PRUNE_SCOPES:
         fail("prune_scope", c.prune_scope, f"one of {', '.join(PRUNE_SCOPES)}")
+    if not criteria.is_valid_name(c.prune_criterion):
+        fail("prune_criterion", c.prune_criterion, criteria.expected())
     if c.target_density is not None and not 0 < c.target_density <= 1:
         fail("target_density", c.target_density, "a density in (0, 1], e.g. 0.3")
     for control in c.controls:

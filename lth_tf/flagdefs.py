@@ -29,7 +29,7 @@ import sys
 from absl import flags
 
 from lth_tf import config as config_lib
-from lth_tf import data, presets, steps
+from lth_tf import criteria, data, presets, steps
 
 FLAGS = flags.FLAGS
 
@@ -376,6 +376,19 @@ def define_prune_flags() -> None:
         "prune scope",
         "global: one magnitude threshold over the layers at rate 1 (the others are pruned "
         "layer-wise at their --conv_rate/--output_rate); layerwise: one per layer.",
+    )
+    flags.DEFINE_string(
+        "prune_criterion",
+        None,
+        "Which survivors a round removes (lth_tf/criteria.py): magnitude (|W_f|, the papers' "
+        "and the default), magnitude_increase (|W_f| - |W_k|, Zhou et al. 2019), random, or "
+        "package.module:function, a score function of (final, rewind, masks, seed) -> "
+        "{layer: scores} (higher survives). Part of the run's name only when not magnitude.",
+    )
+    flags.register_validator(
+        "prune_criterion",
+        lambda v: v is None or criteria.is_valid_name(v),
+        message=f"--prune_criterion: expected {criteria.expected()}.",
     )
     flags.DEFINE_float(
         "target_density",

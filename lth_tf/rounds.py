@@ -16,7 +16,18 @@ import time
 
 import numpy as np
 
-from lth_tf import checkpointing, files, masks, models, paths, presets, sparsity, steps, train
+from lth_tf import (
+    checkpointing,
+    criteria,
+    files,
+    masks,
+    models,
+    paths,
+    presets,
+    sparsity,
+    steps,
+    train,
+)
 from lth_tf import data as data_lib
 from lth_tf.callbacks import (
     Interrupted,
@@ -171,6 +182,7 @@ class Experiment:
         self.initial_weights = sparsity.get_weights(self.model)
         self.layers = sorted(sparsity.wrappers(self.model))
         self.rates = sparsity.layer_rates(self.model, config)
+        self.criterion = criteria.resolve(config.prune_criterion)  # a user's: imported now
         self.trained = []  # (branch, round) trained by this process, for tests and logs
 
     def _build(self, seed):
@@ -273,7 +285,7 @@ class Experiment:
         # Always recomputed (cheap): _train_round checks a saved masks.npz against it,
         # so a mask file that does not follow from the previous round is detected.
         return self.masks_after(
-            paths.round_dir(self.run_dir, r - 1), imp_rounds=self.matched_rounds(r)
+            paths.round_dir(self.run_dir, r - 1), imp_rounds=self.matched_rounds(r), r=r
         )
 
     def kernel_sizes(self) -> dict:
@@ -298,9 +310,19 @@ class Experiment:
         return n if r == c.rounds else r * n / max(c.rounds, 1)
 
     def masks_after(
-        self, prev_rdir: str, fraction: float | None = None, *, imp_rounds: float | None = None
+        self,
+        prev_rdir: str,
+        fraction: float | None = None,
+        *,
+        imp_rounds: float | None = None,
+        r: int = 0,
+        branch: str = IMP,
+        rewind_step: int | None = None,
     ) -> dict:
-        """The masks that prune a finished round's masks by the magnitude of its final weights.
+        """The masks that prune a finished round's masks by the run's criterion.
+
+        The criterion (config.prune_criterion, lth_tf.criteria) scores the round's
+        final weights; the default, magnitude, is |W_f|.
 
         Args:
           prev_rdir: a finished round directory (masks.npz, checkpoints/final.npz).
@@ -308,20 +330,32 @@ class Experiment:
           imp_rounds: instead, prune straight to IMP's survivors after this many
             (real) rounds at --prune_fraction (masks.prune_to_rounds: one-shot
             pruning matched to IMP layer by layer).
+          r, branch: the round these masks are for and its branch: the criterion's
+            seed (random scores) is drawn from the run's seed, r and the branch.
+          rewind_step: the k whose W_k the criterion sees (default: the run's k);
+            read (or trained, dense_weights_at) only for a criterion other than magnitude.
         """
         prev_masks = files.read_npz(paths.masks_file(prev_rdir))
         final = files.read_npz(paths.checkpoint_file(prev_rdir, "final"))
         kernels = {n: final[f"{n}/kernel"] for n in self.layers}
         c = self.config
+        if c.prune_criterion == criteria.MAGNITUDE:
+            scores = criteria.magnitude(kernels, None, prev_masks, 0)
+        else:
+            k = self.schedule.rewind if rewind_step is None else rewind_step
+            w_k = self.dense_weights_at(k)
+            rewind = {n: w_k[f"{n}/kernel"] for n in self.layers}
+            seed = _seed_for(c.seed, "criterion", r, branch)
+            scores = criteria.scores(self.criterion, kernels, rewind, prev_masks, seed)
         if imp_rounds is not None:
-            new = masks.prune_to_rounds(
-                kernels, prev_masks, imp_rounds, c.prune_fraction, c.prune_scope, self.rates
+            new = masks.prune_scores_to_rounds(
+                scores, prev_masks, imp_rounds, c.prune_fraction, c.prune_scope, self.rates
             )
             masks.check_subset(new, prev_masks)
             return new
         if fraction is None:
             fraction = round_fraction(c)
-        new = masks.prune(kernels, prev_masks, fraction, c.prune_scope, self.rates)
+        new = masks.prune_scores(scores, prev_masks, fraction, c.prune_scope, self.rates)
         masks.check_subset(new, prev_masks)
         return new
 
