@@ -9,11 +9,10 @@ import dataclasses
 import hashlib
 import json
 
-from lth_tf import FORMAT_VERSION, criteria, presets, steps
+from lth_tf import FORMAT_VERSION, criteria, presets, steps, subnetworks
 
 OPTIMIZERS = ("sgd", "adam")
 PRUNE_SCOPES = ("global", "layerwise")
-CONTROLS = ("random_reinit", "random_prune")
 
 # Fields that do not change what a run computes: they may differ between the
 # invocations that build one run directory (e.g. `--rounds=5`, later `--rounds=10`
@@ -264,8 +263,9 @@ def _check(c: RunConfig) -> None:
     if c.target_density is not None and not 0 < c.target_density <= 1:
         fail("target_density", c.target_density, "a density in (0, 1], e.g. 0.3")
     for control in c.controls:
-        if control not in CONTROLS:
-            fail("controls", control, f"a comma-separated subset of {', '.join(CONTROLS)}")
+        if control not in subnetworks.CONTROLS:
+            known = ", ".join(subnetworks.CONTROL_NAMES)
+            fail("controls", control, f"a comma-separated subset of {known}")
     if c.mixed_precision not in (None, "bfloat16", "float16"):
         fail("mixed_precision", c.mixed_precision, "bfloat16 (TPU), float16 (GPU) or unset")
     if not isinstance(c.seed, int) or not isinstance(c.data_seed, int):

@@ -31,7 +31,7 @@ import numpy as np
 CONV = "conv"
 DENSE = "dense"
 OUTPUT = "output"
-KINDS = (CONV, DENSE, OUTPUT)
+LAYER_KINDS = (CONV, DENSE, OUTPUT)
 
 
 def layer_rates(kinds: dict, *, conv_rate: float = 1.0, output_rate: float = 1.0) -> dict:
@@ -47,7 +47,7 @@ def layer_rates(kinds: dict, *, conv_rate: float = 1.0, output_rate: float = 1.0
       hidden layers at 1, the output layer at `output_rate`.
 
     Raises:
-      ValueError: for a kind that is not one of KINDS, or a negative rate.
+      ValueError: for a kind that is not one of LAYER_KINDS, or a negative rate.
     """
     for name, rate in (("conv_rate", conv_rate), ("output_rate", output_rate)):
         if not rate >= 0:
@@ -55,7 +55,9 @@ def layer_rates(kinds: dict, *, conv_rate: float = 1.0, output_rate: float = 1.0
     by_kind = {CONV: float(conv_rate), DENSE: 1.0, OUTPUT: float(output_rate)}
     unknown = {n: k for n, k in kinds.items() if k not in by_kind}
     if unknown:
-        raise ValueError(f"Unknown layer kinds {unknown}; expected one of {', '.join(KINDS)}.")
+        raise ValueError(
+            f"Unknown layer kinds {unknown}; expected one of {', '.join(LAYER_KINDS)}."
+        )
     return {name: by_kind[kind] for name, kind in kinds.items()}
 
 

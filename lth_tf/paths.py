@@ -127,7 +127,7 @@ def saved_model_dir(run_dir, round_index: int):
 
 
 def tflite_file(run_dir, round_index: int, kind: str = "sparse"):
-    """model_<kind>.tflite, kind one of lth_tf.tflite.KINDS (dense, sparse, sparse_int8)."""
+    """model_<kind>.tflite, kind one of lth_tf.tflite.TFLITE_KINDS (dense, sparse, sparse_int8)."""
     return join(export_dir(run_dir, round_index), f"model_{kind}.tflite")
 
 
