@@ -353,7 +353,7 @@ class Stability:
 
     def _drop_stale_copies(self, point_dir: str, inputs: dict, label: str) -> None:
         """Deletes the point's trained copies when what they were trained from changed."""
-        path = paths.join(point_dir, "inputs.json")
+        path = paths.stability_inputs_file(point_dir)
         training = {key: inputs[key] for key in TRAINING_INPUTS}
         if files.exists(path):
             changed = changed_inputs(files.read_json(path), training)
@@ -382,7 +382,7 @@ class Stability:
         series = series_name(subnetwork, branch)
         self.check_finished(r, branch)
         point_dir = paths.stability_point_dir(self.out_dir, r, k, series)
-        out_path = paths.join(point_dir, "interpolation.json")
+        out_path = paths.interpolation_file(point_dir)
         label = f"stability of round {r} at k={k} ({series or 'imp'})"
         round_masks, start = self.subnetwork(r, k, subnetwork, branch)
         inputs = self._inputs(r, k, subnetwork, branch, round_masks, start)
@@ -427,7 +427,9 @@ class Stability:
         result.update(self._pruning_distance(r, k, subnetwork, branch, kernels))
         result["inputs"] = inputs
         files.write_json(out_path, result)
-        files.write_bytes(paths.join(point_dir, "path.png"), plots.interpolation_path(result))
+        files.write_bytes(
+            paths.interpolation_plot_file(point_dir), plots.interpolation_path(result)
+        )
         return result
 
     def _repeat(self, r, k, j, series, round_masks, start, kernels) -> tuple:
@@ -520,10 +522,10 @@ class Stability:
             mask_branch = self.own_mask_branch(r, k) if per_k else branch
             results.append(self.point(r, k, subnetwork=subnetwork, branch=mask_branch))
         directory = paths.stability_dir(self.out_dir, r, series_name(subnetwork, branch))
-        name = "sweep_shared_mask" if r > 0 and branch is None and shared_mask else "sweep"
-        files.write_json(paths.join(directory, f"{name}.json"), results)
+        shared = r > 0 and branch is None and shared_mask
+        files.write_json(paths.sweep_file(directory, shared), results)
         files.write_bytes(
-            paths.join(directory, name.replace("sweep", "barrier_vs_k") + ".png"),
+            paths.barrier_plot_file(directory, shared),
             plots.barrier_vs_k(results, STABLE_BARRIER),
         )
         return results

@@ -157,6 +157,30 @@ def stability_copy_dir(
     return join(point, f"repeat_{repeat}", f"copy_{copy}")
 
 
+def stability_inputs_file(point_dir):
+    """What a stability point's trained copies were trained from (a point dir's inputs.json)."""
+    return join(point_dir, "inputs.json")
+
+
+def interpolation_file(point_dir):
+    """A stability point's result: the error along the path, the barrier, the distances."""
+    return join(point_dir, "interpolation.json")
+
+
+def interpolation_plot_file(point_dir):
+    return join(point_dir, "path.png")
+
+
+def sweep_file(stability_round_dir, shared_mask: bool = False):
+    """A sweep over k of one round (stability_dir): sweep.json, or sweep_shared_mask.json."""
+    return join(stability_round_dir, "sweep_shared_mask.json" if shared_mask else "sweep.json")
+
+
+def barrier_plot_file(stability_round_dir, shared_mask: bool = False):
+    name = "barrier_vs_k_shared_mask.png" if shared_mask else "barrier_vs_k.png"
+    return join(stability_round_dir, name)
+
+
 def rewind_point_file(run_dir, step: int):
     """Dense weights at `step` trained from round 0's init with the run's data order."""
     return join(run_dir, "stability", "rewind_points", f"step_{step:07d}.npz")
