@@ -128,7 +128,7 @@ def test_magnitude_increase_matches_a_hand_computation():
     new = masks.prune_scores(scores, current, 0.4, "global")
     np.testing.assert_array_equal(new["a"], [[1, 1, 0]])
     np.testing.assert_array_equal(new["b"], [[0, 1, 0]])
-    # Magnitude would have pruned the two smallest |W_f| instead: 0.1 and 0.2.
+    # Here magnitude agrees (its two smallest |W_f|, 0.1 and 0.2, are the same weights).
     by_magnitude = masks.prune(final, current, 0.4, "global")
     np.testing.assert_array_equal(by_magnitude["a"], [[1, 1, 0]])
     np.testing.assert_array_equal(by_magnitude["b"], [[0, 1, 0]])
