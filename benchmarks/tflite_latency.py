@@ -72,7 +72,7 @@ def main():
         module, fn = serving(model, shape)
         x = inputs(arch, shape)
         keras_classes = module.serve(tf.constant(x)).numpy().argmax(-1)
-        flat = {kind: tflite.convert(fn, module, kind) for kind in tflite.KINDS}
+        flat = {kind: tflite.convert(fn, module, kind) for kind in tflite.TFLITE_KINDS}
         row = {"density": density, "kinds": {}}
         for kind, fb in flat.items():
             it, _ = tflite.interpreter(fb)

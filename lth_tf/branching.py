@@ -32,9 +32,9 @@ The name says what the branch is, so that it is its series' label in reports:
                             density, were written before: they open and report as
                             they are.)
 
-A kind is how its masks are found (`MASKS`: iterative or one-shot) and how
-each round starts (`RETRAINING`: one start function per retraining mode);
-a new mode is one more entry.
+The kinds are records in lth_tf.branch_kinds (how the masks are found, how
+each round starts, which parameters, the name): a new kind is one more record
+there; this module resolves and trains any of them.
 """
 
 import dataclasses
@@ -42,17 +42,10 @@ import math
 
 import numpy as np
 
-from lth_tf import files, masks, paths, rounds, steps, train
+from lth_tf import branch_kinds, files, masks, paths, rounds, steps, train
+from lth_tf.branch_kinds import KINDS
 from lth_tf.config import NON_IDENTITY_FIELDS, RunConfig
 from lth_tf.keras import tf
-
-# kind -> (how the masks are found, how each round starts)
-KINDS = {
-    "rewind": ("iterative", "weight_rewind"),
-    "lr_rewind": ("iterative", "lr_rewind"),
-    "finetune": ("iterative", "finetune"),
-    "oneshot": ("oneshot", "weight_rewind"),
-}
 
 # What a branch may set differently from its run: everything else would need
 # another round 0 (another arch, dataset, batch, seed, schedule, pruning rule).
@@ -87,43 +80,33 @@ class Spec:
         Distinct parameters give distinct names: the learning rate is written in
         full (its shortest exact decimal), as e.g. 0.0001 where that is exact.
         """
-        if self.kind == "finetune":
-            return f"finetune_lr{_exact(self.finetune_lr)}_{self.finetune_steps}it"
-        if self.kind == "oneshot":
-            return f"oneshot_{self.rewind_step}it_d{100 * self.reached:.{self.decimals}f}"
-        return f"{self.kind}_{self.rewind_step}it"
+        return KINDS[self.kind].label(self)
 
     @property
     def legacy_name(self) -> str | None:
         """The name an older lth_tf gave this branch, where it differs (6 significant digits)."""
-        if self.kind == "finetune":
+        if self.finetune_lr is not None:
             old = f"finetune_lr{self.finetune_lr:g}_{self.finetune_steps}it"
             return old if old != self.name else None
         return None
 
     def description(self) -> dict:
         """branch.json: what the branch is (rounds are not part of it: they extend)."""
-        masks_rule, retraining = KINDS[self.kind]
+        kind = KINDS[self.kind]
         return {
             "name": self.name,
             "kind": self.kind,
-            "masks": masks_rule,
-            "retraining": retraining,
+            "masks": kind.masks,
+            "retraining": kind.retraining,
             "rewind_step": self.rewind_step,
             "densities": list(self.densities),
             "finetune_lr": self.finetune_lr,
             "finetune_steps": self.finetune_steps,
         } | (
             {"density_reached": self.reached, "imp_rounds": self.imp_rounds}
-            if self.kind == "oneshot"
+            if KINDS[self.kind].masks == branch_kinds.ONESHOT
             else {}
         )
-
-
-def _exact(x: float) -> str:
-    """x as the shortest decimal that reads back as x ('1e-05', '0.0001', '0.123456789')."""
-    short = f"{x:g}"  # the names of older lth_tf: kept wherever they are exact
-    return short if float(short) == x else repr(float(x))
 
 
 def _same_description(key, ours, theirs) -> bool:
@@ -215,28 +198,29 @@ def make_spec(
     if kind not in KINDS:
         raise BranchError(f"Unknown branch kind {kind!r}. Known kinds: {', '.join(KINDS)}.")
     _require_round_0(experiment.run_dir)
-
-    def used(flag, what, value):
-        if value not in (None, (), []):
-            raise BranchError(f"--{flag} is for {what}, not --kind={kind}; drop it.")
+    record = KINDS[kind]
+    given = {
+        "rounds": num_rounds,
+        "densities": densities,
+        "finetune_lr": finetune_lr,
+        "finetune_steps": finetune_steps,
+    }
+    for param, value in given.items():
+        if param not in record.params and value not in (None, (), []):
+            raise BranchError(f"--{param} is for {_takers(param)}, not --kind={kind}; drop it.")
 
     k = _rewind_point(kind, rewind_step, experiment.config, experiment.schedule)
-    if kind == "oneshot":
-        used("rounds", "the iterative kinds (oneshot has one round per density)", num_rounds)
+    if record.masks == branch_kinds.ONESHOT:
         checked = _checked_densities(densities)
         if len(checked) > 1:
             raise BranchError(
                 f"One density per one-shot branch, got {list(checked)}: make_specs makes one "
                 "branch per density."
             )
-        return _oneshot_spec(experiment, k, checked[0])
-    used("densities", "--kind=oneshot", densities)
-    if kind != "finetune":
-        used("finetune_lr", "--kind=finetune", finetune_lr)
-        used("finetune_steps", "--kind=finetune", finetune_steps)
+        return _oneshot_spec(experiment, kind, k, checked[0])
     num_rounds = _branch_rounds(experiment.run_dir, num_rounds)
     _check_keeps_weights(experiment, rounds.round_fraction(experiment.config), num_rounds)
-    if kind == "finetune":
+    if record.own_schedule:
         lr, n = _finetune_settings(
             experiment.config, experiment.schedule, finetune_lr, finetune_steps
         )
@@ -245,10 +229,19 @@ def make_spec(
     return Spec(kind, k, rounds=num_rounds)
 
 
+def _takers(param: str) -> str:
+    names = branch_kinds.taking(param)
+    if param == "rounds":
+        one_shot = [n for n in KINDS if KINDS[n].masks == branch_kinds.ONESHOT]
+        return f"the iterative kinds ({' and '.join(one_shot)} has one round per density)"
+    return " or ".join(f"--kind={n}" for n in names)
+
+
 def make_specs(experiment: rounds.Experiment, kind: str, **params) -> list:
     """make_spec's specs: one per density of `oneshot` (densities reaching the same
     masks' density once), else the one spec."""
-    if kind != "oneshot" or len(params.get("densities") or ()) < 2:
+    oneshot = kind in KINDS and KINDS[kind].masks == branch_kinds.ONESHOT
+    if not oneshot or len(params.get("densities") or ()) < 2:
         return [make_spec(experiment, kind, **params)]
     specs = {}
     for d in _checked_densities(params.pop("densities")):
@@ -257,7 +250,7 @@ def make_specs(experiment: rounds.Experiment, kind: str, **params) -> list:
     return list(specs.values())
 
 
-def _oneshot_spec(experiment: rounds.Experiment, k: int, density: float) -> Spec:
+def _oneshot_spec(experiment: rounds.Experiment, kind: str, k: int, density: float) -> Spec:
     """A one-shot branch to `density` overall: IMP's rounds there and the density reached."""
     c, sizes = experiment.config, experiment.kernel_sizes()
     try:
@@ -280,9 +273,7 @@ def _oneshot_spec(experiment: rounds.Experiment, k: int, density: float) -> Spec
     # Enough decimals (of %) that two different numbers of survivors get two names.
     decimals = max(2, math.ceil(math.log10(total)) - 2)
     reached = sum(survivors.values()) / total
-    return Spec(
-        "oneshot", k, densities=(density,), reached=reached, imp_rounds=n, decimals=decimals
-    )
+    return Spec(kind, k, densities=(density,), reached=reached, imp_rounds=n, decimals=decimals)
 
 
 def _require_round_0(run_dir: str) -> None:
@@ -297,23 +288,28 @@ def _require_round_0(run_dir: str) -> None:
 def _rewind_point(kind: str, rewind_step, config, schedule) -> int:
     """The branch's k: --rewind_step resolved and checked, else the run's own k."""
     k = schedule.rewind
+    takes = KINDS[kind].rewind_step
     if rewind_step is not None:
-        if kind == "finetune":
+        if takes == branch_kinds.NONE:
+            others = ", ".join(branch_kinds.taking("rewind_step"))
             raise BranchError(
-                "--rewind_step is for rewind, lr_rewind and oneshot, not --kind=finetune (it "
-                "trains for --finetune_steps at --finetune_lr); drop it."
+                f"--rewind_step is for {others}, not --kind={kind} (it trains for "
+                "--finetune_steps at --finetune_lr); drop it."
             )
-        k = steps.to_steps(rewind_step, schedule.steps_per_epoch, "rewind_step")
-        if not 0 <= k < schedule.total:
-            raise BranchError(
-                f"--rewind_step={rewind_step} is step {k}, outside the run's schedule "
-                f"[0, {schedule.total}) (--training_steps={config.training_steps}). "
-                "Choose an earlier step."
+        try:
+            k = steps.rewind_point(
+                rewind_step,
+                schedule.steps_per_epoch,
+                schedule.total,
+                config.training_steps,
+                "rewind_step",
             )
-    if kind == "rewind":
+        except ValueError as e:
+            raise BranchError(str(e)) from None
+    if takes == branch_kinds.OTHER_K:
         if rewind_step is None:
             raise BranchError(
-                "--kind=rewind needs --rewind_step=K, the other rewind point (e.g. 500it or 2ep)."
+                f"--kind={kind} needs --rewind_step=K, the other rewind point (e.g. 500it or 2ep)."
             )
         if k == schedule.rewind:
             raise BranchError(
@@ -389,35 +385,6 @@ def rounds_finished(run_dir: str) -> list:
     return out
 
 
-# ---- how each round of a branch starts: one entry per retraining mode ----------------------
-
-
-def _final(rdir: str) -> dict:
-    return files.read_npz(paths.checkpoint_file(rdir, "final"))
-
-
-def _weight_rewind(b: "Branch", round_masks: dict, prev_rdir: str) -> rounds.Start:
-    k = b.spec.rewind_step
-    return rounds.Start(round_masks, b.experiment.dense_weights_at(k), k)
-
-
-def _lr_rewind(b: "Branch", round_masks: dict, prev_rdir: str) -> rounds.Start:
-    # Renda et al.: the previous round's final weights, the schedule replayed from k.
-    return rounds.Start(round_masks, _final(prev_rdir), b.spec.rewind_step)
-
-
-def _finetune(b: "Branch", round_masks: dict, prev_rdir: str) -> rounds.Start:
-    # Step 0 of the fine-tuning schedule (a constant rate; lth_tf.branching.Branch.trainer).
-    return rounds.Start(round_masks, _final(prev_rdir), 0)
-
-
-RETRAINING = {
-    "weight_rewind": _weight_rewind,
-    "lr_rewind": _lr_rewind,
-    "finetune": _finetune,
-}
-
-
 class Branch:
     """One branch of a run, trained with the run's Experiment (its model, data, round 0).
 
@@ -430,7 +397,7 @@ class Branch:
         self.experiment = experiment
         self.spec = spec
         self.name = self._resolve_name()
-        self.masks_rule, self.retraining = KINDS[spec.kind]
+        self.kind = KINDS[spec.kind]
         self._trainer = None
 
     @property
@@ -440,7 +407,7 @@ class Branch:
         Fine-tuning trains with a constant learning rate for its own budget: a
         schedule of its own, so another compiled model (built once, lazily).
         """
-        if self.retraining != "finetune":
+        if not self.kind.own_schedule:
             return self.experiment
         if self._trainer is None:
             e = self.experiment
@@ -487,7 +454,8 @@ class Branch:
         mine = {**self.spec.description(), "name": name}
         # One-shot: another density asked for, or IMP's rounds a hair apart, with the same
         # survivors (the name) is the same branch: the first description stays.
-        asked = {"densities", "imp_rounds"} if self.spec.kind == "oneshot" else set()
+        oneshot = KINDS[self.spec.kind].masks == branch_kinds.ONESHOT
+        asked = {"densities", "imp_rounds"} if oneshot else set()
         return {
             k: (described.get(k), mine.get(k))
             for k in sorted(set(described) | set(mine))
@@ -524,7 +492,7 @@ class Branch:
         self._write_description()
         e = self.experiment
         e.log(f"== branch {self.name} of {e.run_dir}")
-        if self.masks_rule == "oneshot":
+        if self.kind.masks == branch_kinds.ONESHOT:
             plan = [(1, paths.round_dir(e.run_dir, 0), self.spec.imp_rounds)]
         else:
             plan = [
@@ -537,8 +505,14 @@ class Branch:
             if files.exists(paths.summary_file(rdir)):
                 summaries.append(files.read_json(paths.summary_file(rdir)))
                 continue
-            round_masks = e.masks_after(prev, imp_rounds=imp_rounds)
-            start = RETRAINING[self.retraining](self, round_masks, prev)
+            round_masks = e.masks_after(
+                prev,
+                imp_rounds=imp_rounds,
+                r=r,
+                branch=self.name,
+                rewind_step=self.spec.rewind_step,
+            )
+            start = self.kind.start(self, round_masks, prev)
             summaries.append(
                 self.trainer.train_branch(
                     rdir, r, self.name, start.masks, start.weights, start.step

@@ -10,11 +10,10 @@ import hashlib
 import json
 import math
 
-from lth_tf import FORMAT_VERSION, presets, steps
+from lth_tf import FORMAT_VERSION, criteria, presets, steps, subnetworks
 
 OPTIMIZERS = ("sgd", "adam")
 PRUNE_SCOPES = ("global", "layerwise")
-CONTROLS = ("random_reinit", "random_prune")
 
 # Fields that do not change what a run computes: they may differ between the
 # invocations that build one run directory (e.g. `--rounds=5`, later `--rounds=10`
@@ -39,8 +38,8 @@ NON_IDENTITY_FIELDS = (
 # identity, with the value every run had before the field existed. A config.json
 # without the field reads as that value, and a field at that value is left out of
 # the identity, so that every run directory written before keeps its hash; set to
-# anything else it is part of the identity like any field. For conv_rate and
-# validation_holdout that value is also the default; data_order and warmup_form
+# anything else it is part of the identity like any field. For conv_rate,
+# validation_holdout and prune_criterion that value is also the default; data_order and warmup_form
 # default to the papers' protocol instead, which new runs record.
 DEFAULT_OMITTED_FIELDS = {
     "conv_rate": 1.0,
@@ -48,6 +47,7 @@ DEFAULT_OMITTED_FIELDS = {
     "data_order": "replay",
     "warmup_form": "step+1",
     "input_shards": 0,
+    "prune_criterion": criteria.MAGNITUDE,
 }
 
 # The data order of the rounds after round 0. per_round: each IMP round and each
@@ -116,6 +116,9 @@ class RunConfig:
     rounds: int = 0
     prune_fraction: float = 0.2
     prune_scope: str = "global"
+    # Which survivors a round removes (lth_tf.criteria): magnitude (|W_f|, the papers'),
+    # magnitude_increase, random, or package.module:function (a score function).
+    prune_criterion: str = criteria.MAGNITUDE
     target_density: float | None = None
     controls: tuple[str, ...] = ()
     verbose: int = 1
@@ -316,9 +319,12 @@ def _check(c: RunConfig) -> None:
         fail("steps_per_execution", spe, "an integer >= 1 (or unset: automatic)")
     if c.prune_scope not in PRUNE_SCOPES:
         fail("prune_scope", c.prune_scope, f"one of {', '.join(PRUNE_SCOPES)}")
+    if not criteria.is_valid_name(c.prune_criterion):
+        fail("prune_criterion", c.prune_criterion, criteria.expected())
     for control in c.controls:
-        if control not in CONTROLS:
-            fail("controls", control, f"a comma-separated subset of {', '.join(CONTROLS)}")
+        if control not in subnetworks.CONTROLS:
+            known = ", ".join(subnetworks.CONTROL_NAMES)
+            fail("controls", control, f"a comma-separated subset of {known}")
     if c.mixed_precision not in (None, "bfloat16", "float16"):
         fail("mixed_precision", c.mixed_precision, "bfloat16 (TPU), float16 (GPU) or unset")
     if not isinstance(c.seed, int) or not isinstance(c.data_seed, int):

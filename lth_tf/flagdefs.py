@@ -30,25 +30,10 @@ import textwrap
 
 from absl import flags
 
+from lth_tf import branch_kinds, criteria, data, paths, presets, steps, subnetworks
 from lth_tf import config as config_lib
-from lth_tf import data, paths, presets, steps
 
 FLAGS = flags.FLAGS
-
-# `python -m lth_tf.imp` with no flags at all runs this short demo on the bundled
-# MNIST; any --arch (or a flagfile, which sets it) gets the paper's recipe instead.
-MAIN_JOB = dict(
-    arch="lenet_300_100",
-    training_steps="5ep",
-    eval_every="1ep",
-    rounds=15,  # 0.8^15 = 3.5% density: where random reinitialisation falls behind
-    controls=("random_reinit",),
-    steps_per_execution=100,
-    # The demo's rule (the authors' framework's): one global threshold, output layer
-    # dense. The lenet_300_100 recipe itself follows the 2019 paper (layer-wise).
-    prune_scope="global",
-    output_rate=0.0,
-)
 
 # RunConfig fields that have no flag of their own. A field added to RunConfig must
 # get a flag below or be listed here with the reason (tests/test_cli.py checks
@@ -95,15 +80,6 @@ _CONFIG_FLAGS = tuple(
     for f in dataclasses.fields(config_lib.RunConfig)
     if f.name not in CONFIG_FIELDS_WITHOUT_FLAGS
 )
-
-# Image shapes known from a dataset's name alone (no file is read at flag time).
-_MNIST_SHAPE = (28, 28, 1)
-_NAMED_SHAPES = {
-    "mnist": _MNIST_SHAPE,
-    "tfds:mnist": _MNIST_SHAPE,
-    "cifar10": (32, 32, 3),
-    "imagenet2012": (224, 224, 3),
-}
 
 _DATASET_FORMS = (
     "mnist (the real MNIST bundled with lth_tf), tfds:mnist, cifar10, imagenet2012 "
@@ -262,11 +238,11 @@ def _dataset_validator(value):
 
 def _controls_validator(value):
     for control in value or ():
-        if control and control not in config_lib.CONTROLS:
+        if control and control not in subnetworks.CONTROLS:
             raise flags.ValidationError(
                 f"{control!r} is not a control. Known controls: "
-                f"{', '.join(config_lib.CONTROLS)} (comma-separated, e.g. "
-                f"--controls={','.join(config_lib.CONTROLS)}; empty for none)."
+                f"{', '.join(subnetworks.CONTROL_NAMES)} (comma-separated, e.g. "
+                f"--controls={','.join(subnetworks.CONTROL_NAMES)}; empty for none)."
             )
     return True
 
@@ -437,6 +413,19 @@ def define_prune_flags() -> None:
         "global: one magnitude threshold over the layers at rate 1 (the others are pruned "
         "layer-wise at their --conv_rate/--output_rate); layerwise: one per layer.",
     )
+    flags.DEFINE_string(
+        "prune_criterion",
+        None,
+        "Which survivors a round removes (lth_tf/criteria.py): magnitude (|W_f|, the papers' "
+        "and the default), magnitude_increase (|W_f| - |W_k|, Zhou et al. 2019), random, or "
+        "package.module:function, a score function of (final, rewind, masks, seed) -> "
+        "{layer: scores} (higher survives). Part of the run's name only when not magnitude.",
+    )
+    flags.register_validator(
+        "prune_criterion",
+        lambda v: v is None or criteria.is_valid_name(v),
+        message=f"--prune_criterion: expected {criteria.expected()}.",
+    )
     flags.DEFINE_float(
         "target_density",
         None,
@@ -462,7 +451,7 @@ def define_prune_flags() -> None:
     flags.DEFINE_list(
         "controls",
         None,
-        f"Control branches, comma-separated: {', '.join(config_lib.CONTROLS)}.",
+        f"Control branches, comma-separated: {', '.join(subnetworks.CONTROL_NAMES)}.",
     )
     flags.register_validator("controls", _controls_validator)
     flags.register_validator("rewind_step", _duration_validator("rewind_step"))
@@ -614,18 +603,12 @@ def define_stability_flags() -> None:
     _define_choice(
         "subnetwork",
         "imp",
-        SUBNETWORKS,
+        subnetworks.SUBNETWORKS,
         "subnetwork",
         "Which subnetwork of round --round to analyse: imp (the IMP mask of the run, or of "
         "--branch), random_prune (a random mask with its per-layer densities, from W_k) or "
         "random_reinit (its mask, weights drawn afresh from the initialiser).",
     )
-
-
-# The subnetworks lth_tf.stability analyses (lth_tf.linear_mode.SUBNETWORKS).
-SUBNETWORKS = ("imp", "random_prune", "random_reinit")
-# The kinds of lth_tf.branch (lth_tf.branching.KINDS; listed here so flags stay off TF).
-BRANCH_KINDS = ("rewind", "lr_rewind", "finetune", "oneshot")
 
 
 @_idempotent
@@ -675,7 +658,7 @@ def define_branch_flags() -> None:
     _define_choice(
         "kind",
         None,
-        BRANCH_KINDS,
+        branch_kinds.NAMES,
         "branch kind",
         "What the branch does with the run's round 0: rewind (IMP rewound to another "
         "--rewind_step, with its own masks), lr_rewind (each round keeps the previous round's "
@@ -779,8 +762,8 @@ def config_from_flags() -> config_lib.RunConfig:
     if values["target_density"] is not None and values["rounds"] is None:
         values["rounds"] = 1  # one-shot
     if arch is None:
-        _check_demo_dataset(values["dataset"])
-        for key, value in MAIN_JOB.items():
+        presets.check_demo_dataset(values["dataset"])
+        for key, value in presets.MAIN_JOB.items():
             if values.get(key) is None:
                 values[key] = value
         arch = values.pop("arch")
@@ -790,41 +773,6 @@ def config_from_flags() -> config_lib.RunConfig:
         if values[name] is not None:
             values[name] = tuple(v for v in values[name] if v)
     return config_lib.make_config(arch, **values)
-
-
-def _image_shape(dataset: str) -> tuple[int, ...] | None:
-    """The image shape a dataset name implies, or None when only its files tell."""
-    if dataset in _NAMED_SHAPES:
-        return _NAMED_SHAPES[dataset]
-    if dataset.startswith("synthetic:"):
-        dims = tuple(int(d) for d in dataset.split(":")[1].lower().split("x"))
-        return dims if len(dims) == 3 else (*dims, 1)
-    return None  # npz:PATH (read later), plain 'synthetic' (the demo's: MNIST-shaped)
-
-
-def _check_demo_dataset(dataset: str | None) -> None:
-    """Refuses the MNIST demo (no --arch) on a dataset that is not MNIST-shaped."""
-    if dataset is None:
-        return
-    shape = _image_shape(dataset)
-    if shape is None or shape == _MNIST_SHAPE:
-        return
-    suited = [a for a, r in presets.RECIPES.items() if r["dataset"] == dataset]
-    if len(suited) > 1:
-        suggestion = f"--arch={', '.join(suited[:-1])} or {suited[-1]} (recipes made for {dataset})"
-    elif suited:
-        suggestion = f"--arch={suited[0]} (its recipe is made for {dataset})"
-    else:
-        suggestion = (
-            "--arch=conv2/conv4/conv6/vgg16/resnet20/... for colour images, or "
-            "--arch=lenet_300_100 for the paper's LeNet recipe"
-        )
-    raise ValueError(
-        f"--dataset={dataset} without --arch: that would run the MNIST demo "
-        f"(LeNet-300-100, 5 epochs per round) on {'x'.join(map(str, shape))} images, "
-        f"not the {'x'.join(map(str, _MNIST_SHAPE))} MNIST images it is made for. "
-        f"Choose the network: {suggestion}."
-    )
 
 
 def protocol_lines(config: config_lib.RunConfig) -> list[str]:

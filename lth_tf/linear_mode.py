@@ -64,7 +64,7 @@ from lth_tf import (
     rundir,
     sparse_export,
     sparsity,
-    train,
+    subnetworks,
 )
 from lth_tf.keras import keras, tf
 
@@ -72,7 +72,7 @@ STABLE_BARRIER = 0.02
 DEFAULT_REPEATS = 3  # pairs of copies per point, as the LMC paper (--repeats' default)
 # The inputs a point's trained copies depend on; other inputs only re-evaluate the path.
 TRAINING_INPUTS = ("config", "subnetwork", "masks", "start")
-SUBNETWORKS = ("imp", *rounds.CONTROLS)  # = lth_tf.flagdefs.SUBNETWORKS
+SUBNETWORKS = subnetworks.SUBNETWORKS
 
 
 def series_name(subnetwork: str = "imp", branch: str | None = None) -> str | None:
@@ -252,39 +252,16 @@ class Stability:
         imp_masks = self.masks_of(r, branch)
         if subnetwork == "imp":
             return imp_masks, self.weights_at(k)
-        # The controls' own rules (lth_tf.rounds.STARTS): the run's control branches
-        # got the same masks and weights.
-        start = rounds.STARTS[subnetwork](self.experiment, r, imp_masks)
-        if subnetwork == "random_prune":
-            return start.masks, self.weights_at(k)
-        return imp_masks, start.weights
+        # The controls' own rules (lth_tf.subnetworks.CONTROLS): the run's control
+        # branches got the same masks and weights.
+        start = subnetworks.start(self.experiment, subnetwork, r, imp_masks)
+        if subnetworks.CONTROLS[subnetwork].keeps_imp_masks:
+            return imp_masks, start.weights  # other weights: their own
+        return start.masks, self.weights_at(k)  # other masks: on W_k of the k analysed
 
     def weights_at(self, k: int) -> dict:
-        """Dense W_k: recorded by round 0 where possible, else trained from W_0 to k."""
-        if not 0 <= k < self.schedule.total:
-            raise ValueError(f"Rewind step {k} is outside the schedule [0, {self.schedule.total}).")
-        r0 = paths.round_dir(self.run_dir, 0)
-        if k == self.schedule.rewind and files.exists(paths.checkpoint_file(r0, "rewind")):
-            return files.read_npz(paths.checkpoint_file(r0, "rewind"))
-        if files.exists(paths.rewind_file(r0, k)):  # recorded by round 0 (imp --rewind_steps)
-            return files.read_npz(paths.rewind_file(r0, k))
-        start = paths.checkpoint_file(r0, "start")
-        if k == 0 and files.exists(start):
-            return files.read_npz(start)
-        path = paths.rewind_point_file(self.out_dir, k)
-        if files.exists(path):
-            return files.read_npz(path)
-        self.log(f"== training the dense network to step {k} (rewind point)")
-        e = self.experiment
-        init = files.read_npz(start) if files.exists(start) else e.initial_weights
-        sparsity.set_masks(e.model, masks.ones_like({n: init[f"{n}/kernel"] for n in e.layers}))
-        sparsity.set_weights(e.model, init)
-        train.reset_optimizer(e.model, 0)
-        if k > 0:
-            train.fit_segment(e.model, e.data, e.config, self.schedule, 0, k)
-        weights = sparsity.get_weights(e.model)
-        files.write_npz(path, weights)
-        return weights
+        """Dense W_k of the run (rounds.Experiment.dense_weights_at), cached in out_dir."""
+        return self.experiment.dense_weights_at(k, source=self.run_dir)
 
     def check_finished(self, r: int, branch: str | None = None) -> None:
         """Refuses a round that has not finished, as lth_tf.sparse_export does.
@@ -376,7 +353,7 @@ class Stability:
 
     def _drop_stale_copies(self, point_dir: str, inputs: dict, label: str) -> None:
         """Deletes the point's trained copies when what they were trained from changed."""
-        path = paths.join(point_dir, "inputs.json")
+        path = paths.stability_inputs_file(point_dir)
         training = {key: inputs[key] for key in TRAINING_INPUTS}
         if files.exists(path):
             changed = changed_inputs(files.read_json(path), training)
@@ -405,7 +382,7 @@ class Stability:
         series = series_name(subnetwork, branch)
         self.check_finished(r, branch)
         point_dir = paths.stability_point_dir(self.out_dir, r, k, series)
-        out_path = paths.join(point_dir, "interpolation.json")
+        out_path = paths.interpolation_file(point_dir)
         label = f"stability of round {r} at k={k} ({series or 'imp'})"
         round_masks, start = self.subnetwork(r, k, subnetwork, branch)
         inputs = self._inputs(r, k, subnetwork, branch, round_masks, start)
@@ -450,7 +427,9 @@ class Stability:
         result.update(self._pruning_distance(r, k, subnetwork, branch, kernels))
         result["inputs"] = inputs
         files.write_json(out_path, result)
-        files.write_bytes(paths.join(point_dir, "path.png"), plots.interpolation_path(result))
+        files.write_bytes(
+            paths.interpolation_plot_file(point_dir), plots.interpolation_path(result)
+        )
         return result
 
     def _repeat(self, r, k, j, series, round_masks, start, kernels) -> tuple:
@@ -543,10 +522,10 @@ class Stability:
             mask_branch = self.own_mask_branch(r, k) if per_k else branch
             results.append(self.point(r, k, subnetwork=subnetwork, branch=mask_branch))
         directory = paths.stability_dir(self.out_dir, r, series_name(subnetwork, branch))
-        name = "sweep_shared_mask" if r > 0 and branch is None and shared_mask else "sweep"
-        files.write_json(paths.join(directory, f"{name}.json"), results)
+        shared = r > 0 and branch is None and shared_mask
+        files.write_json(paths.sweep_file(directory, shared), results)
         files.write_bytes(
-            paths.join(directory, name.replace("sweep", "barrier_vs_k") + ".png"),
+            paths.barrier_plot_file(directory, shared),
             plots.barrier_vs_k(results, STABLE_BARRIER),
         )
         return results

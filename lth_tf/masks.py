@@ -1,5 +1,8 @@
 """Magnitude and random pruning on numpy arrays; mask files; density reports.
 
+Other criteria (lth_tf.criteria) rank their scores instead of |w| with the
+same rules (`prune_scores`, `prune_scores_to_rounds`).
+
 Masks are {layer name: float32 array of 0/1} with the kernel's shape. Nothing
 here touches TensorFlow, so every rule can be tested on plain arrays.
 
@@ -28,7 +31,7 @@ import numpy as np
 CONV = "conv"
 DENSE = "dense"
 OUTPUT = "output"
-KINDS = (CONV, DENSE, OUTPUT)
+LAYER_KINDS = (CONV, DENSE, OUTPUT)
 
 
 def layer_rates(kinds: dict, *, conv_rate: float = 1.0, output_rate: float = 1.0) -> dict:
@@ -44,7 +47,7 @@ def layer_rates(kinds: dict, *, conv_rate: float = 1.0, output_rate: float = 1.0
       hidden layers at 1, the output layer at `output_rate`.
 
     Raises:
-      ValueError: for a kind that is not one of KINDS, or a negative rate.
+      ValueError: for a kind that is not one of LAYER_KINDS, or a negative rate.
     """
     for name, rate in (("conv_rate", conv_rate), ("output_rate", output_rate)):
         if not rate >= 0:
@@ -52,7 +55,9 @@ def layer_rates(kinds: dict, *, conv_rate: float = 1.0, output_rate: float = 1.0
     by_kind = {CONV: float(conv_rate), DENSE: 1.0, OUTPUT: float(output_rate)}
     unknown = {n: k for n, k in kinds.items() if k not in by_kind}
     if unknown:
-        raise ValueError(f"Unknown layer kinds {unknown}; expected one of {', '.join(KINDS)}.")
+        raise ValueError(
+            f"Unknown layer kinds {unknown}; expected one of {', '.join(LAYER_KINDS)}."
+        )
     return {name: by_kind[kind] for name, kind in kinds.items()}
 
 
@@ -102,17 +107,17 @@ def _count(fraction: float, surviving: int) -> int:
     return int(np.round(fraction * surviving))
 
 
-def _drop_smallest(weights: list, masks: list, fraction: float, k: int | None = None) -> list:
+def _drop_smallest(scores: list, masks: list, fraction: float, k: int | None = None) -> list:
     """Removes round(fraction * survivors) (or k) of the survivors of all `masks` together.
 
-    One magnitude threshold over every given tensor: the k-th smallest surviving
-    magnitude, found with a partition (O(n), not a sort: ResNet-50's 25M weights
-    take well under a second). Entries exactly at the threshold are dropped in
-    order until exactly k are gone, so densities are exact even with ties.
+    The lowest scores go (magnitude pruning: the scores are |w|). One threshold
+    over every given tensor: the k-th smallest surviving score, found with a
+    partition (O(n), not a sort: ResNet-50's 25M weights take well under a
+    second). Entries exactly at the threshold are dropped in order until exactly
+    k are gone, so densities are exact even with ties.
     """
     alive = [m > 0 for m in masks]
-    magnitudes = [np.abs(w) for w in weights]
-    pool = np.concatenate([a[m] for a, m in zip(magnitudes, alive, strict=True)])
+    pool = np.concatenate([a[m] for a, m in zip(scores, alive, strict=True)])
     if k is None:
         k = _count(fraction, pool.size)
     if k == 0:
@@ -120,7 +125,7 @@ def _drop_smallest(weights: list, masks: list, fraction: float, k: int | None = 
     threshold = np.partition(pool, k - 1)[k - 1]
     ties_to_drop = k - int(np.count_nonzero(pool < threshold))
     out = []
-    for a, m in zip(magnitudes, alive, strict=True):
+    for a, m in zip(scores, alive, strict=True):
         keep = m & (a > threshold)
         ties = np.flatnonzero(m & (a == threshold))
         n_drop = min(ties_to_drop, ties.size)
@@ -128,6 +133,10 @@ def _drop_smallest(weights: list, masks: list, fraction: float, k: int | None = 
         ties_to_drop -= n_drop
         out.append(keep.astype(np.float32))
     return out
+
+
+def _magnitudes(weights: dict) -> dict:
+    return {name: np.abs(w) for name, w in weights.items()}
 
 
 def prune(weights: dict, masks: dict, fraction: float, scope: str = "global", rates=None) -> dict:
@@ -143,6 +152,16 @@ def prune(weights: dict, masks: dict, fraction: float, scope: str = "global", ra
     Returns:
       New masks, a subset of `masks`.
     """
+    return prune_scores(_magnitudes(weights), masks, fraction, scope, rates)
+
+
+def prune_scores(scores: dict, masks: dict, fraction: float, scope="global", rates=None) -> dict:
+    """One round of pruning by any criterion: `prune` with the lowest `scores` removed.
+
+    Args:
+      scores: {layer: array of the kernel's shape} (lth_tf.criteria); |w| is `prune`.
+      masks, fraction, scope, rates: as `prune`'s.
+    """
     if not 0 <= fraction < 1:
         raise ValueError(f"Prune fraction must be in [0, 1), got {fraction}.")
     if scope not in ("global", "layerwise"):
@@ -157,9 +176,9 @@ def prune(weights: dict, masks: dict, fraction: float, scope: str = "global", ra
         elif rate == 1 and scope == "global":
             pool.append(name)
         else:
-            (new[name],) = _drop_smallest([weights[name]], [mask], min(rate * fraction, 1.0))
+            (new[name],) = _drop_smallest([scores[name]], [mask], min(rate * fraction, 1.0))
     if pool:
-        pooled = _drop_smallest([weights[n] for n in pool], [masks[n] for n in pool], fraction)
+        pooled = _drop_smallest([scores[n] for n in pool], [masks[n] for n in pool], fraction)
         new.update(zip(pool, pooled, strict=True))
     return {name: new[name] for name in masks}
 
@@ -271,13 +290,20 @@ def prune_to_rounds(
     Returns:
       New masks, a subset of `masks`.
     """
+    return prune_scores_to_rounds(_magnitudes(weights), masks, rounds, fraction, scope, rates)
+
+
+def prune_scores_to_rounds(
+    scores: dict, masks: dict, rounds: float, fraction: float, scope="global", rates=None
+) -> dict:
+    """`prune_to_rounds` by any criterion: each group keeps its highest `scores`."""
     rates = rates or {}
     sizes = {n: m.size for n, m in masks.items()}
     new = {}
     for group, keep in imp_survivors(sizes, fraction, rounds, scope, rates).items():
         current = [masks[n] for n in group]
         alive = sum(int(np.count_nonzero(m)) for m in current)
-        kept = _drop_smallest([weights[n] for n in group], current, 0.0, max(alive - keep, 0))
+        kept = _drop_smallest([scores[n] for n in group], current, 0.0, max(alive - keep, 0))
         new.update(zip(group, kept, strict=True))
     return {name: new[name] for name in masks}
 

@@ -157,7 +157,7 @@ def saved_model_dir(run_dir, round_index: int):
 
 
 def tflite_file(run_dir, round_index: int, kind: str = "sparse"):
-    """model_<kind>.tflite, kind one of lth_tf.tflite.KINDS (dense, sparse, sparse_int8)."""
+    """model_<kind>.tflite, kind one of lth_tf.tflite.TFLITE_KINDS (dense, sparse, sparse_int8)."""
     return join(export_dir(run_dir, round_index), f"model_{kind}.tflite")
 
 
@@ -187,6 +187,30 @@ def stability_copy_dir(
 ):
     point = stability_point_dir(run_dir, round_index, step, series)
     return join(point, f"repeat_{repeat}", f"copy_{copy}")
+
+
+def stability_inputs_file(point_dir):
+    """What a stability point's trained copies were trained from (a point dir's inputs.json)."""
+    return join(point_dir, "inputs.json")
+
+
+def interpolation_file(point_dir):
+    """A stability point's result: the error along the path, the barrier, the distances."""
+    return join(point_dir, "interpolation.json")
+
+
+def interpolation_plot_file(point_dir):
+    return join(point_dir, "path.png")
+
+
+def sweep_file(stability_round_dir, shared_mask: bool = False):
+    """A sweep over k of one round (stability_dir): sweep.json, or sweep_shared_mask.json."""
+    return join(stability_round_dir, "sweep_shared_mask.json" if shared_mask else "sweep.json")
+
+
+def barrier_plot_file(stability_round_dir, shared_mask: bool = False):
+    name = "barrier_vs_k_shared_mask.png" if shared_mask else "barrier_vs_k.png"
+    return join(stability_round_dir, name)
 
 
 def rewind_point_file(run_dir, step: int):

@@ -145,3 +145,63 @@ def recipe(arch: str) -> dict:
     if arch not in RECIPES:
         raise ValueError(f"Unknown --arch={arch!r}. Known architectures: {', '.join(RECIPES)}.")
     return dict(RECIPES[arch])
+
+
+# `python -m lth_tf.imp` with no flags at all runs this short demo on the bundled
+# MNIST; any --arch (or a flagfile, which sets it) gets the paper's recipe instead.
+MAIN_JOB = dict(
+    arch="lenet_300_100",
+    training_steps="5ep",
+    eval_every="1ep",
+    rounds=15,  # 0.8^15 = 3.5% density: where random reinitialisation falls behind
+    controls=("random_reinit",),
+    steps_per_execution=100,
+    # The demo's rule (the authors' framework's): one global threshold, output layer
+    # dense. The lenet_300_100 recipe itself follows the 2019 paper (layer-wise).
+    prune_scope="global",
+    output_rate=0.0,
+)
+
+# Image shapes known from a dataset's name alone (no file is read at flag time).
+_MNIST_SHAPE = (28, 28, 1)
+_NAMED_SHAPES = {
+    "mnist": _MNIST_SHAPE,
+    "tfds:mnist": _MNIST_SHAPE,
+    "cifar10": (32, 32, 3),
+    "imagenet2012": (224, 224, 3),
+}
+
+
+def _image_shape(dataset: str) -> tuple[int, ...] | None:
+    """The image shape a dataset name implies, or None when only its files tell."""
+    if dataset in _NAMED_SHAPES:
+        return _NAMED_SHAPES[dataset]
+    if dataset.startswith("synthetic:"):
+        dims = tuple(int(d) for d in dataset.split(":")[1].lower().split("x"))
+        return dims if len(dims) == 3 else (*dims, 1)
+    return None  # npz:PATH (read later), plain 'synthetic' (the demo's: MNIST-shaped)
+
+
+def check_demo_dataset(dataset: str | None) -> None:
+    """Refuses the MNIST demo (no --arch) on a dataset that is not MNIST-shaped."""
+    if dataset is None:
+        return
+    shape = _image_shape(dataset)
+    if shape is None or shape == _MNIST_SHAPE:
+        return
+    suited = [a for a, r in RECIPES.items() if r["dataset"] == dataset]
+    if len(suited) > 1:
+        suggestion = f"--arch={', '.join(suited[:-1])} or {suited[-1]} (recipes made for {dataset})"
+    elif suited:
+        suggestion = f"--arch={suited[0]} (its recipe is made for {dataset})"
+    else:
+        suggestion = (
+            "--arch=conv2/conv4/conv6/vgg16/resnet20/... for colour images, or "
+            "--arch=lenet_300_100 for the paper's LeNet recipe"
+        )
+    raise ValueError(
+        f"--dataset={dataset} without --arch: that would run the MNIST demo "
+        f"(LeNet-300-100, 5 epochs per round) on {'x'.join(map(str, shape))} images, "
+        f"not the {'x'.join(map(str, _MNIST_SHAPE))} MNIST images it is made for. "
+        f"Choose the network: {suggestion}."
+    )

@@ -85,7 +85,7 @@ def stability_points(run_dir: str) -> list:
     for directory in series:
         for rname in _round_names(directory):
             for kname in sorted(tf.io.gfile.listdir(paths.join(directory, rname))):
-                path = paths.join(directory, rname, kname.rstrip("/"), "interpolation.json")
+                path = paths.interpolation_file(paths.join(directory, rname, kname.rstrip("/")))
                 if files.exists(path):
                     points.append(files.read_json(path))
     return points

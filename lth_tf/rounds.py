@@ -10,13 +10,24 @@ and an unfinished round restarts from its last mid-round checkpoint.
 
 import contextlib
 import dataclasses
-import hashlib
 import sys
 import time
 
 import numpy as np
 
-from lth_tf import checkpointing, files, masks, models, paths, presets, sparsity, steps, train
+from lth_tf import (
+    checkpointing,
+    criteria,
+    files,
+    masks,
+    models,
+    paths,
+    presets,
+    sparsity,
+    steps,
+    subnetworks,
+    train,
+)
 from lth_tf import data as data_lib
 from lth_tf.callbacks import (
     Interrupted,
@@ -30,7 +41,9 @@ from lth_tf.config import RunConfig
 from lth_tf.keras import keras, tf
 from lth_tf.rundir import CorruptRunError
 
-IMP = "imp"
+IMP = subnetworks.IMP
+# How a round starts (masks, weights, first step): lth_tf.subnetworks.Start.
+Start = subnetworks.Start
 
 
 def round_fraction(config: RunConfig) -> float:
@@ -42,8 +55,7 @@ def round_fraction(config: RunConfig) -> float:
     return 1.0 - config.target_density ** (1.0 / rounds)
 
 
-def _seed_for(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little") % (2**31)
+_seed_for = subnetworks.seed_for
 
 
 @dataclasses.dataclass
@@ -53,41 +65,6 @@ class _Clock:
 
     def __call__(self) -> float:
         return self.offset + time.time() - self.t0
-
-
-@dataclasses.dataclass(frozen=True)
-class Start:
-    """How a branch starts: its masks, its (unmasked) weights and its first global step."""
-
-    masks: dict
-    weights: dict
-    step: int
-
-
-# How each branch of round r >= 1 starts, from IMP's masks of that round. A new
-# retraining mode (e.g. learning-rate rewinding, fine-tuning) is one more entry.
-def _imp_start(e: "Experiment", r: int, imp_masks: dict) -> Start:
-    return Start(imp_masks, e.rewind_weights(), e.schedule.rewind)
-
-
-def _random_reinit_start(e: "Experiment", r: int, imp_masks: dict) -> Start:
-    # Same mask, weights drawn afresh from the initialiser.
-    weights = sparsity.get_weights(e._build(_seed_for(e.config.seed, "reinit", r)))
-    return Start(imp_masks, weights, e.schedule.rewind)
-
-
-def _random_prune_start(e: "Experiment", r: int, imp_masks: dict) -> Start:
-    # A random mask with the IMP mask's per-layer densities, from the same W_k.
-    random_masks = masks.random_like(imp_masks, _seed_for(e.config.seed, "prune", r))
-    return Start(random_masks, e.rewind_weights(), e.schedule.rewind)
-
-
-STARTS = {
-    IMP: _imp_start,
-    "random_reinit": _random_reinit_start,
-    "random_prune": _random_prune_start,
-}
-CONTROLS = tuple(name for name in STARTS if name != IMP)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +149,12 @@ class Experiment:
         self.initial_weights = sparsity.get_weights(self.model)
         self.layers = sorted(sparsity.wrappers(self.model))
         self.rates = sparsity.layer_rates(self.model, config)
+        self.criterion = criteria.resolve(config.prune_criterion)  # a user's: imported now
         self.trained = []  # (branch, round) trained by this process, for tests and logs
+
+    def fresh_weights(self, seed: int) -> dict:
+        """The weights of a model built afresh from the initialiser with `seed` (unmasked)."""
+        return sparsity.get_weights(self._build(seed))
 
     def _build(self, seed):
         return models.build_model(
@@ -216,31 +198,44 @@ class Experiment:
             return files.exists(paths.checkpoint_file(r0, "rewind"))
         return files.exists(paths.rewind_file(r0, k))
 
-    def dense_weights_at(self, k: int) -> dict:
+    def dense_weights_at(self, k: int, *, source: str | None = None) -> dict:
         """The dense W_k of this run: recorded by round 0 where it was, else trained to k.
 
         Round 0 records the run's own k (checkpoints/rewind.npz) and every k of
         `rewind_points` (checkpoints/rewind_step_NNNNNNN.npz); W_0 is round 0's
         start.npz. Any other k is trained from W_0 with round 0's data order and a
         fresh optimizer (k steps; it does not count as a trained round), and cached
-        where lth_tf.stability caches its rewind points.
+        under this Experiment's run_dir (paths.rewind_point_file). The one way to
+        W_k: branches (lth_tf.branching), criteria (masks_after) and the stability
+        analyses (lth_tf.linear_mode) all ask here.
+
+        Args:
+          k: the step.
+          source: the run directory whose round 0 is read (default: run_dir); a
+            stability worker reads the chief's run and caches in its own copy.
 
         Raises:
           ValueError: k is outside the schedule [0, T).
-          FileNotFoundError: round 0 has not started (no start.npz).
+          FileNotFoundError: round 0 has not started (no start.npz), or it has
+            not recorded the run's own k.
         """
-        if not 0 <= k < self.schedule.total:
-            raise ValueError(
-                f"Rewind step {k} is outside the run's schedule [0, {self.schedule.total}) "
-                f"(--training_steps={self.config.training_steps}). Choose an earlier step."
-            )
-        r0 = paths.round_dir(self.run_dir, 0)
-        if k == self.schedule.rewind:
+        steps.rewind_point(
+            k,
+            self.schedule.steps_per_epoch,
+            self.schedule.total,
+            self.config.training_steps,
+            "rewind_step",
+        )
+        if k == self.schedule.rewind and source is None:
             return self.rewind_weights()
+        r0 = paths.round_dir(source or self.run_dir, 0)
         start = paths.checkpoint_file(r0, "start")
-        for path in [paths.rewind_file(r0, k), paths.rewind_point_file(self.run_dir, k)] + (
-            [start] if k == 0 else []
-        ):
+        candidates = [paths.rewind_file(r0, k), paths.rewind_point_file(self.run_dir, k)]
+        if k == self.schedule.rewind:
+            candidates.insert(0, paths.checkpoint_file(r0, "rewind"))
+        if k == 0:
+            candidates.append(start)
+        for path in candidates:
             if files.exists(path):
                 return files.read_npz(path)
         if not files.exists(start):
@@ -260,6 +255,10 @@ class Experiment:
         if self.write:
             files.write_npz(paths.rewind_point_file(self.run_dir, k), weights, compress=False)
         return weights
+
+    def final_weights(self, rdir: str) -> dict:
+        """A finished round's final weights (checkpoints/final.npz)."""
+        return files.read_npz(paths.checkpoint_file(rdir, "final"))
 
     def rewind_weights(self) -> dict:
         r0 = paths.round_dir(self.run_dir, 0)
@@ -285,7 +284,7 @@ class Experiment:
         # Always recomputed (cheap): _train_round checks a saved masks.npz against it,
         # so a mask file that does not follow from the previous round is detected.
         return self.masks_after(
-            paths.round_dir(self.run_dir, r - 1), imp_rounds=self.matched_rounds(r)
+            paths.round_dir(self.run_dir, r - 1), imp_rounds=self.matched_rounds(r), r=r
         )
 
     def kernel_sizes(self) -> dict:
@@ -310,9 +309,19 @@ class Experiment:
         return n if r == c.rounds else r * n / max(c.rounds, 1)
 
     def masks_after(
-        self, prev_rdir: str, fraction: float | None = None, *, imp_rounds: float | None = None
+        self,
+        prev_rdir: str,
+        fraction: float | None = None,
+        *,
+        imp_rounds: float | None = None,
+        r: int = 0,
+        branch: str = IMP,
+        rewind_step: int | None = None,
     ) -> dict:
-        """The masks that prune a finished round's masks by the magnitude of its final weights.
+        """The masks that prune a finished round's masks by the run's criterion.
+
+        The criterion (config.prune_criterion, lth_tf.criteria) scores the round's
+        final weights; the default, magnitude, is |W_f|.
 
         Args:
           prev_rdir: a finished round directory (masks.npz, checkpoints/final.npz).
@@ -320,20 +329,32 @@ class Experiment:
           imp_rounds: instead, prune straight to IMP's survivors after this many
             (real) rounds at --prune_fraction (masks.prune_to_rounds: one-shot
             pruning matched to IMP layer by layer).
+          r, branch: the round these masks are for and its branch: the criterion's
+            seed (random scores) is drawn from the run's seed, r and the branch.
+          rewind_step: the k whose W_k the criterion sees (default: the run's k);
+            read (or trained, dense_weights_at) only for a criterion other than magnitude.
         """
         prev_masks = files.read_npz(paths.masks_file(prev_rdir))
         final = files.read_npz(paths.checkpoint_file(prev_rdir, "final"))
         kernels = {n: final[f"{n}/kernel"] for n in self.layers}
         c = self.config
+        if c.prune_criterion == criteria.MAGNITUDE:
+            scores = criteria.magnitude(kernels, None, prev_masks, 0)
+        else:
+            k = self.schedule.rewind if rewind_step is None else rewind_step
+            w_k = self.dense_weights_at(k)
+            rewind = {n: w_k[f"{n}/kernel"] for n in self.layers}
+            seed = _seed_for(c.seed, "criterion", r, branch)
+            scores = criteria.scores(self.criterion, kernels, rewind, prev_masks, seed)
         if imp_rounds is not None:
-            new = masks.prune_to_rounds(
-                kernels, prev_masks, imp_rounds, c.prune_fraction, c.prune_scope, self.rates
+            new = masks.prune_scores_to_rounds(
+                scores, prev_masks, imp_rounds, c.prune_fraction, c.prune_scope, self.rates
             )
             masks.check_subset(new, prev_masks)
             return new
         if fraction is None:
             fraction = round_fraction(c)
-        new = masks.prune(kernels, prev_masks, fraction, c.prune_scope, self.rates)
+        new = masks.prune_scores(scores, prev_masks, fraction, c.prune_scope, self.rates)
         masks.check_subset(new, prev_masks)
         return new
 
@@ -354,14 +375,15 @@ class Experiment:
         return self._branch_round(IMP, r, round_masks)
 
     def control_round(self, control: str, r: int, imp_masks: dict) -> dict:
-        if control not in CONTROLS:
-            raise ValueError(f"Unknown control {control!r}. Known controls: {', '.join(CONTROLS)}.")
+        if control not in subnetworks.CONTROLS:
+            known = ", ".join(subnetworks.CONTROL_NAMES)
+            raise ValueError(f"Unknown control {control!r}. Known controls: {known}.")
         return self._branch_round(control, r, imp_masks)
 
     def _branch_round(self, branch: str, r: int, imp_masks: dict) -> dict:
         # The start is computed even when the round is done, as it always was: a
         # reinitialised model is built in the same order whatever was finished.
-        start = STARTS[branch](self, r, imp_masks)
+        start = subnetworks.start(self, branch, r, imp_masks)
         rdir = paths.round_dir(self.run_dir, r, None if branch == IMP else branch)
         data_seed = self.round_data_seed(r, branch)
         return self._train_round(_Round(rdir, r, branch, start, data_seed=data_seed))
@@ -566,15 +588,9 @@ def resolve_rewind_points(points, config: RunConfig, schedule) -> tuple:
     """
     out = set()
     for point in points:
-        if isinstance(point, str):
-            k = steps.to_steps(point, schedule.steps_per_epoch, "rewind_steps")
-        else:
-            k = int(point)
-        if not 0 <= k < schedule.total:
-            raise ValueError(
-                f"--rewind_steps: {point!r} is step {k}, outside the schedule [0, {schedule.total}) "
-                f"(--training_steps={config.training_steps}). Choose steps before the end."
-            )
+        k = steps.rewind_point(
+            point, schedule.steps_per_epoch, schedule.total, config.training_steps, "rewind_steps"
+        )
         train.check_reachable(k, schedule.eval_every, config.steps_per_execution)
         out.add(k)
     return tuple(sorted(out))

@@ -9,11 +9,11 @@ import dataclasses
 import json
 import re
 
-from lth_tf import FORMAT_VERSION, files, paths, schemas
+from lth_tf import FORMAT_VERSION, files, paths, schemas, subnetworks
 from lth_tf.config import NON_IDENTITY_FIELDS, RECORDED_FIELDS, RunConfig
 from lth_tf.keras import tf
 
-IMP = "imp"  # the branch name of the IMP rounds in finished_rounds()
+IMP = subnetworks.IMP  # the branch name of the IMP rounds in finished_rounds()
 MATCHING_POINTS = 0.002  # within 0.2 accuracy points of the dense network
 
 

@@ -51,13 +51,8 @@ def main(argv):
             if files.exists(described):
                 default = files.read_json(described)["rewind_step"]  # the branch's own k
         texts = f.rewind_steps or [default]
-        ks = [steps.to_steps(t, spe, "rewind_steps") for t in texts]
-        for k in ks:
-            if not 0 <= k < analysis.schedule.total:
-                raise ValueError(
-                    f"--rewind_steps: step {k} is outside the run's schedule [0, "
-                    f"{analysis.schedule.total}) (--training_steps={analysis.config.training_steps})."
-                )
+        total, training_steps = analysis.schedule.total, analysis.config.training_steps
+        ks = [steps.rewind_point(t, spe, total, training_steps, "rewind_steps") for t in texts]
         if f.branch is not None:
             analysis.masks_of(f.round, f.branch)  # a branch that is not there: the known ones
         analysis.sweep(

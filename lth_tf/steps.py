@@ -73,3 +73,27 @@ def canonical(text: str | int, what: str = "duration") -> str:
 def to_steps(text: str | int, steps_per_epoch: int, what: str = "duration") -> int:
     """Shorthand for `parse(text).to_steps(steps_per_epoch)`."""
     return parse(text, what).to_steps(steps_per_epoch)
+
+
+def rewind_point(point, steps_per_epoch: int, total: int, training_steps: str, flag: str) -> int:
+    """A rewind point k (a duration, or a step) as a step, checked to lie in the schedule [0, T).
+
+    The one check of every rewind point: imp's --rewind_steps, a branch's
+    --rewind_step, stability's --rewind_steps, a W_k asked of a run.
+
+    Args:
+      point: '500it', '2ep', '0' or a step (int).
+      steps_per_epoch, total: the run's schedule (T = total).
+      training_steps: the run's --training_steps, for the message.
+      flag: the flag `point` came from, for the message.
+
+    Raises:
+      ValueError: `point` is not a duration, or k is not in [0, T).
+    """
+    k = int(point) if isinstance(point, int) else to_steps(point, steps_per_epoch, flag)
+    if not 0 <= k < total:
+        raise ValueError(
+            f"--{flag}={point} is step {k}, outside the run's schedule [0, {total}) "
+            f"(--training_steps={training_steps}). Choose an earlier step."
+        )
+    return k

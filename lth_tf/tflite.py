@@ -49,7 +49,7 @@ from lth_tf.keras import tf
 DENSE = "dense"
 SPARSE = "sparse"
 SPARSE_INT8 = "sparse_int8"
-KINDS = (DENSE, SPARSE, SPARSE_INT8)
+TFLITE_KINDS = (DENSE, SPARSE, SPARSE_INT8)
 
 # What a file that XNNPACK refuses needs: the builtin kernels only.
 BUILTIN_OPTION = "experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES"
@@ -102,8 +102,8 @@ def convert(concrete_function, trackable, kind: str = SPARSE, log=None) -> bytes
     Returns:
       The flatbuffer's bytes.
     """
-    if kind not in KINDS:
-        raise ValueError(f"TFLite kind {kind!r} is not one of {', '.join(KINDS)}.")
+    if kind not in TFLITE_KINDS:
+        raise ValueError(f"TFLite kind {kind!r} is not one of {', '.join(TFLITE_KINDS)}.")
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete_function], trackable)
     if kind == SPARSE:
         converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]

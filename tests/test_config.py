@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lth_tf import config as config_lib
-from lth_tf import presets, steps, train
+from lth_tf import presets, steps, subnetworks, train
 
 
 def test_durations_parse_iterations_and_epochs():
@@ -194,7 +194,7 @@ def test_closed_sets_of_the_config_are_the_ones_the_flags_offer():
     assert flags["optimizer"].parser.enum_values == list(config_lib.OPTIMIZERS)
     assert flags["prune_scope"].parser.enum_values == list(config_lib.PRUNE_SCOPES)
     assert flags["arch"].parser.enum_values == list(models.ARCHITECTURES)
-    for control in config_lib.CONTROLS:
+    for control in subnetworks.CONTROL_NAMES:
         assert control in flags["controls"].help
 
 

@@ -140,7 +140,7 @@ def kinds(converted):
     notes = []
     files = {
         kind: tflite.convert(_function(model), model, kind, log=notes.append)
-        for kind in tflite.KINDS
+        for kind in tflite.TFLITE_KINDS
     }
     assert notes == []  # no rewrite skipped
     return files, x, model(x, training=False).numpy()
