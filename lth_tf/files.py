@@ -47,11 +47,9 @@ def _failpoint(action: str, path: str) -> None:
     """
     spec = os.environ.get("LTH_TF_FAILPOINT", "")
     wanted, _, pattern = spec.partition(":")
-    if wanted == "enospc_tf" and action == "enospc":
-        wanted = action
-        as_tf = True
-    else:
-        as_tf = False
+    as_tf = wanted == "enospc_tf"
+    if as_tf:
+        wanted = "enospc"
     if wanted != action or not pattern or pattern not in path:
         return
     if action == "kill":
