@@ -13,13 +13,13 @@ report then shows the branch as one more series. The kinds are described in
 lth_tf/branching.py; this module is only the command line.
 """
 
+import contextlib
 import dataclasses
-import sys
 
 from absl import app, flags, logging
 
-from lth_tf import branching, distribute, flagdefs, paths, reporting, rounds, rundir
-from lth_tf.callbacks import DivergedError, Interrupted, StopRequest
+from lth_tf import branching, cli, distribute, flagdefs, paths, reporting, rounds, rundir, runlock
+from lth_tf.cli import StopRequest
 
 FLAGS = flags.FLAGS
 
@@ -37,25 +37,30 @@ KEY_FLAGS = (
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; every option is a --flag.")
-    try:
-        run_dir = flagdefs.one_run_dir(FLAGS.run_dir)
-        config = rundir.load_config(run_dir)
-        requested = flagdefs.explicit_config_flags()
-        branching.check_shares_round_0(config, requested)
-        # What changes nothing computed may differ from the run's (e.g. where the data is).
-        config = dataclasses.replace(
-            config, **{k: v for k, v in requested.items() if k in branching.PROCESS_FIELDS}
-        )
-        strategy = distribute.get_strategy(FLAGS.strategy, num_gpus=FLAGS.num_gpus, tpu=FLAGS.tpu)
-        chief = distribute.is_chief(strategy)
-        experiment = rounds.Experiment(
-            config,
-            run_dir,
-            strategy=strategy,
-            checkpoint_seconds=FLAGS.checkpoint_seconds,
-            write=chief,
-            log=print if chief else (lambda *a: None),
-        )
+    return cli.exit_code(_branch)
+
+
+def _branch():
+    run_dir = flagdefs.one_run_dir(FLAGS.run_dir)
+    config = rundir.load_config(run_dir)
+    requested = flagdefs.explicit_config_flags()
+    branching.check_shares_round_0(config, requested)
+    # What changes nothing computed may differ from the run's (e.g. where the data is).
+    config = dataclasses.replace(
+        config, **{k: v for k, v in requested.items() if k in branching.PROCESS_FIELDS}
+    )
+    strategy = distribute.get_strategy(FLAGS.strategy, num_gpus=FLAGS.num_gpus, tpu=FLAGS.tpu)
+    chief = distribute.is_chief(strategy)
+    experiment = rounds.Experiment(
+        config,
+        run_dir,
+        strategy=strategy,
+        checkpoint_seconds=FLAGS.checkpoint_seconds,
+        write=chief,
+        log=print if chief else (lambda *a: None),
+    )
+    # The chief writes the run (one writer per run directory); other workers write nothing.
+    with runlock.hold(run_dir, "lth_tf.branch") if chief else contextlib.nullcontext():
         specs = branching.make_specs(
             experiment,
             FLAGS.kind,
@@ -65,24 +70,14 @@ def main(argv):
             finetune_lr=FLAGS.finetune_lr,
             finetune_steps=FLAGS.finetune_steps,
         )
-        branches = [
-            branching.Branch(experiment, spec) for spec in specs
-        ]  # names: an older lth_tf's, if so
+        # Their names: an older lth_tf's, where it made them.
+        branches = [branching.Branch(experiment, spec) for spec in specs]
         for b in branches:
             b.run()
-    except (ValueError, FileNotFoundError) as e:  # BranchError, RunDirError, CorruptRunError...
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Interrupted as e:
-        print(str(e), file=sys.stderr)
-        return 130 if StopRequest.signal_name == "SIGINT" else 143
-    except DivergedError as e:
-        print(f"error: training diverged: {e}", file=sys.stderr)
-        return 3
-    if chief:
-        print(reporting.write_report(run_dir))
-        for b in branches:
-            print(f"\nBranch {b.name}: {paths.branch_dir(run_dir, b.name)}")
+        if chief:
+            print(reporting.write_report(run_dir))
+            for b in branches:
+                print(f"\nBranch {b.name}: {paths.branch_dir(run_dir, b.name)}")
     return 0
 
 

@@ -12,11 +12,8 @@ import math
 import time
 
 from lth_tf import train
+from lth_tf.cli import DivergedError, Interrupted, StopRequest  # noqa: F401 (their old home)
 from lth_tf.keras import keras, tf
-
-
-class DivergedError(RuntimeError):
-    """Training produced a NaN or Inf loss."""
 
 
 class StepCallback(keras.callbacks.Callback):
@@ -147,40 +144,6 @@ class PeriodEnd(StepCallback):
                     if key != "step":
                         tf.summary.scalar(key, value)
             self.writer.flush()
-
-
-class Interrupted(RuntimeError):
-    """Training stopped on SIGINT/SIGTERM after saving a resumable checkpoint."""
-
-
-class StopRequest:
-    """Set by the entry points' signal handlers; training stops at the next batch boundary."""
-
-    signal_name: str | None = None
-
-    @classmethod
-    def install(cls) -> None:
-        """SIGINT and SIGTERM request a clean stop; a second SIGINT stops at once.
-
-        Building a MultiWorkerMirroredStrategy replaces the SIGTERM handler (TF's
-        coordination service installs its own preemption notifier): entry points
-        call this again once their strategy is built.
-        """
-        import signal
-
-        def handler(signum, frame):
-            name = signal.Signals(signum).name
-            if cls.signal_name is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            cls.signal_name = name
-            print(
-                f"\n{name} received: saving a checkpoint at the next step, then stopping. "
-                "Rerun the same command to resume.",
-                flush=True,
-            )
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
 
 
 def progress_mode(verbose: int, stream) -> str | None:

@@ -117,6 +117,7 @@ class RoundCheckpointer:
         self.label = label
         self.agreement = agreement
         self._manager = None  # made at the first save: one per round
+        self.restored = False  # True once restore() put a checkpoint back
 
     def latest(self) -> str | None:
         """The path prefix of the newest checkpoint, or None."""
@@ -150,6 +151,7 @@ class RoundCheckpointer:
             return False
         try:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
+            self.restored = True
         except (tf.errors.OpError, ValueError, AssertionError, IndexError) as e:
             # IndexError: a truncated data file ("Read less bytes than requested").
             raise CorruptCheckpointError(
@@ -196,9 +198,9 @@ class RoundCheckpointer:
         self._manager.save(checkpoint_number=step)
 
     def discard(self) -> None:
-        """Deletes the round's checkpoints (the round is finished)."""
+        """Deletes the round's checkpoints (the round is finished); never through a link."""
         if self.write and files.exists(self.directory):
-            tf.io.gfile.rmtree(self.directory)
+            files.remove_tree(self.directory)
 
 
 class CheckpointPolicy(StepCallback):
@@ -297,10 +299,15 @@ class CheckpointPolicy(StepCallback):
         if not _finite((logs or {}).get("loss")):
             return  # never a checkpoint of weights that already diverged
         if stopping:
-            # Straight out of fit: no validation pass first.
+            if step == self.period_end_step():
+                # The batch ends its period: on_epoch_end saves and stops once the
+                # period's metrics line is written (or, at the round's last step, lets
+                # the round finish), so a resumed round writes the same lines.
+                return
+            # Mid-period: straight out of fit, no validation pass first.
             self._save(step)
             self._stop(step)
-        if step % self.period and step < self.total:  # period ends: on_epoch_end
+        if step != self.period_end_step() and step < self.total:  # period ends: on_epoch_end
             self._save(step)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -319,6 +326,69 @@ class CheckpointPolicy(StepCallback):
         if self._stopping() and step < self.total:
             self._save(step)
             self._stop(step)
+
+
+# ---- the running training metrics of a period ---------------------------------------------------
+#
+# Keras reports a period's training loss and accuracy as means over its steps (metric
+# variables: a total and a count each), and resets them when a fit epoch starts. A round
+# stopped mid-period saves them with its checkpoint; resumed, the period's fit call starts
+# with them put back, so its metrics line (and summary.json's train_accuracy) is bit for
+# bit the one of an uninterrupted run.
+
+
+def metric_state(model, strategy) -> dict:
+    """{'metrics': the model's compiled loss and metrics} for the round's tf.train.Checkpoint.
+
+    Builds their variables now (Keras makes them at the first training step, after a
+    restore). Empty under multi-worker training: its metric variables are reduced
+    across the workers on read, and a mid-period resume there restarts the period's
+    running means (weights, validation and test metrics are resumed exactly).
+    """
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return {}
+    y_pred = tf.zeros([1, int(model.output_shape[-1])])
+    if not model.compiled_loss._built:
+        model.compiled_loss.build(y_pred)
+    if not model.compiled_metrics._built:
+        model.compiled_metrics.build(y_pred, tf.zeros([1], tf.int64))
+    return {"metrics": list(model.metrics)}
+
+
+class ResumedPeriod(StepCallback):
+    """Puts back the running training metrics restored from a mid-period checkpoint.
+
+    At the start of the round's first fit epoch (after Keras' reset): the values the
+    metric variables had right after the restore. Only for a checkpoint inside a
+    period (`resumed_period`); a period-end checkpoint starts the next period afresh.
+    """
+
+    def __init__(self, variables, values):
+        super().__init__()
+        self.variables = variables
+        self.values = values
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        if self.values is not None:
+            for variable, value in zip(self.variables, self.values, strict=True):
+                variable.assign(value)
+            self.values = None  # once: later periods start from zero
+
+
+def resumed_period(checkpoint, checkpointer, start: int, period: int) -> ResumedPeriod | None:
+    """The callback that continues a period's running means, or None when there is none.
+
+    Args:
+      checkpoint: the round's tf.train.Checkpoint (with `metrics`: metric_state).
+      checkpointer: the round's RoundCheckpointer, after restore().
+      start: the step the round resumes from; period: the evaluation period.
+    """
+    metrics = getattr(checkpoint, "metrics", None)
+    if not checkpointer.restored or not metrics or start % period == 0:
+        return None
+    variables = [v for m in metrics for v in m.variables]
+    return ResumedPeriod(variables, [v.numpy() for v in variables])
 
 
 def _step_of(path: str) -> int:

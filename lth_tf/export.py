@@ -19,18 +19,20 @@ points of the dense network's (the paper's "matching").
 The export itself is lth_tf/sparse_export.py; this module is only the command line.
 """
 
-import sys
-
 from absl import app, flags, logging
 
-from lth_tf import flagdefs, paths, sparse_export
+from lth_tf import cli, flagdefs, paths, runlock, sparse_export
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
-    try:
-        run_dir = flagdefs.one_run_dir(f.run_dir)
+    return cli.exit_code(lambda: _export(f))
+
+
+def _export(f):
+    run_dir = flagdefs.one_run_dir(f.run_dir)
+    with runlock.hold(run_dir, "lth_tf.export"):  # one writer per run directory
         result = sparse_export.export(
             run_dir,
             f.round,
@@ -38,9 +40,6 @@ def main(argv):
             tflite_int8=f.tflite_int8,
             eval_examples=f.eval_examples or None,  # 0: all
         )
-    except (sparse_export.ExportError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     print(
         f"Exported round {result['round']} to {result['sparse']['path']}\n"
         f"  test accuracy: exported {100 * result['exported_test_accuracy']:.2f}%, "

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import uuid
 
 import numpy as np
@@ -44,15 +45,70 @@ def _failpoint(action: str, path: str) -> None:
 
     'kill:<substring>' ends the process at once (as SIGKILL would) when a file
     whose path contains <substring> is about to be written; 'enospc:<substring>'
-    raises the error of a full disk there instead.
+    raises the error of a full disk there instead, as the os module does
+    (OSError ENOSPC), and 'enospc_tf:<substring>' as tf.io.gfile does
+    (tf.errors.ResourceExhaustedError).
     """
     spec = os.environ.get("LTH_TF_FAILPOINT", "")
     wanted, _, pattern = spec.partition(":")
+    as_tf = wanted == "enospc_tf"
+    if as_tf:
+        wanted = "enospc"
     if wanted != action or not pattern or pattern not in path:
         return
     if action == "kill":
         os._exit(137)
+    if as_tf:
+        raise tf.errors.ResourceExhaustedError(None, None, f"{path}; {os.strerror(errno.ENOSPC)}")
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+class LinkError(ValueError):
+    """A run directory holds a symbolic link: lth_tf would write or delete through it."""
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in str(path)
+
+
+def refuse_links(directory: str) -> None:
+    """Raises LinkError if `directory` holds a symbolic link anywhere below it.
+
+    lth_tf writes and deletes inside its run directories; a link there would take
+    a write or a deletion outside (a deleted checkpoint directory that is a link
+    to elsewhere would delete what it points to). The directory itself may be a
+    link (a run kept on another disk). Remote file systems (gs://) have no links.
+    """
+    if not _is_local(directory) or not os.path.isdir(directory):
+        return
+    for dirpath, dirnames, filenames in os.walk(directory):
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                raise LinkError(
+                    f"{directory} holds a symbolic link, {path} -> {os.readlink(path)}: lth_tf "
+                    "writes and deletes files inside its run directories and never follows a "
+                    "link out of one. Nothing was changed. Replace the link with what it points "
+                    "to (or remove it), then rerun."
+                )
+
+
+def remove_tree(path: str) -> None:
+    """Deletes the directory `path` and everything in it, never following a link.
+
+    A link at `path` itself is refused (LinkError); links below it are removed,
+    not followed (shutil.rmtree). Remote file systems: tf.io.gfile.rmtree.
+    """
+    if not _is_local(path):
+        tf.io.gfile.rmtree(path)
+        return
+    if os.path.islink(path):
+        raise LinkError(
+            f"{path} is a symbolic link (to {os.readlink(path)}), where lth_tf keeps a "
+            "directory of its own: it was not deleted, nor what it points to. Remove the link "
+            "and rerun."
+        )
+    shutil.rmtree(path)
 
 
 def exists(path: str) -> bool:

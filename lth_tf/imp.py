@@ -7,14 +7,24 @@ runs a paper experiment. Rerunning the same command resumes the run.
 """
 
 import dataclasses
-import errno
 import os
 import sys
 
 from absl import app, flags, logging
 
-from lth_tf import distribute, files, flagdefs, masks, paths, reporting, rounds, rundir
-from lth_tf.callbacks import DivergedError, Interrupted, StopRequest
+from lth_tf import (
+    cli,
+    distribute,
+    files,
+    flagdefs,
+    masks,
+    paths,
+    reporting,
+    rounds,
+    rundir,
+    runlock,
+)
+from lth_tf.cli import StopRequest
 from lth_tf.keras import keras, tf
 
 FLAGS = flags.FLAGS
@@ -100,11 +110,12 @@ def replicate_configs(config, n: int) -> list:
 
 
 def _run_one(config, run_dir, strategy, log) -> int:
-    """Runs (or resumes) one run; returns a non-zero exit code on failure."""
+    """Runs (or resumes) one run; returns a non-zero exit code on failure (lth_tf.cli)."""
     if FLAGS.deterministic:
         keras.utils.set_random_seed(config.seed)
     my_dir = distribute.worker_run_dir(run_dir, strategy)
-    try:
+
+    def work():
         # Built first: it loads the data and checks the schedule (e.g. a rewind step
         # past the end) without writing anything, so bad input leaves no run directory.
         experiment = rounds.Experiment(
@@ -116,35 +127,16 @@ def _run_one(config, run_dir, strategy, log) -> int:
             rewind_points=[k for k in FLAGS.rewind_steps or () if k],
         )
         check_keeps_weights(experiment)
-        rundir.open_run_dir(config, my_dir)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    log(f"Run directory: {run_dir} ({strategy.num_replicas_in_sync} replica(s))")
-    for line in flagdefs.protocol_lines(config):
-        log(line)
-    try:
-        experiment.run()
-    except Interrupted as e:
-        print(str(e), file=sys.stderr)
-        return 130 if StopRequest.signal_name == "SIGINT" else 143
-    except DivergedError as e:
-        print(f"error: training diverged: {e}", file=sys.stderr)
-        return 3
-    except (files.DamagedFileError, rundir.CorruptRunError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            print(
-                f"error: the disk is full (writing {e.filename}). Free some space and rerun the "
-                "same command: finished rounds are kept and the unfinished one resumes from its "
-                "last checkpoint.",
-                file=sys.stderr,
-            )
-            return 2
-        raise
-    return 0
+        rundir.open_run_dir(config, my_dir, write=False)  # a refusal writes nothing
+        # One writer per directory: each worker of a multi-worker run has its own.
+        with runlock.hold(my_dir, "lth_tf.imp", create=True):
+            rundir.open_run_dir(config, my_dir)  # again under the lock
+            log(f"Run directory: {run_dir} ({strategy.num_replicas_in_sync} replica(s))")
+            for line in flagdefs.protocol_lines(config):
+                log(line)
+            experiment.run()
+
+    return cli.exit_code(work)
 
 
 def check_keeps_weights(experiment) -> None:

@@ -14,6 +14,7 @@
                                                 finetune_lr0.0001_200it, oneshot_20it_d20.0000, ...
       stability/[<series>/]round_NN/k_XXXXXXX/  lth_tf.stability (series: a branch, a control)
       report.md  report.json  accuracy_vs_density.png
+      lock.json                                 while a command writes the run (lth_tf/runlock.py)
     <group>/replicate_1/ replicate_2/ ...       a replicate group: each one a run as above
       report.md  report.json  accuracy_vs_density.png   (aggregated over the replicates)
 All paths go through tf.io.gfile, so a root_dir may be a gs:// bucket.
@@ -79,6 +80,14 @@ def group_name(config) -> str:
 
 def config_file(run_dir):
     return join(run_dir, "config.json")
+
+
+LOCK_FILE = "lock.json"
+
+
+def lock_file(run_dir):
+    """Held by the one command writing the run (lth_tf/runlock.py); gone once it ends."""
+    return join(run_dir, LOCK_FILE)
 
 
 def round_dir(run_dir, round_index: int, branch: str | None = None):

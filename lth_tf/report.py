@@ -15,26 +15,24 @@ The reading and formatting is lth_tf/reporting.py; this module is only the
 command line.
 """
 
-import sys
-
 from absl import app, flags
 
-from lth_tf import flagdefs, paths, reporting
+from lth_tf import cli, flagdefs, paths, reporting
 
 
 def main(argv):
     del argv
+    return cli.exit_code(_report)
+
+
+def _report():
     run_dirs, out = flags.FLAGS.run_dir, flags.FLAGS.out
-    try:
-        if len(run_dirs) == 1:
-            out = out or run_dirs[0]
-            print(reporting.write_report(run_dirs[0], out=out))
-        else:
-            out, table = reporting.write_comparison(run_dirs, out=out)
-            print(table)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if len(run_dirs) == 1:
+        out = out or run_dirs[0]
+        print(reporting.write_report(run_dirs[0], out=out))
+    else:
+        out, table = reporting.write_comparison(run_dirs, out=out)
+        print(table)
     print(
         f"\nWrote {paths.report_file(out)}, {paths.report_json_file(out)} and "
         f"{paths.plot_file(out)}"

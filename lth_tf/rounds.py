@@ -144,8 +144,13 @@ class Experiment:
                 self.schedule,
                 steps_per_execution=train.execution_steps(self.model, config, self.schedule),
             )
-            # The optimizer's state includes `iterations` and the round's step offset.
-            self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.model.optimizer)
+            # The optimizer's state includes `iterations` and the round's step offset; a
+            # period's running training metrics are saved too (checkpointing.metric_state).
+            self.checkpoint = tf.train.Checkpoint(
+                model=self.model,
+                optimizer=self.model.optimizer,
+                **checkpointing.metric_state(self.model, self.strategy),
+            )
         self.initial_weights = sparsity.get_weights(self.model)
         self.layers = sorted(sparsity.wrappers(self.model))
         self.rates = sparsity.layer_rates(self.model, config)
@@ -531,6 +536,11 @@ class Experiment:
         ]
         if recorder is not None:
             callbacks.insert(0, recorder)  # W_k is recorded before a checkpoint at k
+        carry = checkpointing.resumed_period(
+            self.checkpoint, checkpointer, start, self.schedule.eval_every
+        )
+        if carry is not None:
+            callbacks.insert(0, carry)
         mode = progress_mode(self.config.verbose, sys.stdout) if self.write else None
         progress = Progress(start, total, label=rd.label, mode=mode) if mode else None
         if progress is not None:

@@ -60,7 +60,7 @@ def open_run_dir(config: RunConfig, run_dir: str, write: bool = True) -> None:
                 "--root_dir / --run_name for a new run."
             )
         return
-    if tf.io.gfile.isdir(run_dir) and tf.io.gfile.listdir(run_dir):
+    if tf.io.gfile.isdir(run_dir) and set(tf.io.gfile.listdir(run_dir)) - {paths.LOCK_FILE}:
         raise RunDirError(
             f"{run_dir} is not empty but has no config.json: it is not an lth_tf run. "
             "Nothing was changed; choose another --root_dir or --run_name."

@@ -118,7 +118,7 @@ def _save(module, directory):
     tmp = f"{directory}.tmp"
     for path in (tmp, f"{directory}.old"):
         if files.exists(path):
-            tf.io.gfile.rmtree(path)
+            files.remove_tree(path)
     tf.saved_model.save(
         module,
         tmp,
@@ -133,7 +133,7 @@ def _save(module, directory):
         tf.io.gfile.rename(directory, f"{directory}.old")
     tf.io.gfile.rename(tmp, directory)
     if files.exists(f"{directory}.old"):
-        tf.io.gfile.rmtree(f"{directory}.old")
+        files.remove_tree(f"{directory}.old")
 
 
 def _sizes(directory: str) -> dict:

@@ -17,56 +17,64 @@ the run's own mixed precision. Results go under <run_dir>/stability/ and into
 the run's report.md; this module is only the command line.
 """
 
-import sys
-
 from absl import app, flags, logging
 
-from lth_tf import distribute, files, flagdefs, linear_mode, paths, reporting, rundir, steps
-from lth_tf.callbacks import Interrupted, StopRequest
+from lth_tf import (
+    cli,
+    distribute,
+    files,
+    flagdefs,
+    linear_mode,
+    paths,
+    reporting,
+    rundir,
+    runlock,
+    steps,
+)
+from lth_tf.cli import StopRequest
 
 
 def main(argv):
     del argv
+    return cli.exit_code(_stability)
+
+
+def _stability():
     f = flags.FLAGS
-    try:
-        run_dir = flagdefs.one_run_dir(f.run_dir)
-        if f.branch is not None:
-            check_branch(run_dir, f.branch)
-        strategy = distribute.get_strategy(f.strategy, num_gpus=f.num_gpus, tpu=f.tpu)
-        StopRequest.install()  # again: a multi-worker strategy took SIGTERM over
-        chief = distribute.is_chief(strategy)
-        analysis = linear_mode.Stability(
-            run_dir,
-            strategy=strategy,
-            log=print if chief else (lambda *a: None),
-            num_alphas=f.num_alphas,
-            repeats=f.repeats,
-            recompute_bn=f.recompute_bn,
-            eval_examples=f.eval_examples,
-        )
-        spe = analysis.schedule.steps_per_epoch
-        default = analysis.config.rewind_step
-        if f.branch is not None:
-            described = paths.branch_file(run_dir, f.branch)
-            if files.exists(described):
-                default = files.read_json(described)["rewind_step"]  # the branch's own k
-        texts = f.rewind_steps or [default]
-        total, training_steps = analysis.schedule.total, analysis.config.training_steps
-        ks = [steps.rewind_point(t, spe, total, training_steps, "rewind_steps") for t in texts]
-        if f.branch is not None:
-            analysis.masks_of(f.round, f.branch)  # a branch that is not there: the known ones
+    run_dir = flagdefs.one_run_dir(f.run_dir)
+    if f.branch is not None:
+        check_branch(run_dir, f.branch)
+    strategy = distribute.get_strategy(f.strategy, num_gpus=f.num_gpus, tpu=f.tpu)
+    StopRequest.install()  # again: a multi-worker strategy took SIGTERM over
+    chief = distribute.is_chief(strategy)
+    analysis = linear_mode.Stability(
+        run_dir,
+        strategy=strategy,
+        log=print if chief else (lambda *a: None),
+        num_alphas=f.num_alphas,
+        repeats=f.repeats,
+        recompute_bn=f.recompute_bn,
+        eval_examples=f.eval_examples,
+    )
+    spe = analysis.schedule.steps_per_epoch
+    default = analysis.config.rewind_step
+    if f.branch is not None:
+        described = paths.branch_file(run_dir, f.branch)
+        if files.exists(described):
+            default = files.read_json(described)["rewind_step"]  # the branch's own k
+    texts = f.rewind_steps or [default]
+    total, training_steps = analysis.schedule.total, analysis.config.training_steps
+    ks = [steps.rewind_point(t, spe, total, training_steps, "rewind_steps") for t in texts]
+    if f.branch is not None:
+        analysis.masks_of(f.round, f.branch)  # a branch that is not there: the known ones
+    # One writer per directory: the run (the chief), or a worker's scratch copy.
+    with runlock.hold(analysis.out_dir, "lth_tf.stability", create=True):
         analysis.sweep(
             f.round, ks, subnetwork=f.subnetwork, branch=f.branch, shared_mask=f.shared_mask
         )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Interrupted as e:
-        print(str(e), file=sys.stderr)
-        return 130 if StopRequest.signal_name == "SIGINT" else 143
-    if not chief:
-        return 0  # the chief writes the report
-    reporting.write_report(run_dir)
+        if not chief:
+            return 0  # the chief writes the report
+        reporting.write_report(run_dir)
     print(reporting.stability_table(run_dir))
     series = linear_mode.series_name(f.subnetwork, f.branch)
     print(f"\nPlots: {paths.stability_dir(run_dir, f.round, series)}")

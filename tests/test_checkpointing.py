@@ -406,3 +406,149 @@ def test_one_bar_per_round_starts_at_the_rounds_step_and_ends_its_line():
     assert " 1000/1000 " in frames[-1] and frames[-1].endswith("\n")
     assert stream.getvalue().count("\n") == 1  # one bar for the round's three fit calls
     assert "[" + "=" * Progress.WIDTH + "]" in frames[-1]
+
+
+# ---- a stop in the last evaluation period ------------------------------------------------------
+#
+# The signal comes at the last batch end of a round (global step T = 40): the batch that also
+# ends the period. The round must either finish there or save after the period's metrics line:
+# a resumed run ends with the same files as an uninterrupted one (metrics.jsonl and summary.json
+# included), for IMP rounds, controls, branches and stability copies alike.
+
+
+def test_a_signal_at_the_last_batch_end_lets_the_round_finish():
+    saved, signal = [], FakeSignal(at=100)
+    simulate(_policy(saved, seconds=1e9, stop_requested=signal), 0, 100, 20, signal=signal)
+    assert saved == []  # no checkpoint at T: the round writes its final weights and summary
+
+
+def test_a_signal_at_a_period_ending_batch_saves_after_the_periods_evaluation():
+    signal, order = FakeSignal(at=60), []
+
+    class Saves(list):
+        def append(self, step):
+            order.append(("save", step))
+
+    policy = _policy(Saves(), seconds=1e9, stop_requested=signal)
+    policy.on_epoch_end = _tracing(policy.on_epoch_end, order, "period end")
+    with pytest.raises(Interrupted, match="at step 60"):
+        simulate(policy, 0, 100, 20, signal=signal)
+    # The save comes from the period end (after PeriodEnd wrote the line), not the batch end.
+    assert order[-2:] == [("period end", 60), ("save", 60)]
+
+
+def _tracing(method, order, name):
+    def traced(epoch, logs=None):
+        order.append((name, method.__self__.period_end_step()))
+        return method(epoch, logs)
+
+    return traced
+
+
+T = 40  # tiny_config: 40 steps, evaluation every 20, k = 20
+
+
+def _round_files(root) -> dict:
+    """{relative path: content} of every metrics.jsonl, summary.json and final.npz under root,
+    without wall times."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if name == "metrics.jsonl":
+                lines = files.read_jsonl(path)
+                out[f"{rel}/{name}"] = [
+                    {k: v for k, v in r.items() if k != "wall_seconds"} for r in lines
+                ]
+            elif name == "summary.json":
+                summary = files.read_json(path)
+                summary.pop("wall_seconds")
+                out[f"{rel}/{name}"] = summary
+            elif name == "final.npz":
+                out[f"{rel}/{name}"] = {k: v.tobytes() for k, v in files.read_npz(path).items()}
+    return out
+
+
+def _stop_config(tiny_config):
+    return tiny_config(rounds=1, controls=("random_prune",))
+
+
+def _run_all(config, run_dir):
+    """The run, a branch off its round 0 and a stability point: every kind of trained round."""
+    from lth_tf import branching, linear_mode, rundir
+
+    rundir.open_run_dir(config, run_dir)
+    rounds.Experiment(config, run_dir, checkpoint_seconds=0, log=_quiet).run()
+    e = rounds.Experiment(config, run_dir, checkpoint_seconds=0, log=_quiet)
+    branching.Branch(e, branching.make_spec(e, "lr_rewind", num_rounds=1)).run()
+    linear_mode.Stability(run_dir, num_alphas=3, log=_quiet).point(1, 20)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_config, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("uninterrupted") / "run")
+    _run_all(_stop_config(tiny_config), run_dir)
+    return _round_files(run_dir)
+
+
+# The fit calls of _run_all in order: round 0, round 1, its control, the branch's round 1,
+# the stability copies 1 and 2.
+@pytest.mark.parametrize(
+    "call, what",
+    [
+        (1, "IMP round 1"),
+        (2, "control random_prune"),
+        (3, "branch lr_rewind"),
+        (4, "stability copy 1"),
+    ],
+)
+def test_a_stop_in_the_last_period_resumes_to_the_files_of_an_uninterrupted_run(
+    tiny_config, tmp_path, monkeypatch, uninterrupted, call, what
+):
+    real_fit = train.fit_segment
+    calls = []
+
+    def fit_with_a_signal(model, data, cfg, schedule, start, end, *, callbacks=(), **kw):
+        calls.append(start)
+        if len(calls) - 1 == call:  # a signal arrives during the last execution of the round
+            callbacks = [_SignalAt(T), *callbacks]  # before the policy sees the batch
+        return real_fit(model, data, cfg, schedule, start, end, callbacks=callbacks, **kw)
+
+    monkeypatch.setattr(train, "fit_segment", fit_with_a_signal)
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(Interrupted):
+        _run_all(_stop_config(tiny_config), run_dir)
+    assert len(calls) == call + 1, what  # stopped in that round, not before
+    monkeypatch.setattr(StopRequest, "signal_name", None)
+    monkeypatch.setattr(train, "fit_segment", real_fit)
+    _run_all(_stop_config(tiny_config), run_dir)
+    assert _round_files(run_dir) == uninterrupted, what
+
+
+@pytest.mark.parametrize("call, step", [(0, 15), (1, 35)])  # round 0, round 1 (its last period)
+def test_a_stop_mid_period_resumes_the_periods_running_means(
+    tiny_config, tmp_path, monkeypatch, call, step
+):
+    # Keras calls back every 5 steps: a signal can stop a round inside a period. The period's
+    # training loss and accuracy (means over its steps) must come out as without the stop.
+    config = tiny_config(rounds=1, steps_per_execution=5)
+    reference = str(tmp_path / "reference")
+    rounds.Experiment(config, reference, checkpoint_seconds=0, log=_quiet).run()
+    real_fit = train.fit_segment
+    calls = []
+
+    def fit_with_a_signal(model, data, cfg, schedule, start, end, *, callbacks=(), **kw):
+        calls.append(start)
+        if len(calls) - 1 == call:
+            callbacks = [_SignalAt(step), *callbacks]
+        return real_fit(model, data, cfg, schedule, start, end, callbacks=callbacks, **kw)
+
+    monkeypatch.setattr(train, "fit_segment", fit_with_a_signal)
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(Interrupted, match=f"at step {step}"):
+        rounds.Experiment(config, run_dir, checkpoint_seconds=0, log=_quiet).run()
+    monkeypatch.setattr(StopRequest, "signal_name", None)
+    monkeypatch.setattr(train, "fit_segment", real_fit)
+    rounds.Experiment(config, run_dir, checkpoint_seconds=0, log=_quiet).run()
+    assert _round_files(run_dir) == _round_files(reference)

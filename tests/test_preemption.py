@@ -22,11 +22,11 @@ from lth_tf import checkpointing, files, paths
 from lth_tf.callbacks import Interrupted
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
-# Round 0 is long enough (6 evaluation periods) to be interrupted mid-way; round 1's
+# Round 0 is long enough (4 evaluation periods) to be interrupted mid-way; round 1's
 # masks follow from round 0's final weights, so they check the resumed training.
 RUN = {
     **conftest.TINY,
-    "training_steps": "180it",
+    "training_steps": "120it",
     "eval_every": "30it",
     "rewind_step": "30it",
     "rounds": 1,
@@ -82,12 +82,18 @@ def _results(run_dir):
     return out
 
 
+def _metrics(run_dir, r):
+    """The round's metrics lines, without wall times."""
+    lines = files.read_jsonl(paths.metrics_file(paths.round_dir(str(run_dir), r)))
+    return [{k: v for k, v in line.items() if k != "wall_seconds"} for line in lines]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
     codes, outputs = _finish(_start_workers(root, "run"))
     assert codes == [0, 0], [err[-3000:] for _, err in outputs]
-    return _results(root / "run")
+    return {**_results(root / "run"), "metrics": [_metrics(root / "run", r) for r in (0, 1)]}
 
 
 def test_sigterm_to_one_worker_saves_both_at_one_step_and_the_rerun_ends_as_uninterrupted(
@@ -111,7 +117,7 @@ def test_sigterm_to_one_worker_saves_both_at_one_step_and_the_rerun_ends_as_unin
         assert not os.path.exists(paths.summary_file(rdir))
         saved = checkpointing.RoundCheckpointer(None, paths.resume_dir(rdir)).saved()
         steps.append(int(saved[-1].rsplit("-", 1)[1]))
-    assert steps[0] == steps[1] and 30 <= steps[0] < 180, steps
+    assert steps[0] == steps[1] and 30 <= steps[0] < 120, steps
 
     codes, outputs = _finish(_start_workers(tmp_path, "run"))
     assert codes == [0, 0], [err[-3000:] for _, err in outputs]
@@ -125,6 +131,11 @@ def test_sigterm_to_one_worker_saves_both_at_one_step_and_the_rerun_ends_as_unin
             np.testing.assert_array_equal(masks[name], expected_masks[name])
         for key in ("test_accuracy", "best_validation_accuracy", "train_accuracy"):
             assert summary[key] == pytest.approx(expected[key], abs=1e-6), (r, key)
+        # Every period's line, the one at the stop included, as in the uninterrupted run.
+        lines, expected_lines = _metrics(chief_dir, r), uninterrupted["metrics"][r]
+        assert [line["step"] for line in lines] == [line["step"] for line in expected_lines]
+        for line, expected_line in zip(lines, expected_lines, strict=True):
+            assert line == pytest.approx(expected_line, abs=1e-6), (r, line["step"])
     for r in (0, 1):  # worker 1 computed the same masks
         worker_masks = files.read_npz(paths.masks_file(paths.round_dir(str(worker_dir), r)))
         for name in worker_masks:

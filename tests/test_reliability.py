@@ -115,7 +115,9 @@ def test_killed_at_every_kind_of_write_and_rerun_ends_as_an_uninterrupted_run(fi
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signals_stop_after_a_checkpoint_and_the_rerun_resumes(finished, tmp_path, sig, code):
+def test_signals_stop_after_a_checkpoint_and_the_rerun_resumes(tmp_path, sig, code):
+    # Real signals to a real process. That a resumed run ends with the files of an
+    # uninterrupted one, at any step, is tests/test_checkpointing.py's (in-process) test.
     args = ["--training_steps=4000it", "--eval_every=2000it", "--rounds=0"]
     proc = subprocess.Popen(
         [
@@ -144,19 +146,30 @@ def test_signals_stop_after_a_checkpoint_and_the_rerun_resumes(finished, tmp_pat
     ckpt = tmp_path / "r" / "round_00" / "ckpt"
     assert (ckpt / "checkpoint").exists()
     assert not (tmp_path / "r" / "round_00" / "summary.json").exists()
+    if sig == signal.SIGINT:
+        return  # the resume is the same as after SIGTERM
     resumed = _imp(tmp_path, *args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming round 0 from its checkpoint" in resumed.stdout
     assert (tmp_path / "r" / "round_00" / "summary.json").exists() and not ckpt.exists()
 
 
-def test_a_full_disk_is_reported_and_leaves_no_partial_file(tmp_path):
-    full = _imp(tmp_path, env={"LTH_TF_FAILPOINT": "enospc:round_01/masks.npz"})
-    assert full.returncode == 2 and "disk is full" in full.stderr
+# OSError(ENOSPC) as the os module raises it, tf.errors.ResourceExhaustedError as gfile does.
+@pytest.mark.parametrize("failpoint", ["enospc", "enospc_tf"])
+def test_a_full_disk_is_reported_and_leaves_no_partial_file(finished, tmp_path, failpoint):
+    import shutil
+
+    shutil.copytree(finished / "r", tmp_path / "r")
+    for rdir in ("round_02", "branches/random_prune/round_02"):
+        shutil.rmtree(tmp_path / "r" / rdir)
+    before = _snapshot(tmp_path)
+    full = _imp(tmp_path, env={"LTH_TF_FAILPOINT": f"{failpoint}:round_02/masks.npz"})
+    assert full.returncode == 2 and "disk is full" in full.stderr, full.stderr[-2000:]
     assert "Traceback" not in full.stderr
-    assert (tmp_path / "r" / "round_00" / "summary.json").exists()  # earlier round kept
-    assert not [p for p in _snapshot(tmp_path) if p.startswith("r/round_01/masks.npz")]
-    assert _imp(tmp_path).returncode == 0  # space back: the run completes
+    assert _snapshot(tmp_path) == before  # finished rounds as they were, no partial file
+    if failpoint == "enospc":
+        assert _imp(tmp_path).returncode == 0  # space back: the run completes
+        assert _results(tmp_path / "r") == _results(finished / "r")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
@@ -353,3 +366,240 @@ def test_a_finished_run_whose_rewind_npz_was_deleted_says_so(finished, tmp_path)
     assert "must finish before pruning" not in result.stderr
     assert "Put the file back" in result.stderr and "Delete" not in result.stderr
     assert _snapshot(tmp_path) == before
+
+
+# ---- one writer per run directory ------------------------------------------------------------
+
+ENTRY_POINTS = {
+    "lth_tf.imp": ["--rounds=3"],
+    "lth_tf.branch": ["--kind=lr_rewind", "--rounds=1"],
+    "lth_tf.stability": ["--round=1", "--num_alphas=3"],
+    "lth_tf.export": ["--round=1", "--eval_examples=64"],
+}
+
+
+def _command(module, root, *extra):
+    """argv of `python -m module` on the run root/r (imp: by root_dir and run_name)."""
+    run = [*TINY, f"--root_dir={root}", "--run_name=r"] if module == "lth_tf.imp" else []
+    if module != "lth_tf.imp":
+        run = [f"--run_dir={root / 'r'}"]
+    return [sys.executable, "-m", module, *run, *ENTRY_POINTS[module], *extra]
+
+
+def _all_entry_points(root, at_once=True):
+    """Runs imp, branch, stability and export on root/r; {module: CompletedProcess}.
+
+    at_once: all four together (they would lock each other out otherwise: one at a time).
+    """
+    out = {}
+
+    def start(module):
+        return subprocess.Popen(
+            _command(module, root),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+
+    def finish(module, proc):
+        stdout, stderr = proc.communicate(timeout=600)
+        out[module] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+    if at_once:
+        for module, proc in {m: start(m) for m in ENTRY_POINTS}.items():
+            finish(module, proc)
+    else:
+        for module in ENTRY_POINTS:
+            finish(module, start(module))
+    return out
+
+
+def test_a_second_writer_is_refused_at_once_with_the_holder_named(finished, tmp_path):
+    import shutil
+    import socket
+
+    from lth_tf import runlock
+
+    shutil.copytree(finished / "r", tmp_path / "r")
+    with runlock.hold(str(tmp_path / "r"), "a test holding the run"):
+        before = _snapshot(tmp_path)
+        results = _all_entry_points(tmp_path)
+        assert _snapshot(tmp_path) == before  # nothing trained, written or deleted
+    for module, result in results.items():
+        assert result.returncode == 2, (module, result.stderr[-2000:])
+        err = result.stderr
+        assert "is in use: a test holding the run" in err, (module, err[-2000:])
+        assert f"pid {os.getpid()} on host {socket.gethostname()}, since " in err, module
+        assert "Traceback" not in err
+    assert not (tmp_path / "r" / "lock.json").exists()  # released with the `with`
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
+    from lth_tf import runlock
+
+    run = tmp_path / "r"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from lth_tf import runlock\n"
+            "held = runlock.hold(sys.argv[1], 'killed', create=True)\n"
+            "held.__enter__()\n"
+            "print('held', flush=True)\n"
+            "time.sleep(600)\n",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    with (
+        pytest.raises(runlock.RunLockedError, match=f"killed \\(pid {holder.pid} "),
+        runlock.hold(str(run), "second"),
+    ):
+        pass
+    holder.kill()
+    holder.wait()
+    assert json.loads((run / "lock.json").read_text())["pid"] == holder.pid  # left behind
+    with runlock.hold(str(run), "after the kill"):
+        assert json.loads((run / "lock.json").read_text())["command"] == "after the kill"
+    assert not (run / "lock.json").exists()
+
+
+def test_workers_of_one_run_hold_their_own_directories(tmp_path):
+    from lth_tf import runlock
+
+    chief, worker = str(tmp_path / "r"), str(tmp_path / "r.worker_1")  # distribute.worker_run_dir
+    with runlock.hold(chief, "chief", create=True), runlock.hold(worker, "worker", create=True):
+        pass
+
+
+def test_on_a_file_system_without_flock_the_lock_file_alone_refuses_and_ages(tmp_path):
+    import socket
+
+    from lth_tf import paths, runlock
+
+    run = f"ram://{tmp_path.name}/r"  # not a local path: the gs:// code path
+    first = runlock.hold(run, "first", create=True)
+    first.__enter__()
+    with pytest.raises(runlock.RunLockedError, match="first"), runlock.hold(run, "second"):
+        pass
+    first.__exit__(None, None, None)
+    assert not files.exists(paths.lock_file(run))
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
+    )
+    files.write_json(paths.lock_file(run), {"pid": int(dead.stdout), "host": socket.gethostname()})
+    with runlock.hold(run, "after a killed holder"):  # same host, pid gone: stale
+        pass
+    files.write_json(paths.lock_file(run), {"pid": 1, "host": "another-host", "command": "x"})
+    with (
+        pytest.raises(runlock.RunLockedError, match=f"another-host.*gsutil rm {run}/lock.json"),
+        runlock.hold(run, "third"),
+    ):
+        pass
+
+
+# ---- links ---------------------------------------------------------------------------------
+
+
+def test_a_symlink_in_the_run_is_refused_and_nothing_outside_is_deleted(finished, tmp_path):
+    import shutil
+
+    shutil.copytree(finished / "r", tmp_path / "r")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep me")
+    os.remove(tmp_path / "r" / "round_02" / "summary.json")
+    os.symlink(elsewhere, tmp_path / "r" / "round_02" / "ckpt")
+    before = _snapshot(tmp_path)
+    result = _imp(tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"{tmp_path / 'r' / 'round_02' / 'ckpt'} -> {elsewhere}" in result.stderr
+    assert (elsewhere / "keep.txt").read_text() == "keep me"
+    assert _snapshot(tmp_path) == before
+
+
+def test_deleting_a_tree_never_follows_a_link(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep me")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    os.symlink(outside, tree / "link")
+    with pytest.raises(files.LinkError, match="link"):
+        files.remove_tree(str(tree / "link"))
+    files.remove_tree(str(tree))  # the link inside is removed, not followed
+    assert not tree.exists() and (outside / "keep.txt").read_text() == "keep me"
+
+
+# ---- full disks --------------------------------------------------------------------------------
+
+
+def test_a_full_disk_is_recognised_whatever_raised_it():
+    import errno
+
+    from lth_tf import cli
+    from lth_tf.keras import tf
+
+    assert "No space left" in cli.disk_full(OSError(errno.ENOSPC, "x", "/a/b.npz"))
+    assert "quota" in cli.disk_full(OSError(errno.EDQUOT, "x", "/a/b.npz")).lower()
+    gfile = tf.errors.ResourceExhaustedError(None, None, "/a/b.npz; No space left on device")
+    assert "/a/b.npz" in cli.disk_full(gfile)
+    try:
+        try:
+            raise gfile
+        except tf.errors.ResourceExhaustedError as e:
+            raise ValueError("a checkpoint could not be written") from e
+    except ValueError as wrapped:
+        assert cli.disk_full(wrapped)
+    oom = tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+    assert cli.disk_full(oom) is None and cli.disk_full(OSError(errno.EACCES, "x")) is None
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 16 MB file system (tmpfs), or a skip where mounting is not permitted."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def _fill(mount, leave: int):
+    """Fills the file system but `leave` bytes; returns the filler's path."""
+    stat = os.statvfs(mount)
+    filler = mount / "filler"
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(stat.f_bavail * stat.f_frsize - leave, 0))
+    return filler
+
+
+def test_a_real_full_disk_is_a_message_from_every_entry_point(finished, small_disk):
+    import shutil
+
+    run = small_disk / "r"
+    shutil.copytree(finished / "r", run)
+    for rdir in ("round_02", "branches/random_prune/round_02"):  # imp has a round to train
+        shutil.rmtree(run / rdir)
+    before = _snapshot(run)
+    filler = _fill(small_disk, leave=96 * 1024)  # JSON fits, weights do not
+    results = _all_entry_points(small_disk, at_once=False)
+    for module, result in results.items():
+        assert result.returncode == 2, (module, result.stderr[-3000:])
+        assert "disk is full" in result.stderr and "Traceback" not in result.stderr, module
+    after = _snapshot(run)
+    assert {p: after.get(p) for p in before} == before  # every finished file as it was
+    os.remove(filler)  # space back: the run completes as if nothing happened
+    resumed = _imp(small_disk)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference, results = _results(finished / "r"), _results(run)
+    assert {k: results.get(k) for k in reference} == reference  # (branch, stability began too)
