@@ -106,7 +106,9 @@ _NAMED_SHAPES = {
 _DATASET_FORMS = (
     "mnist (the real MNIST bundled with lth_tf), tfds:mnist, cifar10, imagenet2012 "
     "(tfds, prepared in --data_dir), npz:PATH (your arrays), synthetic (random images "
-    "shaped like the architecture's dataset), synthetic:HxWxC:NUM_CLASSES"
+    "shaped like the architecture's dataset), synthetic:HxWxC:NUM_CLASSES, tfds:NAME (any "
+    "prepared tfds image classification dataset, e.g. tfds:fashion_mnist), "
+    "package.module:function (your own, returning an lth_tf.data.Dataset)"
 )
 
 
