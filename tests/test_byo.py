@@ -222,6 +222,42 @@ def _build_wrong_output(input_shape, num_classes, seed):
     return models.keras.Model(inputs, models.keras.layers.Dense(num_classes + 1)(x))
 
 
+def _sequential(input_shape, num_classes, seed):
+    return models.keras.Sequential(
+        [
+            models.keras.Input(input_shape),
+            models.keras.layers.Conv2D(3, 3, name="c", kernel_initializer=_he(seed)),
+            models.keras.layers.Flatten(),
+            models.keras.layers.Dense(num_classes, name="d", kernel_initializer=_he(seed + 1)),
+        ]
+    )
+
+
+def _he(seed):
+    return models.keras.initializers.HeNormal(seed=seed)
+
+
+def test_a_sequential_model_is_wrapped_and_masked_like_a_functional_one():
+    model = models.build_model("test_byo:_sequential", byo_example.SHAPE, 4, seed=2)
+    wrapped = sparsity.wrap(model)
+    assert sparsity.layer_kinds(wrapped) == {"c": masks.CONV, "d": masks.OUTPUT}
+    mask = {
+        n: np.zeros_like(w.pruning_vars[0][1].numpy())
+        for n, w in sparsity.wrappers(wrapped).items()
+    }
+    mask["c"][..., 0] = 1
+    mask["d"][:5] = 1
+    sparsity.set_masks(wrapped, mask)
+    weights = sparsity.get_weights(wrapped)
+    assert (
+        np.count_nonzero(weights["c/kernel"]) == 9 and np.count_nonzero(weights["d/kernel"]) == 20
+    )
+    x = np.ones((2, *byo_example.SHAPE), "float32")
+    stripped = sparsity.strip(wrapped)
+    assert np.allclose(stripped(x), wrapped(x))
+    assert np.count_nonzero(stripped.get_layer("c").kernel.numpy()) == 9
+
+
 def _not_a_dataset(**kwargs):
     return object()
 
