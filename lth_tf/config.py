@@ -85,7 +85,7 @@ class RunConfig:
     eval_every: str
     augment: bool
     output_rate: float
-    # Prune-rate multiplier of the conv kernels (Conv2D layers): 1 prunes them like
+    # Prune-rate multiplier of the conv kernels (every convolution): 1 prunes them like
     # the dense hidden layers, 0.5 at half the rate (the 2019 paper's Conv-2/4).
     conv_rate: float = 1.0
     # Training examples held out for validation (early stopping); 0 keeps the

@@ -84,7 +84,9 @@ _CONFIG_FLAGS = tuple(
 _DATASET_FORMS = (
     "mnist (the real MNIST bundled with lth_tf), tfds:mnist, cifar10, imagenet2012 "
     "(tfds, prepared in --data_dir), npz:PATH (your arrays), synthetic (random images "
-    "shaped like the architecture's dataset), synthetic:HxWxC:NUM_CLASSES"
+    "shaped like the architecture's dataset), synthetic:HxWxC:NUM_CLASSES, tfds:NAME (any "
+    "prepared tfds image classification dataset, e.g. tfds:fashion_mnist), "
+    "package.module:function (your own, returning an lth_tf.data.Dataset)"
 )
 
 
@@ -153,6 +155,20 @@ class _ChoiceParser(flags.EnumParser):
                 f"{', '.join(self.enum_values)}."
             )
         return argument
+
+
+class _ArchParser(_ChoiceParser):
+    """The built-in architectures, or a user's builder 'package.module:function'."""
+
+    def parse(self, argument):
+        if presets.is_custom(argument):
+            return argument
+        try:
+            return super().parse(argument)
+        except ValueError as e:
+            raise ValueError(
+                f"{e} Or your own model's builder: --arch=package.module:function."
+            ) from None
 
 
 def _define_choice(name, default, choices, kind, help_text):
@@ -257,8 +273,12 @@ def define_train_flags() -> None:
         "architecture",
         "Network; sets the paper's recipe (lth_tf/presets.py) for every flag left unset, "
         "its dataset included. Without --arch: the MNIST demo (LeNet-300-100, 5 epochs per "
-        "round, 15 rounds); --arch=lenet_300_100 is the paper's 50K-iteration recipe.",
+        "round, 15 rounds); --arch=lenet_300_100 is the paper's 50K-iteration recipe. "
+        "Your own model: --arch=package.module:function, a builder (input_shape, "
+        "num_classes, seed) -> Keras model, with lth_tf's generic recipe "
+        "(lth_tf/presets.py CUSTOM_RECIPE) for every flag left unset.",
     )
+    FLAGS["arch"].parser = _ArchParser(presets.RECIPES, "architecture")
     flags.DEFINE_string(
         "dataset",
         None,
@@ -796,16 +816,22 @@ def protocol_lines(config: config_lib.RunConfig) -> list[str]:
         ]
     else:
         recipe_dataset = presets.recipe(config.arch)["dataset"]
+        custom = presets.is_custom(config.arch)
         if FLAGS.dataset is None:
             on = f"{config.dataset} (the recipe's dataset)"
         elif config.dataset == recipe_dataset:
             on = config.dataset
         else:
             on = f"{config.dataset} (the recipe is made for {recipe_dataset})"
-        lines = [
-            f"--arch={config.arch}: the paper's recipe (lth_tf/presets.py) with your flags "
-            f"on top: {on}, {schedule}."
-        ]
+        if custom:
+            on = config.dataset if FLAGS.dataset is not None else f"{config.dataset} (no --dataset)"
+        recipe = (
+            "your model with lth_tf's generic recipe (lth_tf/presets.py CUSTOM_RECIPE: no "
+            "paper has one; set --dataset, --training_steps, --lr... to choose)"
+            if custom
+            else "the paper's recipe (lth_tf/presets.py)"
+        )
+        lines = [f"--arch={config.arch}: {recipe} with your flags on top: {on}, {schedule}."]
     if config.rounds == 0:
         why = "--rounds=0" if FLAGS.rounds is not None else "No --rounds or --target_density"
         lines.append(

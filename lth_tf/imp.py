@@ -134,6 +134,11 @@ def _run_one(config, run_dir, strategy, log) -> int:
             log(f"Run directory: {run_dir} ({strategy.num_replicas_in_sync} replica(s))")
             for line in flagdefs.protocol_lines(config):
                 log(line)
+            if experiment.unmasked:
+                dense = ", ".join(f"{n} ({kind})" for n, kind in experiment.unmasked.items())
+                log(
+                    f"Left dense in every round (lth_tf masks Dense and convolution kernels): {dense}."
+                )
             experiment.run()
 
     return cli.exit_code(work)

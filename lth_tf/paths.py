@@ -66,7 +66,8 @@ def join(*parts) -> str:
 def run_prefix(config) -> str:
     """<arch>_<dataset>_: what the default names of a config's runs start with."""
     dataset = re.sub(r"[^A-Za-z0-9]+", "-", config.dataset.split("/")[-1]).strip("-")
-    return f"{config.arch}_{dataset}_"
+    arch = re.sub(r"[^A-Za-z0-9_]+", "-", config.arch)  # 'pkg.mod:build' -> 'pkg-mod-build'
+    return f"{arch}_{dataset}_"
 
 
 def run_name(config) -> str:

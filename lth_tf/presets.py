@@ -12,6 +12,7 @@ presets keep the authors' framework's convention, validating on the test set
 with all 50,000 images in training (see validation_holdout below).
 """
 
+import re
 import types
 
 # Fields every recipe defines, with what they mean:
@@ -136,14 +137,52 @@ RECIPES = types.MappingProxyType(
 )
 
 
+# A user's architecture, --arch=package.module:function (lth_tf.models.build_model).
+CUSTOM_ARCH_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+# The recipe of a user's architecture: no paper has one, so every field the user
+# leaves unset takes this generic value (the MNIST demo's schedule: Adam, 5 epochs
+# per round, one global threshold over every masked layer, the output layer
+# included at the same rate). Set at least --dataset; imp's first line says which
+# values came from here.
+CUSTOM_RECIPE = types.MappingProxyType(
+    dict(
+        dataset="mnist",
+        batch_size=60,
+        optimizer="adam",
+        lr=1.2e-3,
+        momentum=0.0,
+        weight_decay=0.0,
+        warmup="0",
+        lr_drops=(),
+        lr_gamma=0.1,
+        training_steps="5ep",
+        rewind_step="0",
+        eval_every="1ep",
+        output_rate=1.0,
+        augment=False,
+    )
+)
+
+
+def is_custom(arch: str) -> bool:
+    """Whether `arch` names a user's builder ('package.module:function')."""
+    return isinstance(arch, str) and bool(CUSTOM_ARCH_RE.match(arch))
+
+
 def recipe(arch: str) -> dict:
-    """Returns a copy of the training recipe of `arch`.
+    """Returns a copy of the training recipe of `arch` (`CUSTOM_RECIPE` for a user's).
 
     Raises:
       ValueError: for an unknown architecture, listing the known ones.
     """
+    if is_custom(arch):
+        return dict(CUSTOM_RECIPE)
     if arch not in RECIPES:
-        raise ValueError(f"Unknown --arch={arch!r}. Known architectures: {', '.join(RECIPES)}.")
+        raise ValueError(
+            f"Unknown --arch={arch!r}. Known architectures: {', '.join(RECIPES)}; or your "
+            "own builder as --arch=package.module:function."
+        )
     return dict(RECIPES[arch])
 
 

@@ -153,6 +153,8 @@ class Experiment:
             )
         self.initial_weights = sparsity.get_weights(self.model)
         self.layers = sorted(sparsity.wrappers(self.model))
+        # {name: class} of the layers with weights that stay dense in every round.
+        self.unmasked = sparsity.unmasked_layers(self.model)
         self.rates = sparsity.layer_rates(self.model, config)
         self.criterion = criteria.resolve(config.prune_criterion)  # a user's: imported now
         self.trained = []  # (branch, round) trained by this process, for tests and logs

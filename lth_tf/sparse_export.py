@@ -183,7 +183,7 @@ def _layer_densities(variables) -> dict:
         for prefix in ("masked_layer_", "prune_low_magnitude_"):
             layer = layer.removeprefix(prefix)
         name = f"{layer}/{weight}"
-        if name.endswith("/kernel"):
+        if weight.endswith("kernel"):  # kernel, a DepthwiseConv2D's depthwise_kernel...
             kernels[name] = var.numpy()
     return {
         name: {
@@ -376,6 +376,8 @@ def export(
     nonzero = sum(v["nonzero"] for v in measured["layers"].values())
     result.update(
         layers=measured["layers"],
+        # Layers with weights that no round masks (lth_tf.sparsity.unmasked_layers).
+        unmasked_layers=sparsity.unmasked_layers(experiment.model),
         density_all_kernels=nonzero / total,
         density_prunable=summary["density"],
         exported_test_accuracy=measured["test_accuracy"],

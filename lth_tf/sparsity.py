@@ -25,7 +25,10 @@ does. Stripping works as for any tfmot model
 import contextlib
 
 import numpy as np
-from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
+from tensorflow_model_optimization.python.core.sparsity.keras import (
+    prune_registry,
+    pruning_wrapper,
+)
 
 from lth_tf import masks as masks_lib
 from lth_tf.keras import keras, tf, tfmot
@@ -33,7 +36,60 @@ from lth_tf.keras import keras, tf, tfmot
 # tfmot's public API exports the wrapping function, not the wrapper class that
 # strip_pruning and our subclass need.
 _PruneLowMagnitude = pruning_wrapper.PruneLowMagnitude
-PRUNABLE_TYPES = (keras.layers.Conv2D, keras.layers.Dense)
+# The layers lth_tf masks: Dense and the convolutions, each through the one weight
+# tfmot's PruneRegistry names for its class (`prunable_weight`).
+PRUNABLE_TYPES = (keras.layers.Dense, keras.layers.Conv1D.__mro__[1])  # Conv: every convolution
+_CONV = keras.layers.Conv1D.__mro__[1]
+_NORMALIZATIONS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization)
+# The name of a built-in model's logits layer (lth_tf.models.OUTPUT_LAYER).
+OUTPUT_LAYER = "output"
+
+
+def prunable_weight(layer) -> str | None:
+    """The attribute of the one weight lth_tf masks in `layer`, or None: not masked.
+
+    Dense, Conv1D/2D/3D and Conv2D/3DTranspose mask their 'kernel', SeparableConv1D/2D
+    their 'pointwise_kernel': the weight tfmot's PruneRegistry names for the layer's
+    class. Layers the registry gives no weight (DepthwiseConv2D) or several
+    (MultiHeadAttention), other registry layers (Embedding, LocallyConnected) and
+    layers it does not know stay dense (`unmasked_layers` lists them). lth_tf's weight
+    keys call the masked weight 'kernel' whatever its attribute ('sep/kernel' is a
+    SeparableConv2D's pointwise kernel), so masks and checkpoints use one key per layer.
+    """
+    names = prune_registry.PruneRegistry._LAYERS_WEIGHTS_MAP.get(type(layer), ())
+    if len(names) != 1 or not isinstance(layer, PRUNABLE_TYPES):
+        return None
+    return names[0]
+
+
+def output_layer(model) -> str | None:
+    """The name of `model`'s output layer, the one `output_rate` applies to.
+
+    A layer named 'output' (every built-in model's logits layer), else the last
+    maskable layer in the model's layer order (a user's model's last Dense or
+    convolution); None when the model has no maskable layer.
+    """
+    inner = [_inner(layer) for layer in model.layers]
+    if any(layer.name == OUTPUT_LAYER for layer in inner):
+        return OUTPUT_LAYER
+    names = [layer.name for layer in inner if prunable_weight(layer) is not None]
+    return names[-1] if names else None
+
+
+def unmasked_layers(model) -> dict:
+    """{layer name: class name} of `model`'s layers with weights that get no mask.
+
+    Layers `prunable_weight` cannot mask (e.g. DepthwiseConv2D, Embedding, a user's
+    own layer) train dense in every round; normalisation layers and the output layer
+    left dense by output_rate=0 are not listed.
+    """
+    out = {}
+    for layer in model.layers:
+        if isinstance(layer, (_PruneLowMagnitude, *_NORMALIZATIONS)):
+            continue
+        if layer.weights and prunable_weight(layer) is None:
+            out[layer.name] = type(layer).__name__
+    return out
 
 
 class FixedMask(tfmot.sparsity.keras.PruningSchedule):
@@ -58,7 +114,12 @@ class MaskedLayer(_PruneLowMagnitude):
 
     def build(self, input_shape):
         super().build(input_shape)
-        if len(self.pruning_vars) != 1 or self.pruning_vars[0][0] is not self.layer.kernel:
+        self._weight_attr = prunable_weight(self.layer)
+        if (
+            self._weight_attr is None
+            or len(self.pruning_vars) != 1
+            or self.pruning_vars[0][0] is not getattr(self.layer, self._weight_attr)
+        ):
             raise TypeError(
                 f"MaskedLayer supports layers with one prunable kernel, got {self.layer}."
             )
@@ -67,7 +128,7 @@ class MaskedLayer(_PruneLowMagnitude):
         weight, mask, _ = self.pruning_vars[0]
         dtype = self.layer.compute_dtype
         if self.masked_by_optimizer:
-            with _swapped_kernel(self.layer, tf.cast(weight, dtype)):
+            with _swapped_kernel(self.layer, tf.cast(weight, dtype), self._weight_attr):
                 return self.layer.call(inputs, **kwargs)
         mask = tf.cast(mask, dtype)
 
@@ -82,7 +143,9 @@ class MaskedLayer(_PruneLowMagnitude):
 
             return tf.identity(kernel), grad
 
-        with _swapped_kernel(self.layer, masked_gradient(tf.cast(weight, dtype))):
+        with _swapped_kernel(
+            self.layer, masked_gradient(tf.cast(weight, dtype)), self._weight_attr
+        ):
             return self.layer.call(inputs, **kwargs)
 
     def get_config(self):
@@ -139,21 +202,21 @@ class MaskedSGD(keras.optimizers.SGD):
 
 
 @contextlib.contextmanager
-def _swapped_kernel(layer, tensor):
-    # The inner layer's call reads `self.kernel`; point it at the masked tensor
-    # for the duration of the call. object.__setattr__ keeps Keras' attribute
-    # tracking (which would try to track a tensor) out of it.
-    original = layer.__dict__["kernel"]
-    object.__setattr__(layer, "kernel", tensor)
+def _swapped_kernel(layer, tensor, attr="kernel"):
+    # The inner layer's call reads `self.kernel` (`self.pointwise_kernel`...); point it
+    # at the masked tensor for the duration of the call. object.__setattr__ keeps
+    # Keras' attribute tracking (which would try to track a tensor) out of it.
+    original = layer.__dict__[attr]
+    object.__setattr__(layer, attr, tensor)
     try:
         yield
     finally:
-        object.__setattr__(layer, "kernel", original)
+        object.__setattr__(layer, attr, original)
 
 
-def is_prunable(layer, output_rate: float = 1.0, output_name: str = "output") -> bool:
-    """Conv and dense layers are prunable; the output layer only if its rate is > 0."""
-    if not isinstance(layer, PRUNABLE_TYPES):
+def is_prunable(layer, output_rate: float = 1.0, output_name: str = OUTPUT_LAYER) -> bool:
+    """Maskable layers (`prunable_weight`) are prunable; the output layer only if its rate is > 0."""
+    if prunable_weight(layer) is None:
         return False
     return not (layer.name == output_name and output_rate == 0)
 
@@ -162,13 +225,15 @@ def wrap(model, output_rate: float = 1.0, wrapper=MaskedLayer):
     """Returns a copy of functional `model` with its prunable layers wrapped.
 
     The copy gets the model's current weights. `wrapper` may be tfmot's stock
-    `PruneLowMagnitude` (for comparisons); the default is `MaskedLayer`.
+    `PruneLowMagnitude` (for comparisons); the default is `MaskedLayer`. The
+    output layer (`output_layer`) is left dense when `output_rate` is 0.
     """
+    output_name = output_layer(model)
 
     def clone(layer):
         config = layer.get_config()
         new = layer.__class__.from_config(config)
-        if is_prunable(layer, output_rate):
+        if is_prunable(layer, output_rate, output_name):
             # The wrapper takes the inner layer's dtype policy: a float32 output layer
             # under a mixed-precision policy must not be wrapped in a bfloat16 wrapper.
             kwargs = dict(dtype=new.dtype_policy)
@@ -189,27 +254,31 @@ def wrappers(model) -> dict:
     }
 
 
-def layer_kinds(model, output_name: str = "output") -> dict:
+def layer_kinds(model, output_name: str | None = None) -> dict:
     """{inner layer name: kind} of every wrapped (prunable) layer of `model`.
 
-    The kind comes from the layer's class, not its name: a Conv2D kernel is
-    `masks.CONV`, a Dense one `masks.DENSE`, and the Dense logits layer named
-    `output_name` (lth_tf.models.OUTPUT_LAYER) is `masks.OUTPUT`.
+    The kind comes from the layer's class, not its name: a convolution's kernel is
+    `masks.CONV`, a Dense one `masks.DENSE`, and the output layer `output_name`
+    (default: `output_layer(model)`) is `masks.OUTPUT`.
 
     Raises:
-      TypeError: for a wrapped layer that is neither Conv2D nor Dense.
+      TypeError: for a wrapped layer that is neither a convolution nor Dense.
     """
+    if output_name is None:
+        output_name = output_layer(model)
     kinds = {}
     for name, wrapper in wrappers(model).items():
         layer = wrapper.layer
-        if isinstance(layer, keras.layers.Conv2D):
+        if name == output_name:
+            kinds[name] = masks_lib.OUTPUT
+        elif isinstance(layer, _CONV):
             kinds[name] = masks_lib.CONV
         elif isinstance(layer, keras.layers.Dense):
-            kinds[name] = masks_lib.OUTPUT if name == output_name else masks_lib.DENSE
+            kinds[name] = masks_lib.DENSE
         else:
             raise TypeError(
-                f"Layer {name!r} is a {type(layer).__name__}; lth_tf prunes only Conv2D and "
-                "Dense kernels."
+                f"Layer {name!r} is a {type(layer).__name__}; lth_tf prunes only convolution "
+                "and Dense kernels."
             )
     return kinds
 
@@ -231,8 +300,12 @@ def _inner(layer):
 
 
 def _weight_key(layer, weight) -> str:
-    # 'conv1/kernel:0' or 'prune_low_magnitude_conv1/conv1/kernel:0' -> 'conv1/kernel'
-    return f"{layer.name}/{weight.name.split('/')[-1].split(':')[0]}"
+    # 'conv1/kernel:0' or 'prune_low_magnitude_conv1/conv1/kernel:0' -> 'conv1/kernel';
+    # the masked weight is 'kernel' whatever its attribute (see `prunable_weight`).
+    name = weight.name.split("/")[-1].split(":")[0]
+    if name != "kernel" and name == prunable_weight(layer):
+        name = "kernel"
+    return f"{layer.name}/{name}"
 
 
 def model_weights(model) -> dict:

@@ -353,3 +353,28 @@ def test_lth_tf_wrap_and_strip_round_trip(small_models, arch):
     for a, b in zip(model.weights, stripped.weights, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     np.testing.assert_allclose(stripped(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_architectures_are_one_table_of_records_with_a_recipe_each(small_models):
+    from lth_tf import presets
+    from lth_tf.models import REGISTRY
+
+    # One record per --arch, in ARCHITECTURES' order, each with its recipe.
+    assert tuple(REGISTRY) == ARCHITECTURES
+    assert set(REGISTRY) == set(presets.RECIPES)
+    for name, spec in REGISTRY.items():
+        assert spec.name == name and small_models[name].name == name
+        # The record's input needs hold: a model takes its minimum size, not one less.
+        if spec.images and spec.min_image_size > 1:
+            size = spec.min_image_size
+            build_model(name, (size, size, 3), NUM_CLASSES)
+            with pytest.raises(ValueError, match=f"at least {size}x{size}"):
+                build_model(name, (size - 1, size - 1, 3), NUM_CLASSES)
+    assert {n: s.min_image_size for n, s in REGISTRY.items() if s.min_image_size > 1} == {
+        "conv2": 2,
+        "conv4": 4,
+        "conv6": 8,
+        "vgg16": 16,
+        "vgg19": 16,
+    }
+    assert [n for n, s in REGISTRY.items() if not s.images] == ["lenet_300_100"]

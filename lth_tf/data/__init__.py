@@ -4,6 +4,10 @@ Dataset names (`--dataset`):
   mnist            the real MNIST bundled inside the package (offline default),
                    55,000 train / 5,000 validation / 10,000 test as in the paper
   tfds:mnist       MNIST from TensorFlow Datasets (prepared in --data_dir)
+  tfds:NAME        any prepared tfds image classification dataset with image and
+                   label features and train and test splits (fashion_mnist,
+                   svhn_cropped, cifar100, ...), read into memory; the last 10%
+                   of the training split validates (or validation_holdout)
   cifar10          CIFAR-10 from TensorFlow Datasets; augmentation is random
                    flip + 4-pixel pad-and-crop, per-channel normalisation; all
                    50,000 images train, the test set doubles as validation (as in
@@ -15,6 +19,10 @@ Dataset names (`--dataset`):
                    optionally num_classes; arrays.load_npz says what is refused)
   synthetic        random images of the architecture's natural input shape;
   synthetic:HxWxC:N  or of an explicit shape and class count (benchmarks)
+  package.module:function  your own: `function(data_dir=..., augment=...,
+                   validation_holdout=...)` returns a `Dataset` (the whole
+                   protocol, export's methods included; `ArrayData(name,
+                   Arrays(...), augment)` over your arrays is one)
 
 Every dataset satisfies the `Dataset` protocol (lth_tf.data.base): its training
 order is a function of (data_seed, epoch) alone and `train(start_step=k)` yields
@@ -69,6 +77,8 @@ KNOWN = (
     "npz:PATH",
     "synthetic",
     "synthetic:HxWxC:N",
+    "tfds:NAME",
+    "package.module:function",
 )
 # Names served by TensorFlow Datasets, with the tfds name of each.
 _TFDS_NAMES = {"tfds:mnist": "mnist", "cifar10": "cifar10", "imagenet2012": "imagenet2012"}
@@ -97,7 +107,59 @@ def check_name(name: str) -> None:
         return
     if name.startswith("npz:") and len(name) > 4:
         return
+    if name.startswith("tfds:") and len(name) > 5:
+        return
+    if _is_function(name):
+        return
     raise ValueError(f"Unknown --dataset={name!r}. Known datasets: {', '.join(KNOWN)}.")
+
+
+# What `Dataset` declares (typing lists a protocol's members only from Python 3.12).
+_PROTOCOL_MEMBERS = (
+    "name",
+    "input_shape",
+    "num_classes",
+    "serving_shape",
+    "steps_per_epoch",
+    "train",
+    "eval",
+    "num_examples",
+    "serving_preprocess",
+    "serving_preprocess_encoded",
+    "raw_eval",
+)
+
+
+def _is_function(name: str) -> bool:
+    from lth_tf import presets  # the same spelling as --arch=package.module:function
+
+    return not name.startswith(("tfds:", "npz:", "synthetic:")) and presets.is_custom(name)
+
+
+def _load_function(name: str, **kwargs) -> Dataset:
+    """Calls the user's dataset function `name` and checks the protocol of its result."""
+    import importlib
+
+    module_name, _, function = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(
+            f"--dataset={name}: cannot import module {module_name!r} ({e}). The module must "
+            "be importable from this process (installed, or on PYTHONPATH)."
+        ) from e
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise ValueError(f"--dataset={name}: module {module_name!r} has no function {function!r}.")
+    dataset = fn(**kwargs)
+    missing = [m for m in _PROTOCOL_MEMBERS if not hasattr(dataset, m)]
+    if missing:
+        raise ValueError(
+            f"--dataset={name} returned a {type(dataset).__name__}, which lacks "
+            f"{', '.join(sorted(missing))} of the lth_tf.data.Dataset protocol. Return an "
+            "lth_tf.data.ArrayData over your arrays, or implement the whole protocol."
+        )
+    return dataset
 
 
 def load(
@@ -135,6 +197,8 @@ def load(
             f"input_shards={input_shards}: only imagenet2012 is read in shards; {name} is "
             "read whole by every host. Use --input_shards=0."
         )
+    if _is_function(name):
+        return _load_function(name, data_dir=data_dir, augment=augment, validation_holdout=holdout)
     if name == "mnist":
         arrays = load_npz(bundled_mnist_path(), BUNDLED_MNIST_SHA256, holdout)
         return ArrayData(name, arrays, augment)
@@ -156,4 +220,5 @@ def load(
         return ImageNetData(data_dir, augment=augment, input_shards=input_shards)
     from lth_tf.data import tfds
 
-    return ArrayData(name, tfds.arrays(_TFDS_NAMES[name], data_dir, holdout), augment)
+    tfds_name = _TFDS_NAMES.get(name) or name.removeprefix("tfds:")
+    return ArrayData(name, tfds.arrays(tfds_name, data_dir, holdout), augment)

@@ -38,11 +38,17 @@ class Dataset(Protocol):
       name: the --dataset value it was loaded from.
       input_shape: (H, W, C) of one image as the model sees it.
       num_classes: labels are 0 .. num_classes - 1.
+      serving_shape: the shape of one raw image that the exported SavedModel's
+        serving signatures take (None for a free dimension).
+
+    `lth_tf.data.ArrayData` implements all of it for any in-memory arrays; a
+    user's dataset (--dataset=package.module:function) is most simply one of those.
     """
 
     name: str
     input_shape: tuple[int, ...]
     num_classes: int
+    serving_shape: tuple[int | None, ...]
 
     def steps_per_epoch(self, batch_size: int) -> int:
         """Full batches of `batch_size` in one epoch of the training split."""
@@ -76,6 +82,23 @@ class Dataset(Protocol):
 
     def num_examples(self, split: str) -> int:
         """The number of examples `eval(split, ...)` yields."""
+        ...
+
+    # What export (lth_tf.sparse_export) builds into the SavedModel and measures.
+
+    def serving_preprocess(self, images: tf.Tensor) -> tf.Tensor:
+        """Model inputs from a batch of raw images (`serving_shape`, pixels 0-255)."""
+        ...
+
+    def serving_preprocess_encoded(self, image_bytes: tf.Tensor) -> tf.Tensor:
+        """The model input of one encoded image (a scalar string: PNG, JPEG...)."""
+        ...
+
+    def raw_eval(self, split: str) -> tf.data.Dataset:
+        """The examples of `eval(split, ...)`, in its order, as raw (image, label); unbatched.
+
+        `serving_preprocess` of a batch of these images gives what `eval` yields.
+        """
         ...
 
 

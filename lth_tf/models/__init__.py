@@ -21,11 +21,22 @@ Layer names:
                    avg_pool, output
 plus "input", "add_channel" (a Reshape for 2-D image inputs) and "*_pad"
 ZeroPadding2D layers before strided convs and pools.
+
+The architectures are records (`Architecture`) in one table, `REGISTRY`; their
+training recipes are lth_tf.presets.RECIPES under the same names. Adding an
+architecture adds its module, its record here and its recipe. A user's model
+needs no entry: --arch=package.module:function names its builder (`build_model`).
 """
 
+import dataclasses
+import functools
+import importlib
 import math
 import numbers
+import types
+from collections.abc import Callable
 
+from lth_tf import presets
 from lth_tf.keras import keras
 from lth_tf.models._layers import LayerFactory
 from lth_tf.models.conv import PLANS as _CONV_PLANS
@@ -36,40 +47,84 @@ from lth_tf.models.resnet_imagenet import resnet50
 from lth_tf.models.vgg import PLANS as _VGG_PLANS
 from lth_tf.models.vgg import vgg
 
-ARCHITECTURES: tuple[str, ...] = (
-    "lenet_300_100",
-    "conv2",
-    "conv4",
-    "conv6",
-    "vgg16",
-    "vgg19",
-    "resnet20",
-    "resnet56",
-    "resnet50",
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """One built-in architecture: everything lth_tf needs to know about it.
+
+    Attributes:
+        name: the --arch value (also the model's name).
+        build: (x, num_classes, layers: LayerFactory) -> logits, x the input tensor
+            (with a channel axis added to 2-D images when `images`).
+        kernel_init: "glorot_normal" or "he_normal" (see LayerFactory).
+        images: takes (H, W) or (H, W, C) images; False flattens any shape.
+        min_image_size: the smallest height/width its max-pools survive.
+    """
+
+    name: str
+    build: Callable
+    kernel_init: str = "he_normal"
+    images: bool = True
+    min_image_size: int = 1
+
+
+def _pool_size(plan) -> int:
+    return 2 ** plan.count("M")
+
+
+# Kernel initialisers: the 2019 lottery ticket paper (Frankle & Carbin) used
+# Gaussian Glorot for all its networks (LeNet-300-100, Conv-2/4/6); the authors'
+# framework (open_lth), whose recipes the VGG and ResNet presets follow, uses He
+# normal. Each architecture's training recipe is lth_tf.presets.RECIPES[name].
+REGISTRY: "types.MappingProxyType[str, Architecture]" = types.MappingProxyType(
+    {
+        a.name: a
+        for a in (
+            Architecture("lenet_300_100", lenet_300_100, kernel_init="glorot_normal", images=False),
+            *(
+                Architecture(
+                    name,
+                    functools.partial(conv_net, name),
+                    kernel_init="glorot_normal",
+                    min_image_size=_pool_size(plan),
+                )
+                for name, plan in _CONV_PLANS.items()
+            ),
+            *(
+                Architecture(name, functools.partial(vgg, name), min_image_size=_pool_size(plan))
+                for name, plan in _VGG_PLANS.items()
+            ),
+            Architecture("resnet20", functools.partial(resnet_cifar, "resnet20")),
+            Architecture("resnet56", functools.partial(resnet_cifar, "resnet56")),
+            Architecture("resnet50", resnet50),
+        )
+    }
 )
 
-# The name of every model's final Dense (logits) layer.
+ARCHITECTURES: tuple[str, ...] = tuple(REGISTRY)
+
+# The name of every built-in model's final Dense (logits) layer.
 OUTPUT_LAYER = "output"
 
-# Kernel initialiser per architecture. The 2019 lottery ticket paper (Frankle &
-# Carbin) used Gaussian Glorot for all its networks (LeNet-300-100, Conv-2/4/6);
-# the authors' framework (open_lth), whose recipes the VGG and ResNet presets
-# follow, uses He normal.
-GLOROT_NORMAL_ARCHS = frozenset({"lenet_300_100", "conv2", "conv4", "conv6"})
+# A user's architecture: --arch=package.module:function (see `custom_builder`).
+is_custom = presets.is_custom
 
 
 def kernel_init(arch: str) -> str:
-    """The kernel initialiser of `arch`: "glorot_normal" or "he_normal" (see LayerFactory)."""
-    return "glorot_normal" if arch in GLOROT_NORMAL_ARCHS else "he_normal"
+    """The kernel initialiser of built-in `arch`: "glorot_normal" or "he_normal"."""
+    return REGISTRY[arch].kernel_init
 
 
-__all__ = ["ARCHITECTURES", "OUTPUT_LAYER", "build_model", "kernel_init"]
-
-
-def _min_image_size(arch: str) -> int:
-    """The smallest height/width that survives the architecture's 2x2 max-pools."""
-    plan = _CONV_PLANS.get(arch) or _VGG_PLANS.get(arch) or ()
-    return 2 ** plan.count("M")
+__all__ = [
+    "ARCHITECTURES",
+    "OUTPUT_LAYER",
+    "REGISTRY",
+    "Architecture",
+    "build_model",
+    "custom_builder",
+    "is_custom",
+    "kernel_init",
+]
 
 
 def _is_int(value) -> bool:
@@ -78,8 +133,11 @@ def _is_int(value) -> bool:
 
 def _check_args(arch, input_shape, num_classes, seed, weight_decay) -> tuple[int, ...]:
     """Validates build_model's arguments; returns input_shape as a tuple of ints."""
-    if not isinstance(arch, str) or arch not in ARCHITECTURES:
-        raise ValueError(f"Unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}.")
+    if not isinstance(arch, str) or not (arch in REGISTRY or is_custom(arch)):
+        raise ValueError(
+            f"Unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}, or "
+            "package.module:function for your own builder."
+        )
     if (
         not isinstance(input_shape, tuple | list)
         or not input_shape
@@ -90,13 +148,14 @@ def _check_args(arch, input_shape, num_classes, seed, weight_decay) -> tuple[int
             f"axis, e.g. (32, 32, 3); got {input_shape!r}."
         )
     input_shape = tuple(int(d) for d in input_shape)
-    if arch != "lenet_300_100":
+    spec = REGISTRY.get(arch)
+    if spec is not None and spec.images:
         if len(input_shape) not in (2, 3):
             raise ValueError(
                 f"{arch} takes images: input_shape must be (height, width) or "
                 f"(height, width, channels); got {input_shape!r}."
             )
-        min_size = _min_image_size(arch)
+        min_size = spec.min_image_size
         if min(input_shape[:2]) < min_size:
             raise ValueError(
                 f"{arch} needs images of at least {min_size}x{min_size} for its max-pools; "
@@ -134,7 +193,10 @@ def build_model(
     do not depend on the global RNG state.
 
     Args:
-        arch: One of `ARCHITECTURES`.
+        arch: One of `ARCHITECTURES`, or 'package.module:function': a user's builder
+            `function(input_shape, num_classes, seed) -> keras.Model` returning a
+            built functional or Sequential tf_keras model of float32 logits (its
+            own names, initialisers and regularizers; weight_decay must be 0).
         input_shape: One example's shape, without the batch axis. lenet_300_100
             flattens any shape; the conv nets take (H, W, C) or (H, W), which gets
             a channel axis.
@@ -156,21 +218,65 @@ def build_model(
     """
     input_shape = _check_args(arch, input_shape, num_classes, seed, weight_decay)
     num_classes, seed, weight_decay = int(num_classes), int(seed), float(weight_decay)
-    layers = LayerFactory(seed, weight_decay, kernel_init(arch))
+    if is_custom(arch):
+        return _build_custom(arch, input_shape, num_classes, seed, weight_decay)
+    spec = REGISTRY[arch]
+    layers = LayerFactory(seed, weight_decay, spec.kernel_init)
 
     inputs = keras.Input(shape=input_shape, name="input")
     x = inputs
-    if arch != "lenet_300_100" and len(input_shape) == 2:
+    if spec.images and len(input_shape) == 2:
         x = keras.layers.Reshape((*input_shape, 1), name="add_channel")(x)
+    return keras.Model(inputs, spec.build(x, num_classes, layers), name=arch)
 
-    if arch == "lenet_300_100":
-        logits = lenet_300_100(x, num_classes, layers)
-    elif arch in _CONV_PLANS:
-        logits = conv_net(arch, x, num_classes, layers)
-    elif arch in _VGG_PLANS:
-        logits = vgg(arch, x, num_classes, layers)
-    elif arch in ("resnet20", "resnet56"):
-        logits = resnet_cifar(arch, x, num_classes, layers)
-    else:
-        logits = resnet50(x, num_classes, layers)
-    return keras.Model(inputs, logits, name=arch)
+
+def custom_builder(arch: str) -> Callable:
+    """Imports the function named by --arch=package.module:function.
+
+    Raises:
+        ValueError: when the module cannot be imported or has no such callable
+            (the message says what was looked for).
+    """
+    module_name, _, function = arch.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(
+            f"--arch={arch}: cannot import module {module_name!r} ({e}). The module must be "
+            "importable from this process (installed, or on PYTHONPATH)."
+        ) from e
+    builder = getattr(module, function, None)
+    if not callable(builder):
+        raise ValueError(f"--arch={arch}: module {module_name!r} has no function {function!r}.")
+    return builder
+
+
+def _build_custom(arch, input_shape, num_classes, seed, weight_decay) -> keras.Model:
+    """Calls a user's builder and checks that lth_tf can train and prune what it returns."""
+    if weight_decay:
+        raise ValueError(
+            f"--arch={arch}: weight_decay={weight_decay:g}, but lth_tf adds weight decay only "
+            "to its own architectures. Put regularizers in your builder and use "
+            "--weight_decay=0."
+        )
+    model = custom_builder(arch)(input_shape, num_classes, seed)
+    if not isinstance(model, keras.Model) or not (
+        isinstance(model, keras.Sequential) or getattr(model, "_is_graph_network", False)
+    ):
+        raise ValueError(
+            f"--arch={arch} returned {type(model).__name__}; expected a functional or "
+            "Sequential tf_keras model (lth_tf.keras.keras), built (with an input shape), "
+            "so that its layers can be cloned and wrapped."
+        )
+    if not model.built or not model.inputs:
+        raise ValueError(
+            f"--arch={arch} returned a model that is not built; give it an Input (or "
+            f"input_shape) of {input_shape}."
+        )
+    shape = tuple(model.outputs[0].shape)
+    if len(model.outputs) != 1 or shape[1:] != (num_classes,):
+        raise ValueError(
+            f"--arch={arch} returned a model whose output is {shape}; expected one output "
+            f"of logits shaped (batch, {num_classes})."
+        )
+    return model
