@@ -205,9 +205,9 @@ INTERPOLATION = Schema(
         "batchnorm": STR,
         "stable": BOOL,
         "test_barrier_mean": NUMBER,
-        "test_barrier_std": NUMBER,
+        "test_barrier_std": optional(NUMBER),  # null with one repeat
         "train_barrier_mean": NUMBER,
-        "train_barrier_std": NUMBER,
+        "train_barrier_std": optional(NUMBER),  # null with one repeat
         "data_order_distance_mean": NUMBER,
     },
     optional={
@@ -217,9 +217,9 @@ INTERPOLATION = Schema(
         "num_alphas": INT,
         "eval_examples": optional(INT),
         "stable_bound": NUMBER,
-        "data_order_distance_std": NUMBER,
+        "data_order_distance_std": optional(NUMBER),  # null with one repeat
         "test_accuracy_mean": NUMBER,
-        "test_accuracy_std": NUMBER,
+        "test_accuracy_std": optional(NUMBER),  # null with one repeat
         "pruning_distance": NUMBER,
         "pruning_distance_normalized": NUMBER,
     },
