@@ -102,20 +102,22 @@ def test_the_last_job_to_finish_reports_every_finished_replicate(groups):
 
 
 def test_the_group_report_aggregates_what_has_finished(groups, tmp_path):
-    # Job 2 has finished, job 3 has only started, job 1 has not started yet.
+    # Job 2 has finished, job 1 has only started (its config.json), job 3 has not started.
     array, _ = groups
     group = str(tmp_path / "group")
     shutil.copytree(paths.replicate_dir(array, 2), paths.replicate_dir(group, 2))
-    os.makedirs(paths.replicate_dir(group, 3))
+    os.makedirs(paths.replicate_dir(group, 1))
     shutil.copy(
-        paths.config_file(paths.replicate_dir(array, 2)),
-        paths.config_file(paths.replicate_dir(group, 3)),
+        paths.config_file(paths.replicate_dir(array, 1)),
+        paths.config_file(paths.replicate_dir(group, 1)),
     )
     imp.write_group_report(group)
     (run,) = files.read_json(paths.report_json_file(group))["runs"]
-    assert [os.path.basename(d) for d in run["replicates"]] == ["replicate_2", "replicate_3"]
+    assert [os.path.basename(d) for d in run["replicates"]] == ["replicate_1", "replicate_2"]
     imp_series = next(s for s in run["series"] if s["branch"] == "imp")
     assert [p["test_accuracy"]["n"] for p in imp_series["points"]] == [1, 1]
+    with open(paths.report_file(group)) as f:
+        assert "## Per-layer density (%) of replicate_2" in f.read()
 
 
 @pytest.fixture()
