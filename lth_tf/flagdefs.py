@@ -48,6 +48,7 @@ CONFIG_FIELDS_WITHOUT_FLAGS: frozenset[str] = frozenset(config_lib.RECORDED_FIEL
 IMP_PROCESS_FLAGS = (
     "rewind_steps",  # more W_k recorded by round 0: files added, nothing trained differs
     "replicates",
+    "replicate",
     "root_dir",
     "run_name",
     "checkpoint_seconds",
@@ -240,6 +241,26 @@ def parse_flags(argv):
         sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
         sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
         sys.exit(2)
+
+
+def _replicate_validator(value):
+    if value is not None and value < 1:
+        raise flags.ValidationError(
+            f"--replicate={value}: replicates are numbered from 1 (replicate_1 is the "
+            "group's first). In a job array numbered from 0, pass the index + 1."
+        )
+    return True
+
+
+def _member_validator(values):
+    i, n = values["replicate"], values["replicates"]
+    # --replicates's default (1) says nothing about the group's size: only a given N bounds i.
+    if i is not None and FLAGS["replicates"].present and i > n:
+        raise flags.ValidationError(
+            f"--replicate={i} with --replicates={n}: the group has replicates 1..{n}. "
+            f"Pass --replicates={i} or more, or leave --replicates out."
+        )
+    return True
 
 
 def _dataset_validator(value):
@@ -531,6 +552,17 @@ def define_imp_flags() -> None:
         "(mean, std, min/max). Raising it later adds replicates to the same group.",
         lower_bound=1,
     )
+    flags.DEFINE_integer(
+        "replicate",
+        None,
+        "Run only replicate i (1-based) of the group --replicates=N writes: the same "
+        "directory <group>/replicate_i and seeds, so N jobs of a cluster's job array "
+        "(e.g. --replicate=$SLURM_ARRAY_TASK_ID) run the group side by side on shared "
+        "storage; each writes the group's report of whatever has finished. With "
+        "--replicates=N, i must be at most N.",
+    )
+    flags.register_validator("replicate", _replicate_validator)
+    flags.register_multi_flags_validator(["replicate", "replicates"], _member_validator)
 
 
 @_idempotent

@@ -39,8 +39,9 @@ def main(argv):
         config = flagdefs.config_from_flags()
     except ValueError as e:
         raise app.UsageError(str(e), exitcode=2) from None
-    replicates = replicate_configs(config, FLAGS.replicates)
-    group = FLAGS.replicates > 1
+    # --replicate=i: one member of the group --replicates=N writes (a job of a job array).
+    members = [FLAGS.replicate] if FLAGS.replicate else range(1, FLAGS.replicates + 1)
+    group = FLAGS.replicates > 1 or FLAGS.replicate is not None
     if FLAGS.run_name:
         out_dir = paths.join(FLAGS.root_dir, FLAGS.run_name)
     else:  # the default name, or the directory an earlier spelling of this run has
@@ -48,14 +49,16 @@ def main(argv):
     if not group:
         runs = [(config, out_dir)]
     else:
-        runs = [(c, paths.replicate_dir(out_dir, i)) for i, c in enumerate(replicates, 1)]
+        runs = [(replicate_config(config, i), paths.replicate_dir(out_dir, i)) for i in members]
     # A run resumes with the fields it recorded that no flag sets (its warm-up form).
     runs = [(rundir.resumed_config(c, d), d) for c, d in runs]
     if FLAGS.print_config:
         for c, d in runs:
             print(f"Run directory: {d}\n{c.to_json()}")
         return 0
-    problem = _root_dir_problem(FLAGS.root_dir) or _group_problem(out_dir, FLAGS.replicates)
+    problem = _root_dir_problem(FLAGS.root_dir) or _group_problem(
+        out_dir, FLAGS.replicates, FLAGS.replicate
+    )
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -71,14 +74,16 @@ def main(argv):
     log = print if chief else (lambda *a: None)
     if not FLAGS.run_name:
         _note_replay_run(config, out_dir, group, log)
-    for i, (c, run_dir) in enumerate(runs, 1):
-        if len(runs) > 1:
+    for i, (c, run_dir) in zip(members, runs, strict=True):
+        if FLAGS.replicate:
+            log(f"=== replicate {i} of group {out_dir}: seed {c.seed}, data_seed {c.data_seed}")
+        elif len(runs) > 1:
             log(f"=== replicate {i}/{len(runs)}: seed {c.seed}, data_seed {c.data_seed}")
         code = _run_one(c, run_dir, strategy, log)
         if code:
             return code
     if chief:
-        print(reporting.write_report(out_dir))
+        print(write_group_report(out_dir) if group else reporting.write_report(out_dir))
         print(f"\nReport: {paths.report_file(out_dir)}\nPlot:   {paths.plot_file(out_dir)}")
     return 0
 
@@ -103,9 +108,38 @@ def _note_replay_run(config, out_dir: str, group: bool, log) -> None:
 
 def replicate_configs(config, n: int) -> list:
     """The configs of n replicates: replicate i (1-based) has seed+i-1 and data_seed+i-1."""
+    return [replicate_config(config, i) for i in range(1, n + 1)]
+
+
+def replicate_config(config, i: int):
+    """Replicate i (1-based) of `config`'s group: seed+i-1 and data_seed+i-1."""
+    return dataclasses.replace(config, seed=config.seed + i - 1, data_seed=config.data_seed + i - 1)
+
+
+def write_group_report(group_dir: str, attempts: int = 5) -> str:
+    """Writes the group's report (reporting.write_report) from what has finished; returns its table.
+
+    The replicates of a job array finish in their own processes, each writing the
+    group's report. A report read before another replicate's round was written
+    and written after that replicate's own report would hide the round: so the
+    report is written again while what it was read from has changed since (at
+    most `attempts` times). The last report written then holds every round
+    finished before its writer checked, and a round finished later is written
+    by its own process after that.
+    """
+    for _ in range(attempts):
+        before = _finished(group_dir)
+        text = reporting.write_report(group_dir)
+        if _finished(group_dir) == before:
+            break
+    return text
+
+
+def _finished(group_dir: str) -> list:
+    """The group's replicates and the rounds each has finished (a finished round never changes)."""
     return [
-        dataclasses.replace(config, seed=config.seed + i, data_seed=config.data_seed + i)
-        for i in range(n)
+        (d, {b: sorted(rs) for b, rs in rundir.finished_rounds(d).items()})
+        for d in rundir.replicate_dirs(group_dir)
     ]
 
 
@@ -173,21 +207,27 @@ def check_keeps_weights(experiment) -> None:
     )
 
 
-def _group_problem(out_dir: str, replicates: int) -> str | None:
-    """Why out_dir cannot hold this invocation's run or replicate group (nothing written)."""
+def _group_problem(out_dir: str, replicates: int, replicate: int | None = None) -> str | None:
+    """Why out_dir cannot hold this invocation's run or replicate group (nothing written).
+
+    replicate: --replicate=i (one member of the group), or None.
+    """
     has_config = files.exists(paths.config_file(out_dir))
-    if replicates > 1 and has_config:
+    if (replicates > 1 or replicate is not None) and has_config:
+        asked = (
+            f"--replicate={replicate}" if replicate is not None else f"--replicates={replicates}"
+        )
         return (
-            f"{out_dir} holds a single run, not a replicate group: --replicates={replicates} "
+            f"{out_dir} holds a single run, not a replicate group: {asked} "
             "would write its replicates inside it. Choose another --run_name for the group."
         )
-    if replicates == 1 and not has_config and tf.io.gfile.isdir(out_dir):
+    if replicates == 1 and replicate is None and not has_config and tf.io.gfile.isdir(out_dir):
         names = [n.rstrip("/") for n in tf.io.gfile.listdir(out_dir)]
         if any(paths.REPLICATE_RE.match(n) for n in names):
             return (
                 f"{out_dir} is a replicate group (it holds {', '.join(sorted(names))}). Rerun "
-                "with the group's --replicates=N to extend or resume it, or choose another "
-                "--run_name for a single run."
+                "with the group's --replicates=N to extend or resume it (or --replicate=i for "
+                "its member i), or choose another --run_name for a single run."
             )
     return None
 

@@ -672,7 +672,10 @@ def write_report(run_dir: str, extra_sections=(), out: str | None = None) -> str
         parts += _run_sections(run_dir, results)
         layers = _layers(run_dir, results.get(rundir.IMP, {}))
     else:
-        first = group["replicates"][0]
+        # The first replicate with a finished IMP round: in a job array, replicate_1
+        # may start after the others.
+        k = next((k for k, r in enumerate(group["results"]) if r.get(rundir.IMP)), 0)
+        first, first_results = group["replicates"][k], group["results"][k]
         text = aggregate_table([(None, group["aggregate"])])
         names = ", ".join(f"`{os.path.basename(d)}`" for d in group["replicates"])
         parts = [
@@ -686,7 +689,7 @@ def write_report(run_dir: str, extra_sections=(), out: str | None = None) -> str
             "![accuracy vs density](accuracy_vs_density.png)",
             "",
         ]
-        layer_text = layer_table(first, group["results"][0])
+        layer_text = layer_table(first, first_results)
         if layer_text:
             parts += [f"## Per-layer density (%) of {os.path.basename(first)}\n", layer_text, ""]
         for d, results in zip(group["replicates"], group["results"], strict=True):
@@ -705,7 +708,7 @@ def write_report(run_dir: str, extra_sections=(), out: str | None = None) -> str
             ),
             "",
         ]
-        layers = _layers(first, group["results"][0].get(rundir.IMP, {}))
+        layers = _layers(first, first_results.get(rundir.IMP, {}))
     parts.extend(extra_sections)
     parts += _config_section(group["config"])
     _write(out, parts, [group], [None], layers)
