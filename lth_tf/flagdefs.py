@@ -171,6 +171,36 @@ class _ArchParser(_ChoiceParser):
             ) from None
 
 
+class _PathParser(flags.ArgumentParser):
+    """A local path with '~' and $VARS expanded (lth_tf.paths.expand); URLs as given."""
+
+    syntactic_help = "a path"
+
+    def parse(self, argument):
+        return paths.expand(argument)
+
+    def flag_type(self):
+        return "string"
+
+
+class _DatasetParser(_PathParser):
+    """A dataset name; the PATH of npz:PATH is expanded as a path."""
+
+    syntactic_help = ""
+
+    def parse(self, argument):
+        if isinstance(argument, str) and argument.startswith("npz:"):
+            return "npz:" + paths.expand(argument[4:])
+        return argument
+
+
+def _define_path(name, default, help_text, parser=None):
+    """DEFINE_string whose value is a path: '~' and $VARS expanded (not gs:// or URLs)."""
+    flags.DEFINE(
+        parser or _PathParser(), name, default, help_text, serializer=flags.ArgumentSerializer()
+    )
+
+
 def _define_choice(name, default, choices, kind, help_text):
     """DEFINE_enum with an error that lists the choices ('Known <kind>s: ...').
 
@@ -279,15 +309,14 @@ def define_train_flags() -> None:
         "(lth_tf/presets.py CUSTOM_RECIPE) for every flag left unset.",
     )
     FLAGS["arch"].parser = _ArchParser(presets.RECIPES, "architecture")
-    flags.DEFINE_string(
+    _define_path(
         "dataset",
         None,
         f"Dataset; default: the --arch recipe's. Forms: {_DATASET_FORMS}.",
+        _DatasetParser(),
     )
     flags.register_validator("dataset", _dataset_validator)
-    flags.DEFINE_string(
-        "data_dir", None, "TensorFlow Datasets data_dir where tfds datasets are prepared."
-    )
+    _define_path("data_dir", None, "TensorFlow Datasets data_dir where tfds datasets are prepared.")
     flags.DEFINE_integer(
         "validation_holdout",
         None,
@@ -497,7 +526,7 @@ def define_imp_flags() -> None:
     define_prune_flags()
     define_distribute_flags()
     _define_rewind_steps_flag()
-    flags.DEFINE_string("root_dir", "runs", "Where runs are written (a local path or gs://).")
+    _define_path("root_dir", "runs", "Where runs are written (a local path or gs://).")
     flags.DEFINE_string(
         "run_name",
         None,
@@ -541,7 +570,9 @@ def define_run_dir_flag() -> None:
     point's parsing in a process that defines several); each entry point's
     `run()` marks it required.
     """
-    flags.DEFINE_multi_string(
+    flags.DEFINE_multi(
+        _PathParser(),
+        flags.ArgumentSerializer(),
         "run_dir",
         None,
         "A run directory written by lth_tf.imp, i.e. <root_dir>/<run_name>, e.g. "
@@ -730,7 +761,7 @@ def define_export_flags() -> None:
 def define_report_flags() -> None:
     """Every flag of `python -m lth_tf.report`."""
     define_run_dir_flag()
-    flags.DEFINE_string(
+    _define_path(
         "out",
         None,
         "Where to write the report (default: the run or group itself; for several "
