@@ -316,7 +316,7 @@ def define_train_flags() -> None:
         _DatasetParser(),
     )
     flags.register_validator("dataset", _dataset_validator)
-    _define_path("data_dir", None, "TensorFlow Datasets data_dir where tfds datasets are prepared.")
+    _define_data_dir_flag()
     flags.DEFINE_integer(
         "validation_holdout",
         None,
@@ -373,6 +373,40 @@ def define_train_flags() -> None:
         "Also evaluate the test set every evaluation period (test accuracy at the "
         "early-stopping iteration, as the 2019 paper reports it). Default: the recipe's.",
     )
+    _define_speed_flags()
+    flags.DEFINE_integer(
+        "verbose",
+        1,
+        "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per evaluation period.",
+        lower_bound=0,
+        upper_bound=2,
+    )
+    for name in ("training_steps", "warmup", "eval_every", "lr_drops"):
+        flags.register_validator(name, _duration_validator(name))
+    for name in ("lr", "momentum", "weight_decay", "lr_gamma"):
+        flags.register_validator(name, _finite_validator(name))
+
+
+# The config fields that a command reading an existing run (lth_tf.stability,
+# export, branch) may set for itself, over its config.json: where the data is and
+# how fast it runs; none is part of the run's identity (config.NON_IDENTITY_FIELDS).
+OVERRIDE_FIELDS = ("data_dir", "jit_compile", "steps_per_execution")
+
+
+@_idempotent
+def _define_data_dir_flag() -> None:
+    _define_path(
+        "data_dir",
+        None,
+        "TensorFlow Datasets data_dir where tfds datasets are prepared. Not part of the "
+        "run: lth_tf.stability, export and branch read the run's data from here instead of "
+        "the data_dir in its config.json (e.g. after moving the run to another host).",
+    )
+
+
+@_idempotent
+def _define_speed_flags() -> None:
+    """jit_compile and steps_per_execution: the same run, faster or slower."""
     flags.DEFINE_boolean(
         "jit_compile",
         None,
@@ -389,17 +423,20 @@ def define_train_flags() -> None:
         "--steps_per_execution=1 turns the automatic choice off.",
         lower_bound=1,
     )
-    flags.DEFINE_integer(
-        "verbose",
-        1,
-        "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per evaluation period.",
-        lower_bound=0,
-        upper_bound=2,
-    )
-    for name in ("training_steps", "warmup", "eval_every", "lr_drops"):
-        flags.register_validator(name, _duration_validator(name))
-    for name in ("lr", "momentum", "weight_decay", "lr_gamma"):
-        flags.register_validator(name, _finite_validator(name))
+
+
+def config_overrides() -> dict:
+    """{field: value} of the OVERRIDE_FIELDS whose flags this process defines and has set.
+
+    What lth_tf.stability and export lay over the run's config.json for this
+    invocation only (config.json is not rewritten).
+    """
+    assert set(OVERRIDE_FIELDS) <= set(config_lib.NON_IDENTITY_FIELDS)
+    return {
+        name: FLAGS[name].value
+        for name in OVERRIDE_FIELDS
+        if name in FLAGS and FLAGS[name].value is not None
+    }
 
 
 @_idempotent
@@ -628,6 +665,8 @@ def define_stability_flags() -> None:
     # several, the last defined wins).
     FLAGS.set_default("round", 0)
     _define_rewind_steps_flag()
+    _define_data_dir_flag()
+    _define_speed_flags()  # the copies train as imp's rounds do
     flags.DEFINE_integer("num_alphas", 30, "Points on the interpolation path.", lower_bound=2)
     flags.DEFINE_integer(
         "repeats",
@@ -746,6 +785,7 @@ def define_export_flags() -> None:
     define_run_dir_flag()
     _define_round_flag()
     FLAGS.set_default("round", None)  # see define_stability_flags
+    _define_data_dir_flag()
     _define_eval_examples_flag()
     flags.DEFINE_boolean(
         "tflite", False, "Also write dense and sparse (TFLite sparse format) TFLite files."

@@ -69,3 +69,63 @@ def test_path_flags_keep_gs_urls_and_dataset_names(monkeypatch, parse_flags):
     f = parse_flags("--data_dir=gs://bucket/~/tfds", "--root_dir=gs://b/$HOME", "--dataset=cifar10")
     assert (f.data_dir, f.root_dir, f.dataset) == ("gs://bucket/~/tfds", "gs://b/$HOME", "cifar10")
     assert os.path.isabs(parse_flags("--dataset=npz:~/a.npz").dataset[4:])
+
+
+class _DataLoaded(Exception):
+    """Raised by the mock data loader: the test has seen what it needed."""
+
+
+@pytest.fixture()
+def moved_run(tmp_path, tiny_config, monkeypatch):
+    """A run whose config.json names a data_dir of the host it was made on.
+
+    Its round 0 looks finished (export checks the files before loading data);
+    lth_tf.data.load is replaced by a mock that records its data_dir and stops.
+    """
+    import numpy as np
+
+    from lth_tf import data as data_lib
+    from lth_tf import files, rundir
+
+    run_dir = str(tmp_path / "run")
+    config = tiny_config(dataset="tfds:mnist", data_dir="/old_host/tensorflow_datasets")
+    rundir.open_run_dir(config, run_dir)
+    rd = paths.round_dir(run_dir, 0)
+    files.write_npz(paths.masks_file(rd), {"x": np.ones(1)})
+    files.write_npz(paths.checkpoint_file(rd, "final"), {"x": np.ones(1)})
+    files.write_json(paths.summary_file(rd), {"round": 0, "density": 1.0, "test_accuracy": 0.5})
+    seen = []
+
+    def load(name, data_dir=None, **kwargs):
+        seen.append(data_dir)
+        raise _DataLoaded(data_dir)
+
+    monkeypatch.setattr(data_lib, "load", load)
+    return run_dir, seen
+
+
+@pytest.mark.parametrize("command", ["stability", "export"])
+def test_stability_and_export_read_the_data_from_data_dir(moved_run, parse_flags, command):
+    """--data_dir replaces config.json's for this command; without it, config.json's is used."""
+    from lth_tf import export, stability
+
+    run_dir, seen = moved_run
+    main = {"stability": stability._stability, "export": lambda: export._export(FLAGS)}[command]
+    for argv, expected in (
+        ((), "/old_host/tensorflow_datasets"),
+        (("--data_dir=/new_host/tfds",), "/new_host/tfds"),
+    ):
+        parse_flags(f"--run_dir={run_dir}", "--round=0", *argv)
+        with pytest.raises(_DataLoaded):
+            main()
+        assert seen[-1] == expected
+    # config.json is not rewritten: the override was this invocation's only.
+    from lth_tf import rundir
+
+    assert rundir.load_config(run_dir).data_dir == "/old_host/tensorflow_datasets"
+
+
+def test_data_dir_and_speed_settings_are_not_part_of_a_run():
+    from lth_tf import config as config_lib
+
+    assert set(flagdefs.OVERRIDE_FIELDS) <= set(config_lib.NON_IDENTITY_FIELDS)
