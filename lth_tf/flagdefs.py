@@ -28,7 +28,7 @@ import math
 import sys
 import textwrap
 
-from absl import flags
+from absl import app, flags
 
 from lth_tf import branch_kinds, criteria, data, paths, presets, steps, subnetworks
 from lth_tf import config as config_lib
@@ -64,12 +64,18 @@ IMP_KEY_FLAGS = (
     "arch",
     "dataset",
     "data_dir",
+    "training_steps",
+    "eval_every",
+    "batch_size",
+    "lr",
     "rewind_step",
     "rounds",
+    "prune_fraction",
     "target_density",
     "controls",
     "replicates",
     "root_dir",
+    "strategy",
     "print_config",
 )
 
@@ -260,9 +266,16 @@ def parse_flags(argv):
 
     absl's own parser exits with 1, the code of a failure; a value the user can
     fix exits with 2, as every entry point's other refusals of bad input do.
+    Help (--help, --helpshort, --helpfull, --helpxml) exits with 0: it is what
+    was asked for (absl's help flags print and exit with 1 while parsing; nothing
+    else exits there).
     """
     try:
         return FLAGS(argv)
+    except SystemExit as e:
+        if e.code == 1:
+            sys.exit(0)
+        raise
     except flags.Error as e:
         message = str(e)
         if "\n" in message:
@@ -270,6 +283,27 @@ def parse_flags(argv):
         sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
         sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
         sys.exit(2)
+
+
+def brief_usage_errors(main):
+    """Wraps an entry point's main for app.run: a usage error is one paragraph, exit 2.
+
+    absl's app.run prints the module's help and its key flags above the error of
+    an app.UsageError (tens of lines); this prints the error alone, and where
+    help is. main itself still raises app.UsageError (its tests catch it).
+    """
+
+    @functools.wraps(main)
+    def wrapper(argv):
+        try:
+            return main(argv)
+        except app.UsageError as e:
+            sys.stderr.write(
+                f"error: {e}\nPass --helpshort to see the main flags, --helpfull for every flag.\n"
+            )
+            return 2
+
+    return wrapper
 
 
 def _dataset_validator(value):

@@ -222,7 +222,7 @@ def run():
     define_flags()
     flagdefs.declare_key_flags(flagdefs.IMP_KEY_FLAGS)
     logging.set_verbosity(logging.WARNING)
-    app.run(main, flags_parser=flagdefs.parse_flags)
+    app.run(flagdefs.brief_usage_errors(main), flags_parser=flagdefs.parse_flags)
 
 
 if __name__ == "__main__":

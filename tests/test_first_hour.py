@@ -1,6 +1,8 @@
 """A researcher's first hour: commands as the README writes them work as written."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 from absl import flags
@@ -129,3 +131,56 @@ def test_data_dir_and_speed_settings_are_not_part_of_a_run():
     from lth_tf import config as config_lib
 
     assert set(flagdefs.OVERRIDE_FIELDS) <= set(config_lib.NON_IDENTITY_FIELDS)
+
+
+@pytest.mark.parametrize("arch", ["lenet_300_100", "conv2", "resnet20"])
+@pytest.mark.parametrize("fraction", [1.5, 1.0, -0.5])
+def test_a_bad_prune_fraction_is_reported_as_itself_not_as_a_rate(arch, fraction):
+    """The rates multiply the fraction: the fraction is checked first."""
+    from lth_tf import config as config_lib
+
+    with pytest.raises(ValueError, match=r"^prune_fraction: got"):
+        config_lib.make_config(arch, prune_fraction=fraction)
+
+
+@pytest.mark.parametrize("flag", ["--help", "--helpshort", "--helpfull"])
+def test_help_exits_0(parse_flags, flag, capsys):
+    from absl import app
+
+    app.define_help_flags()  # as app.run does
+    with pytest.raises(SystemExit) as e:
+        flagdefs.parse_flags(["prog", flag])
+    assert e.value.code == 0
+    assert "--" in capsys.readouterr().out
+
+
+def test_a_usage_error_is_one_paragraph_without_the_help(parse_flags, capsys):
+    from lth_tf import imp
+
+    parse_flags("--arch=lenet_300_100", "--prune_fraction=1.5", "--print_config")
+    assert flagdefs.brief_usage_errors(imp.main)(["imp"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "error: prune_fraction: got 1.5; expected a fraction in (0, 1), e.g. 0.2.\n"
+        "Pass --helpshort to see the main flags, --helpfull for every flag.\n"
+    )
+    assert captured.out == ""
+    assert flagdefs.brief_usage_errors(imp.main)(["imp", "extra"]) == 2
+    assert capsys.readouterr().err.startswith("error: Unexpected arguments ['extra']")
+
+
+def test_imp_helpshort_lists_the_flags_a_first_run_sets():
+    result = subprocess.run(
+        [sys.executable, "-m", "lth_tf.imp", "--helpshort"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    listed = {line.split(":")[0].strip() for line in result.stdout.splitlines()}
+    for name in flagdefs.IMP_KEY_FLAGS:
+        assert f"--{name}" in listed or f"--[no]{name}" in listed, name
+    for name in ("training_steps", "eval_every", "batch_size", "lr", "prune_fraction", "strategy"):
+        assert f"--{name}" in listed, name
+    assert "--momentum" not in listed  # the short list stays short; --helpfull has all
