@@ -53,6 +53,7 @@ IMP_PROCESS_FLAGS = (
     "checkpoint_seconds",
     "deterministic",
     "print_config",
+    "allow_any_dataset",
     "strategy",
     "num_gpus",
     "tpu",
@@ -622,6 +623,13 @@ def define_imp_flags() -> None:
     flags.DEFINE_boolean(
         "print_config", False, "Print the resolved config and run directory; train nothing."
     )
+    flags.DEFINE_boolean(
+        "allow_any_dataset",
+        False,
+        "Train a built-in --arch on a built-in --dataset its recipe is not made for (e.g. "
+        "resnet50 on mnist, lenet_300_100 on cifar10), which is otherwise refused. Your own "
+        "architectures and datasets (synthetic, npz:, tfds:NAME, functions) need no flag.",
+    )
     flags.DEFINE_integer(
         "replicates",
         1,
@@ -876,11 +884,13 @@ def explicit_config_flags() -> dict:
 def config_from_flags() -> config_lib.RunConfig:
     """The run's config: the recipe of --arch with every flag the user set on top.
 
-    Needs define_imp_flags() (or the train, prune and distribute groups).
+    Needs define_imp_flags().
 
     Raises:
       ValueError: for values or combinations that make no sense, e.g. the MNIST
-        demo (no --arch) on a dataset whose images are not MNIST-shaped.
+        demo (no --arch) on a dataset whose images are not MNIST-shaped, or an
+        architecture on a dataset its recipe is not made for (without
+        --allow_any_dataset).
     """
     values = {name: getattr(FLAGS, name) for name in _CONFIG_FLAGS}
     arch = values.pop("arch")
@@ -892,6 +902,8 @@ def config_from_flags() -> config_lib.RunConfig:
             if values.get(key) is None:
                 values[key] = value
         arch = values.pop("arch")
+    if values["dataset"] is not None and not FLAGS.allow_any_dataset:
+        presets.check_arch_dataset(arch, values["dataset"])
     if values["rounds"] is None:
         values["rounds"] = 0
     for name in ("lr_drops", "controls"):

@@ -184,3 +184,61 @@ def test_imp_helpshort_lists_the_flags_a_first_run_sets():
     for name in ("training_steps", "eval_every", "batch_size", "lr", "prune_fraction", "strategy"):
         assert f"--{name}" in listed, name
     assert "--momentum" not in listed  # the short list stays short; --helpfull has all
+
+
+@pytest.fixture()
+def imp_config():
+    flagdefs.define_imp_flags()
+
+    def _parse(*argv):
+        FLAGS.unparse_flags()
+        FLAGS(["imp", *argv])
+        return flagdefs.config_from_flags()
+
+    yield _parse
+    FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize(
+    "arch, dataset, made_for",
+    [
+        ("resnet50", "mnist", "imagenet2012"),
+        ("lenet_300_100", "cifar10", "mnist"),
+        ("resnet20", "imagenet2012", "cifar10"),
+        ("conv2", "tfds:mnist", "cifar10"),
+    ],
+)
+def test_an_arch_on_a_dataset_it_is_not_made_for_is_refused(imp_config, arch, dataset, made_for):
+    with pytest.raises(ValueError, match=f"--arch={arch} --dataset={dataset}") as e:
+        imp_config(f"--arch={arch}", f"--dataset={dataset}")
+    assert f"--dataset={made_for}" in str(e.value) and "--allow_any_dataset" in str(e.value)
+    c = imp_config(f"--arch={arch}", f"--dataset={dataset}", "--allow_any_dataset")
+    assert (c.arch, c.dataset) == (arch, dataset)
+    # Not part of the run: the same pair names the same run with or without the flag.
+    assert "allow_any_dataset" not in c.to_json()
+
+
+@pytest.mark.parametrize(
+    "arch, dataset",
+    [
+        ("lenet_300_100", "mnist"),
+        ("lenet_300_100", "tfds:mnist"),
+        ("resnet50", "imagenet2012"),
+        ("conv6", "cifar10"),
+        ("resnet20", "synthetic"),  # shaped like the architecture's dataset
+        ("lenet_300_100", "synthetic:8x8x1:4"),  # shapes the user chose
+        ("resnet56", "npz:/data/arrays.npz"),
+        ("vgg16", "tfds:svhn_cropped"),
+        ("tests.byo_example:build", "cifar10"),  # a user's architecture
+    ],
+)
+def test_matching_and_user_chosen_pairs_are_accepted(imp_config, arch, dataset):
+    c = imp_config(f"--arch={arch}", f"--dataset={dataset}")
+    assert (c.arch, c.dataset) == (arch, dataset)
+
+
+def test_every_recipe_is_accepted_on_its_own_dataset():
+    from lth_tf import models, presets
+
+    for arch in models.REGISTRY:
+        presets.check_arch_dataset(arch, presets.recipe(arch)["dataset"])
