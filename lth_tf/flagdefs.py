@@ -372,7 +372,7 @@ def define_train_flags() -> None:
         lower_bound=0,
     )
     flags.DEFINE_integer(
-        "batch_size", None, "Global batch size (split over replicas).", lower_bound=1
+        "batch_size", None, "Global batch size (split over the devices).", lower_bound=1
     )
     flags.DEFINE_string("training_steps", None, "Training length T: '50000it' or '160ep'.")
     _define_choice("optimizer", None, config_lib.OPTIMIZERS, "optimizer", "Optimizer.")
@@ -927,7 +927,8 @@ def protocol_lines(config: config_lib.RunConfig) -> list[str]:
         controls = ", ".join(config.controls) or "none"
         lines = [
             f"No --arch: running the MNIST demo (LeNet-300-100 on {config.dataset}, "
-            f"{schedule}, {config.rounds} rounds of {100 * config.prune_fraction:g}%, "
+            f"{schedule}, {config.rounds} round{'s' if config.rounds != 1 else ''} of "
+            f"{100 * config.prune_fraction:g}%, "
             f"controls: {controls}). --arch=lenet_300_100 runs the paper's 50K-iteration "
             "recipe; --flagfile=flags/lenet300_mnist.cfg its full protocol."
         ]

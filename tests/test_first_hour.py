@@ -242,3 +242,102 @@ def test_every_recipe_is_accepted_on_its_own_dataset():
 
     for arch in models.REGISTRY:
         presets.check_arch_dataset(arch, presets.recipe(arch)["dataset"])
+
+
+# ---- wording ---------------------------------------------------------------------------
+
+TINY_RUN = [
+    "--arch=lenet_300_100",
+    "--dataset=synthetic:8x8x1:4",
+    "--batch_size=32",
+    "--training_steps=40it",
+    "--eval_every=20it",
+    "--rewind_step=20it",
+    "--rounds=1",
+    "--controls=",
+    "--verbose=0",
+    "--run_name=r",
+]
+
+
+def _imp(root, *extra) -> tuple[int, str]:
+    """Runs imp.main in-process; returns (exit code, what it printed)."""
+    import contextlib
+    import io
+
+    from lth_tf import imp
+
+    imp.define_flags()
+    out = io.StringIO()
+    FLAGS.unparse_flags()
+    try:
+        FLAGS(["imp", *TINY_RUN, f"--root_dir={root}", *extra])
+        with contextlib.redirect_stdout(out):
+            code = imp.main(["imp"])
+    finally:
+        FLAGS.unparse_flags()
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def three_invocations(tmp_path_factory):
+    """A tiny run (1 round), the same command again, then with --rounds=2."""
+    root = tmp_path_factory.mktemp("runs")
+    return [_imp(root), _imp(root), _imp(root, "--rounds=2")]
+
+
+def test_the_run_directory_line_counts_devices(three_invocations):
+    code, out = three_invocations[0]
+    assert code == 0
+    line = next(x for x in out.splitlines() if x.startswith("Run directory:"))
+    assert line.endswith("(1 device)"), line
+    assert "replica" not in line
+
+
+def test_a_first_run_does_not_speak_of_finished_rounds(three_invocations):
+    assert "Already finished" not in three_invocations[0][1]
+    assert "already finished" not in three_invocations[0][1]
+
+
+def test_a_rerun_of_a_finished_run_says_every_round_was_already_done(three_invocations):
+    code, out = three_invocations[1]
+    assert code == 0
+    assert (
+        "Every round this command asks for is already finished (imp rounds 0-1): nothing to "
+        "train. Add --rounds=N with a larger N to prune further."
+    ) in out
+    assert "== round" not in out  # nothing trained
+
+
+def test_extending_a_run_says_which_rounds_are_kept(three_invocations):
+    code, out = three_invocations[2]
+    assert code == 0
+    assert "Already finished, kept as they are: imp rounds 0-1. Training the rest." in out
+    assert "== round 2" in out and "== round 1" not in out
+
+
+def test_one_round_is_singular(imp_config):
+    (line,) = flagdefs.protocol_lines(imp_config("--rounds=1"))[:1]
+    assert "1 round of 20%" in line and "1 rounds" not in line
+    from lth_tf import config as config_lib
+
+    with pytest.raises(ValueError, match=r"in 1 round\)") as e:
+        config_lib.make_config("conv2", target_density=0.01, rounds=1, conv_rate=2.0)
+    assert "round(s)" not in str(e.value)
+
+
+def test_a_run_dir_that_does_not_exist_is_named_so(tmp_path):
+    from lth_tf import reporting, rundir
+
+    missing = str(tmp_path / "nonexistent")
+    with pytest.raises(rundir.RunDirError, match="the directory does not exist") as e:
+        reporting.write_report(missing)
+    assert "config.json" not in str(e.value)
+    with pytest.raises(rundir.RunDirError, match="the directory does not exist"):
+        rundir.load_config(missing)
+    with pytest.raises(rundir.RunDirError, match=r"\(it has no config.json\)"):
+        rundir.load_config(str(tmp_path))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(rundir.RunDirError, match="it is a file, not a directory"):
+        reporting.write_report(str(tmp_path / "file"))
+    assert not os.path.exists(missing)
