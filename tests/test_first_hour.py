@@ -19,6 +19,7 @@ def parse_flags():
     flagdefs.define_stability_flags()
     flagdefs.define_export_flags()
     flagdefs.define_report_flags()
+    flagdefs.define_branch_flags()
 
     def _parse(*argv):
         FLAGS.unparse_flags()
@@ -125,6 +126,40 @@ def test_stability_and_export_read_the_data_from_data_dir(moved_run, parse_flags
     from lth_tf import rundir
 
     assert rundir.load_config(run_dir).data_dir == "/old_host/tensorflow_datasets"
+
+
+@pytest.mark.parametrize("command", ["stability", "branch"])
+def test_stability_and_branch_take_the_speed_settings_too(
+    moved_run, parse_flags, monkeypatch, command
+):
+    """The copies and branch rounds train with this command's --jit_compile and
+    --steps_per_execution (speed only), over config.json's."""
+    from lth_tf import branch, rounds, stability
+
+    run_dir, _ = moved_run
+    configs = []
+
+    def experiment(config, *args, **kwargs):
+        configs.append(config)
+        raise _DataLoaded()
+
+    monkeypatch.setattr(rounds, "Experiment", experiment)
+    main = {"stability": stability._stability, "branch": branch._branch}[command]
+    parse_flags(
+        f"--run_dir={run_dir}",
+        "--kind=rewind",
+        "--data_dir=/new_host/tfds",
+        "--jit_compile",
+        "--steps_per_execution=2",
+    )
+    with pytest.raises(_DataLoaded):
+        main()
+    (config,) = configs
+    assert (config.data_dir, config.jit_compile, config.steps_per_execution) == (
+        "/new_host/tfds",
+        True,
+        2,
+    )
 
 
 def test_data_dir_and_speed_settings_are_not_part_of_a_run():
