@@ -36,7 +36,9 @@ KEY_FLAGS = (
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments {argv[1:]}; every option is a --flag.")
+        raise app.UsageError(
+            f"Unexpected arguments {argv[1:]}; every option is a --flag.", exitcode=2
+        )
     return cli.exit_code(_branch)
 
 
@@ -93,7 +95,7 @@ def run():
     flags.mark_flag_as_required("run_dir")
     flags.mark_flag_as_required("kind")
     logging.set_verbosity(logging.WARNING)
-    app.run(main, flags_parser=flagdefs.parse_flags)
+    app.run(flagdefs.brief_usage_errors(main), flags_parser=flagdefs.parse_flags)
 
 
 if __name__ == "__main__":

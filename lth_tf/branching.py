@@ -51,7 +51,13 @@ from lth_tf.keras import tf
 # another round 0 (another arch, dataset, batch, seed, schedule, pruning rule).
 BRANCH_FIELDS = ("rewind_step", "rounds")
 # Config fields a branch's command may set for itself: they change nothing computed.
-PROCESS_FIELDS = ("data_dir", "verbose", "test_every_period")
+PROCESS_FIELDS = (
+    "data_dir",
+    "verbose",
+    "test_every_period",
+    "jit_compile",
+    "steps_per_execution",
+)
 
 
 class BranchError(ValueError):

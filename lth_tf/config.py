@@ -265,7 +265,7 @@ def _check(c: RunConfig) -> None:
         fraction = 1.0 - c.target_density ** (1.0 / max(c.rounds, 1))
         what = (
             f"each round's fraction {fraction:.4g} (target_density={c.target_density:g} in "
-            f"{max(c.rounds, 1)} round(s))"
+            f"{max(c.rounds, 1)} round{'s' if c.rounds > 1 else ''})"
         )
     for field, role in (
         ("output_rate", "0 keeps the output layer dense, 0.5 prunes it at half rate"),

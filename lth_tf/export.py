@@ -1,5 +1,8 @@
 """`python -m lth_tf.export --run_dir=... [--round=N] [--tflite [--tflite_int8]] [--eval_examples=N]`.
 
+--data_dir, when given, replaces the data_dir of the run's config.json for this
+command (e.g. after moving the run to another host).
+
 Ships the sparse network of a finished round. Writes, under <run_dir>/export/round_NN/:
   saved_model/   masks applied, tfmot wrappers stripped, the dataset's evaluation
                  preprocessing built in; loads with plain tf.saved_model.load.
@@ -39,6 +42,7 @@ def _export(f):
             f.tflite,
             tflite_int8=f.tflite_int8,
             eval_examples=f.eval_examples or None,  # 0: all
+            overrides=flagdefs.config_overrides(),  # --data_dir over config.json's
         )
     print(
         f"Exported round {result['round']} to {result['sparse']['path']}\n"

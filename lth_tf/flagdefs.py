@@ -28,7 +28,7 @@ import math
 import sys
 import textwrap
 
-from absl import flags
+from absl import app, flags
 
 from lth_tf import branch_kinds, criteria, data, paths, presets, steps, subnetworks
 from lth_tf import config as config_lib
@@ -54,6 +54,7 @@ IMP_PROCESS_FLAGS = (
     "checkpoint_seconds",
     "deterministic",
     "print_config",
+    "allow_any_dataset",
     "strategy",
     "num_gpus",
     "tpu",
@@ -65,12 +66,18 @@ IMP_KEY_FLAGS = (
     "arch",
     "dataset",
     "data_dir",
+    "training_steps",
+    "eval_every",
+    "batch_size",
+    "lr",
     "rewind_step",
     "rounds",
+    "prune_fraction",
     "target_density",
     "controls",
     "replicates",
     "root_dir",
+    "strategy",
     "print_config",
 )
 
@@ -172,6 +179,36 @@ class _ArchParser(_ChoiceParser):
             ) from None
 
 
+class _PathParser(flags.ArgumentParser):
+    """A local path with '~' and $VARS expanded (lth_tf.paths.expand); URLs as given."""
+
+    syntactic_help = "a path"
+
+    def parse(self, argument):
+        return paths.expand(argument)
+
+    def flag_type(self):
+        return "string"
+
+
+class _DatasetParser(_PathParser):
+    """A dataset name; the PATH of npz:PATH is expanded as a path."""
+
+    syntactic_help = ""
+
+    def parse(self, argument):
+        if isinstance(argument, str) and argument.startswith("npz:"):
+            return "npz:" + paths.expand(argument[4:])
+        return argument
+
+
+def _define_path(name, default, help_text, parser=None):
+    """DEFINE_string whose value is a path: '~' and $VARS expanded (not gs:// or URLs)."""
+    flags.DEFINE(
+        parser or _PathParser(), name, default, help_text, serializer=flags.ArgumentSerializer()
+    )
+
+
 def _define_choice(name, default, choices, kind, help_text):
     """DEFINE_enum with an error that lists the choices ('Known <kind>s: ...').
 
@@ -231,9 +268,16 @@ def parse_flags(argv):
 
     absl's own parser exits with 1, the code of a failure; a value the user can
     fix exits with 2, as every entry point's other refusals of bad input do.
+    Help (--help, --helpshort, --helpfull, --helpxml) exits with 0: it is what
+    was asked for (absl's help flags print and exit with 1 while parsing; nothing
+    else exits there).
     """
     try:
         return FLAGS(argv)
+    except SystemExit as e:
+        if e.code == 1:
+            sys.exit(0)
+        raise
     except flags.Error as e:
         message = str(e)
         if "\n" in message:
@@ -261,6 +305,27 @@ def _member_validator(values):
             f"Pass --replicates={i} or more, or leave --replicates out."
         )
     return True
+
+
+def brief_usage_errors(main):
+    """Wraps an entry point's main for app.run: a usage error is one paragraph, exit 2.
+
+    absl's app.run prints the module's help and its key flags above the error of
+    an app.UsageError (tens of lines); this prints the error alone, and where
+    help is. main itself still raises app.UsageError (its tests catch it).
+    """
+
+    @functools.wraps(main)
+    def wrapper(argv):
+        try:
+            return main(argv)
+        except app.UsageError as e:
+            sys.stderr.write(
+                f"error: {e}\nPass --helpshort to see the main flags, --helpfull for every flag.\n"
+            )
+            return 2
+
+    return wrapper
 
 
 def _dataset_validator(value):
@@ -300,15 +365,14 @@ def define_train_flags() -> None:
         "(lth_tf/presets.py CUSTOM_RECIPE) for every flag left unset.",
     )
     FLAGS["arch"].parser = _ArchParser(presets.RECIPES, "architecture")
-    flags.DEFINE_string(
+    _define_path(
         "dataset",
         None,
         f"Dataset; default: the --arch recipe's. Forms: {_DATASET_FORMS}.",
+        _DatasetParser(),
     )
     flags.register_validator("dataset", _dataset_validator)
-    flags.DEFINE_string(
-        "data_dir", None, "TensorFlow Datasets data_dir where tfds datasets are prepared."
-    )
+    _define_data_dir_flag()
     flags.DEFINE_integer(
         "validation_holdout",
         None,
@@ -329,7 +393,7 @@ def define_train_flags() -> None:
         lower_bound=0,
     )
     flags.DEFINE_integer(
-        "batch_size", None, "Global batch size (split over replicas).", lower_bound=1
+        "batch_size", None, "Global batch size (split over the devices).", lower_bound=1
     )
     flags.DEFINE_string("training_steps", None, "Training length T: '50000it' or '160ep'.")
     _define_choice("optimizer", None, config_lib.OPTIMIZERS, "optimizer", "Optimizer.")
@@ -365,6 +429,40 @@ def define_train_flags() -> None:
         "Also evaluate the test set every evaluation period (test accuracy at the "
         "early-stopping iteration, as the 2019 paper reports it). Default: the recipe's.",
     )
+    _define_speed_flags()
+    flags.DEFINE_integer(
+        "verbose",
+        1,
+        "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per evaluation period.",
+        lower_bound=0,
+        upper_bound=2,
+    )
+    for name in ("training_steps", "warmup", "eval_every", "lr_drops"):
+        flags.register_validator(name, _duration_validator(name))
+    for name in ("lr", "momentum", "weight_decay", "lr_gamma"):
+        flags.register_validator(name, _finite_validator(name))
+
+
+# The config fields that a command reading an existing run (lth_tf.stability,
+# export, branch) may set for itself, over its config.json: where the data is and
+# how fast it runs; none is part of the run's identity (config.NON_IDENTITY_FIELDS).
+OVERRIDE_FIELDS = ("data_dir", "jit_compile", "steps_per_execution")
+
+
+@_idempotent
+def _define_data_dir_flag() -> None:
+    _define_path(
+        "data_dir",
+        None,
+        "TensorFlow Datasets data_dir where tfds datasets are prepared. Not part of the "
+        "run: lth_tf.stability, export and branch read the run's data from here instead of "
+        "the data_dir in its config.json (e.g. after moving the run to another host).",
+    )
+
+
+@_idempotent
+def _define_speed_flags() -> None:
+    """jit_compile and steps_per_execution: the same run, faster or slower."""
     flags.DEFINE_boolean(
         "jit_compile",
         None,
@@ -381,17 +479,20 @@ def define_train_flags() -> None:
         "--steps_per_execution=1 turns the automatic choice off.",
         lower_bound=1,
     )
-    flags.DEFINE_integer(
-        "verbose",
-        1,
-        "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per evaluation period.",
-        lower_bound=0,
-        upper_bound=2,
-    )
-    for name in ("training_steps", "warmup", "eval_every", "lr_drops"):
-        flags.register_validator(name, _duration_validator(name))
-    for name in ("lr", "momentum", "weight_decay", "lr_gamma"):
-        flags.register_validator(name, _finite_validator(name))
+
+
+def config_overrides() -> dict:
+    """{field: value} of the OVERRIDE_FIELDS whose flags this process defines and has set.
+
+    What lth_tf.stability and export lay over the run's config.json for this
+    invocation only (config.json is not rewritten).
+    """
+    assert set(OVERRIDE_FIELDS) <= set(config_lib.NON_IDENTITY_FIELDS)
+    return {
+        name: FLAGS[name].value
+        for name in OVERRIDE_FIELDS
+        if name in FLAGS and FLAGS[name].value is not None
+    }
 
 
 @_idempotent
@@ -518,7 +619,7 @@ def define_imp_flags() -> None:
     define_prune_flags()
     define_distribute_flags()
     _define_rewind_steps_flag()
-    flags.DEFINE_string("root_dir", "runs", "Where runs are written (a local path or gs://).")
+    _define_path("root_dir", "runs", "Where runs are written (a local path or gs://).")
     flags.DEFINE_string(
         "run_name",
         None,
@@ -542,6 +643,13 @@ def define_imp_flags() -> None:
     )
     flags.DEFINE_boolean(
         "print_config", False, "Print the resolved config and run directory; train nothing."
+    )
+    flags.DEFINE_boolean(
+        "allow_any_dataset",
+        False,
+        "Train a built-in --arch on a built-in --dataset its recipe is not made for (e.g. "
+        "resnet50 on mnist, lenet_300_100 on cifar10), which is otherwise refused. Your own "
+        "architectures and datasets (synthetic, npz:, tfds:NAME, functions) need no flag.",
     )
     flags.DEFINE_integer(
         "replicates",
@@ -573,7 +681,9 @@ def define_run_dir_flag() -> None:
     point's parsing in a process that defines several); each entry point's
     `run()` marks it required.
     """
-    flags.DEFINE_multi_string(
+    flags.DEFINE_multi(
+        _PathParser(),
+        flags.ArgumentSerializer(),
         "run_dir",
         None,
         "A run directory written by lth_tf.imp, i.e. <root_dir>/<run_name>, e.g. "
@@ -629,6 +739,8 @@ def define_stability_flags() -> None:
     # several, the last defined wins).
     FLAGS.set_default("round", 0)
     _define_rewind_steps_flag()
+    _define_data_dir_flag()
+    _define_speed_flags()  # the copies train as imp's rounds do
     flags.DEFINE_integer("num_alphas", 30, "Points on the interpolation path.", lower_bound=2)
     flags.DEFINE_integer(
         "repeats",
@@ -747,6 +859,7 @@ def define_export_flags() -> None:
     define_run_dir_flag()
     _define_round_flag()
     FLAGS.set_default("round", None)  # see define_stability_flags
+    _define_data_dir_flag()
     _define_eval_examples_flag()
     flags.DEFINE_boolean(
         "tflite", False, "Also write dense and sparse (TFLite sparse format) TFLite files."
@@ -762,7 +875,7 @@ def define_export_flags() -> None:
 def define_report_flags() -> None:
     """Every flag of `python -m lth_tf.report`."""
     define_run_dir_flag()
-    flags.DEFINE_string(
+    _define_path(
         "out",
         None,
         "Where to write the report (default: the run or group itself; for several "
@@ -803,11 +916,13 @@ def explicit_config_flags() -> dict:
 def config_from_flags() -> config_lib.RunConfig:
     """The run's config: the recipe of --arch with every flag the user set on top.
 
-    Needs define_imp_flags() (or the train, prune and distribute groups).
+    Needs define_imp_flags().
 
     Raises:
       ValueError: for values or combinations that make no sense, e.g. the MNIST
-        demo (no --arch) on a dataset whose images are not MNIST-shaped.
+        demo (no --arch) on a dataset whose images are not MNIST-shaped, or an
+        architecture on a dataset its recipe is not made for (without
+        --allow_any_dataset).
     """
     values = {name: getattr(FLAGS, name) for name in _CONFIG_FLAGS}
     arch = values.pop("arch")
@@ -819,6 +934,8 @@ def config_from_flags() -> config_lib.RunConfig:
             if values.get(key) is None:
                 values[key] = value
         arch = values.pop("arch")
+    if values["dataset"] is not None and not FLAGS.allow_any_dataset:
+        presets.check_arch_dataset(arch, values["dataset"])
     if values["rounds"] is None:
         values["rounds"] = 0
     for name in ("lr_drops", "controls"):
@@ -842,7 +959,8 @@ def protocol_lines(config: config_lib.RunConfig) -> list[str]:
         controls = ", ".join(config.controls) or "none"
         lines = [
             f"No --arch: running the MNIST demo (LeNet-300-100 on {config.dataset}, "
-            f"{schedule}, {config.rounds} rounds of {100 * config.prune_fraction:g}%, "
+            f"{schedule}, {config.rounds} round{'s' if config.rounds != 1 else ''} of "
+            f"{100 * config.prune_fraction:g}%, "
             f"controls: {controls}). --arch=lenet_300_100 runs the paper's 50K-iteration "
             "recipe; --flagfile=flags/lenet300_mnist.cfg its full protocol."
         ]

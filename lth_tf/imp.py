@@ -165,7 +165,8 @@ def _run_one(config, run_dir, strategy, log) -> int:
         # One writer per directory: each worker of a multi-worker run has its own.
         with runlock.hold(my_dir, "lth_tf.imp", create=True):
             rundir.open_run_dir(config, my_dir)  # again under the lock
-            log(f"Run directory: {run_dir} ({strategy.num_replicas_in_sync} replica(s))")
+            devices = strategy.num_replicas_in_sync  # a replica per device
+            log(f"Run directory: {run_dir} ({devices} device{'s' if devices != 1 else ''})")
             for line in flagdefs.protocol_lines(config):
                 log(line)
             if experiment.unmasked:
@@ -196,10 +197,11 @@ def check_keeps_weights(experiment) -> None:
     if emptied is None:
         return
     name, r, size, rate = emptied
+    rounds_text = f"{config.rounds} round{'s' if config.rounds != 1 else ''}"
     if config.target_density is not None:
-        asked = f"--target_density={config.target_density:g} in {config.rounds} round(s)"
+        asked = f"--target_density={config.target_density:g} in {rounds_text}"
     else:
-        asked = f"--prune_fraction={config.prune_fraction:g} for {config.rounds} rounds"
+        asked = f"--prune_fraction={config.prune_fraction:g} for {rounds_text}"
     raise ValueError(
         f"{asked} would leave layer {name} ({size:,} weights, prune rate {rate:g}) with no "
         f"weight by round {r}: the network could only guess. Choose a larger --target_density, "
@@ -262,7 +264,7 @@ def run():
     define_flags()
     flagdefs.declare_key_flags(flagdefs.IMP_KEY_FLAGS)
     logging.set_verbosity(logging.WARNING)
-    app.run(main, flags_parser=flagdefs.parse_flags)
+    app.run(flagdefs.brief_usage_errors(main), flags_parser=flagdefs.parse_flags)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ they are written under stability/<series>/round_NN/ (`series_name`). `python -m 
 command line; lth_tf/reporting.py formats the results.
 """
 
+import dataclasses
 import hashlib
 import json
 
@@ -192,6 +193,8 @@ class Stability:
       log: a print-like function for progress lines.
       data: the dataset the run was trained with, when the config alone does not
         rebuild it (e.g. ImageNet at another image size; as rounds.Experiment).
+      overrides: config fields set for this analysis over the run's config.json
+        (lth_tf.flagdefs.OVERRIDE_FIELDS: data_dir, speed settings).
     """
 
     def __init__(
@@ -205,9 +208,10 @@ class Stability:
         eval_examples=None,
         log=print,
         data=None,
+        overrides=None,
     ):
         self.run_dir = run_dir
-        self.config = rundir.load_config(run_dir)
+        self.config = dataclasses.replace(rundir.load_config(run_dir), **(overrides or {}))
         self.strategy = strategy or tf.distribute.get_strategy()
         # Where this process writes: the run itself, or a non-chief worker's scratch copy.
         self.out_dir = distribute.worker_run_dir(run_dir, self.strategy)

@@ -58,6 +58,18 @@ def check_name(value, flag: str, instead: str) -> str:
     return value
 
 
+def expand(path):
+    """A local path with '~' and environment variables ($HOME, ${VAR}) expanded.
+
+    The shell leaves '~' unexpanded after '--flag=', and neither tfds nor
+    tf.io.gfile expands it; every path flag goes through this. URLs (gs://...,
+    anything with '://') and None are returned unchanged.
+    """
+    if not path or "://" in path:
+        return path
+    return os.path.expandvars(os.path.expanduser(path))
+
+
 def join(*parts) -> str:
     # os.path.join keeps 'gs://bucket/...' intact.
     return os.path.join(*[str(p) for p in parts])

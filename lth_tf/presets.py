@@ -221,6 +221,37 @@ def _image_shape(dataset: str) -> tuple[int, ...] | None:
     return None  # npz:PATH (read later), plain 'synthetic' (the demo's: MNIST-shaped)
 
 
+def check_arch_dataset(arch: str, dataset: str) -> None:
+    """Refuses a built-in architecture on a built-in dataset its recipe is not made for.
+
+    E.g. resnet50 (ImageNet's 224x224x3 images, lr 0.4 at batch 1024) on MNIST, or
+    LeNet-300-100 on CIFAR-10: the recipe would run, on a network and schedule that
+    do not fit the data. Pairs of the same image shape (mnist, tfds:mnist) pass, and
+    so do a user's architecture ('package.module:function') and every dataset that
+    is the user's choice of shape (synthetic, npz:PATH, tfds:NAME, a function).
+    imp's --allow_any_dataset skips this check.
+
+    Raises:
+      ValueError: naming the pair, the architectures made for the dataset and
+        --allow_any_dataset.
+    """
+    if is_custom(arch) or arch not in RECIPES or dataset not in _NAMED_SHAPES:
+        return
+    made_for = RECIPES[arch]["dataset"]
+    if _NAMED_SHAPES[dataset] == _NAMED_SHAPES.get(made_for):
+        return
+    suited = [
+        a for a, r in RECIPES.items() if _NAMED_SHAPES.get(r["dataset"]) == _NAMED_SHAPES[dataset]
+    ]
+    shape = "x".join(map(str, _NAMED_SHAPES[dataset]))
+    raise ValueError(
+        f"--arch={arch} --dataset={dataset}: {arch} and its recipe are made for {made_for}, "
+        f"not for {dataset}'s {shape} images. Choose --dataset={made_for}, or an "
+        f"architecture made for {dataset} (--arch={', '.join(suited)}); to train this pair "
+        "anyway, add --allow_any_dataset."
+    )
+
+
 def check_demo_dataset(dataset: str | None) -> None:
     """Refuses the MNIST demo (no --arch) on a dataset that is not MNIST-shaped."""
     if dataset is None:

@@ -83,6 +83,15 @@ class _Round:
         return f"round {self.r}" if self.branch == IMP else f"round {self.r} ({self.branch})"
 
 
+def _round_list(rounds: list[int]) -> str:
+    """'round 0', 'rounds 0-3' (consecutive) or 'rounds 1, 3'."""
+    if len(rounds) == 1:
+        return f"round {rounds[0]}"
+    if rounds == list(range(rounds[0], rounds[-1] + 1)):
+        return f"rounds {rounds[0]}-{rounds[-1]}"
+    return f"rounds {', '.join(map(str, rounds))}"
+
+
 class Experiment:
     """One run: a config, its run directory, data, and one compiled wrapped model.
 
@@ -176,6 +185,7 @@ class Experiment:
 
     def run(self) -> list:
         """Runs (or resumes) round 0 and IMP rounds 1..config.rounds with their controls."""
+        self._say_what_is_finished()
         summaries = [self.dense_round()]
         for r in range(1, self.config.rounds + 1):
             round_masks = self.imp_masks(r)
@@ -183,6 +193,27 @@ class Experiment:
             for control in self.config.controls:
                 summaries.append(self.control_round(control, r, round_masks))
         return summaries
+
+    def _say_what_is_finished(self) -> None:
+        """On a rerun, says which of the rounds `run` would train are finished (kept as they are)."""
+        done = {}
+        for branch in (IMP, *self.config.controls):
+            for r in range(0 if branch == IMP else 1, self.config.rounds + 1):
+                rdir = paths.round_dir(self.run_dir, r, None if branch == IMP else branch)
+                if files.exists(paths.summary_file(rdir)):
+                    done.setdefault(branch, []).append(r)
+        if not done:
+            return
+        total = (self.config.rounds + 1) + self.config.rounds * len(self.config.controls)
+        count = sum(len(rs) for rs in done.values())
+        listed = "; ".join(f"{b} {_round_list(rs)}" for b, rs in done.items())
+        if count == total:
+            self.log(
+                f"Every round this command asks for is already finished ({listed}): nothing "
+                "to train. Add --rounds=N with a larger N to prune further."
+            )
+        else:
+            self.log(f"Already finished, kept as they are: {listed}. Training the rest.")
 
     def dense_round(self) -> dict:
         ones = masks.ones_like({n: self.initial_weights[f"{n}/kernel"] for n in self.layers})

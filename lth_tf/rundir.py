@@ -89,11 +89,21 @@ def _read_config(path: str) -> RunConfig:
         raise ValueError(f"{path}: {e}") from e
 
 
+def _absent(path: str) -> str | None:
+    """Why `path` cannot be a run at all (no such directory, a file), or None."""
+    if not tf.io.gfile.exists(path):
+        return "the directory does not exist"
+    if not tf.io.gfile.isdir(path):
+        return "it is a file, not a directory"
+    return None
+
+
 def _require_run(run_dir: str) -> str:
     path = paths.config_file(run_dir)
     if not files.exists(path):
+        why = _absent(run_dir) or "it has no config.json"
         raise RunDirError(
-            f"{run_dir} is not an lth_tf run directory (it has no config.json). Pass the "
+            f"{run_dir} is not an lth_tf run directory ({why}). Pass the "
             "directory `python -m lth_tf.imp` printed as 'Run directory: ...'."
         )
     return path
@@ -222,9 +232,15 @@ def replicate_dirs(path: str) -> list:
             if match and files.exists(paths.config_file(directory)):
                 found.append((int(match.group(1)), directory))
     if not found:
+        absent = _absent(path)
+        what = (
+            f"({absent})"
+            if absent
+            else "(it has no config.json) nor a replicate group (no replicate_N/config.json "
+            "under it)"
+        )
         raise RunDirError(
-            f"{path} is not an lth_tf run directory (it has no config.json) nor a replicate "
-            "group (no replicate_N/config.json under it). Pass the directory `python -m lth_tf.imp` "
+            f"{path} is not an lth_tf run directory {what}. Pass the directory `python -m lth_tf.imp` "
             "printed as 'Run directory: ...', or the parent of its replicate_N directories."
         )
     return [directory for _, directory in sorted(found)]

@@ -38,6 +38,7 @@ Accuracies are measured on one device (the reloaded SavedModel and the TFLite
 interpreter are plain single-device programs).
 """
 
+import dataclasses
 import io
 import os
 import zipfile
@@ -319,6 +320,7 @@ def export(
     tflite_int8: bool = False,
     eval_examples: int | None = None,
     data=None,
+    overrides=None,
 ) -> dict:
     """Exports a finished IMP round of a run; returns the export report.
 
@@ -333,6 +335,8 @@ def export(
       data: the dataset object the run was trained with, when it is not what the
         run's config loads (as for lth_tf.rounds.Experiment, e.g. ImageNet at a
         non-default image size). Default: loaded from the config.
+      overrides: config fields set for this export over the run's config.json
+        (lth_tf.flagdefs.OVERRIDE_FIELDS, e.g. data_dir after moving the run).
 
     Raises:
       RunDirError: run_dir is not a run, or has no finished dense round.
@@ -340,7 +344,7 @@ def export(
       ValueError: eval_examples is not a positive integer.
     """
     _check_eval_examples(eval_examples)
-    config = rundir.load_config(run_dir)
+    config = dataclasses.replace(rundir.load_config(run_dir), **(overrides or {}))
     if round_index is None:
         round_index, why = rundir.choose_round(run_dir)
         log(f"Exporting {why}.")

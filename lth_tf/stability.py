@@ -13,7 +13,9 @@ the run's; --shared_mask uses the run's round R mask for every k instead.
 density, --branch=NAME the round's mask of a branch (lth_tf.branch) for every
 k (the branch's own k is then the default k). The
 copies train under --strategy (--num_gpus, --tpu: the same flags as imp), with
-the run's own mixed precision. Results go under <run_dir>/stability/ and into
+the run's own mixed precision; --data_dir, --jit_compile and
+--steps_per_execution, when given, replace the values in the run's config.json
+for this command (e.g. after moving the run to another host). Results go under <run_dir>/stability/ and into
 the run's report.md; this module is only the command line.
 """
 
@@ -55,6 +57,7 @@ def _stability():
         repeats=f.repeats,
         recompute_bn=f.recompute_bn,
         eval_examples=f.eval_examples,
+        overrides=flagdefs.config_overrides(),  # --data_dir, speed: over config.json's
     )
     spe = analysis.schedule.steps_per_epoch
     default = analysis.config.rewind_step

@@ -266,7 +266,10 @@ def test_bad_values_are_refused_before_anything_is_written(main_with, finished, 
         (["--rewind_step=40it"], "rewind_step=40it"),  # at the end of training
         (["--lr=0.5"], "different configuration"),  # another config, same run directory
         (["--strategy=tpu"], "needs --tpu"),
-        (["--dataset=cifar10", "--data_dir=/nonexistent/tfds"], "tfds build cifar10"),
+        (
+            ["--dataset=cifar10", "--allow_any_dataset", "--data_dir=/nonexistent/tfds"],
+            "tfds build cifar10",
+        ),
     ],
 )
 def test_runtime_refusals_leave_the_run_untouched(main_with, finished, capsys, extra, message):
