@@ -222,15 +222,91 @@ def _checksum(arrays: dict) -> str:
     return digest.hexdigest()
 
 
+# A float array that is mostly zeros (a pruned kernel) is stored as its non-zero entries
+# (1-D, in C order) and where they are (one bit per entry, np.packbits), under these keys
+# instead of its own. Entries are told apart by their bits, so -0.0 is kept like any value:
+# the array read back is the one written, bit for bit, whatever it holds.
+_SPARSE_PREFIX = "__sparse__/"
+_SPARSE_PARTS = ("values", "where", "shape")
+
+
+def _sparse_form(value) -> dict | None:
+    """{part: array} storing the float array `value` sparse, or None when dense is smaller."""
+    value = np.asarray(value)
+    if value.dtype.kind != "f" or value.size == 0:
+        return None
+    flat = np.ascontiguousarray(value).reshape(-1)
+    where = flat.view(np.dtype(f"u{flat.itemsize}")) != 0
+    kept = int(np.count_nonzero(where))
+    if kept * flat.itemsize + (flat.size + 7) // 8 >= flat.nbytes:
+        return None
+    return {
+        "values": flat[where],
+        "where": np.packbits(where),
+        "shape": np.asarray(value.shape, np.int64),
+    }
+
+
+def _from_sparse(parts: dict) -> np.ndarray:
+    """The dense array of _sparse_form's parts (raises ValueError if they do not fit)."""
+    shape = tuple(int(n) for n in parts["shape"])
+    size = int(np.prod(shape, dtype=np.int64))
+    if min(shape, default=0) < 0 or parts["where"].shape != ((size + 7) // 8,):
+        raise ValueError("its sparse parts do not fit together")
+    where = np.unpackbits(parts["where"], count=size).astype(bool)
+    values = parts["values"]
+    if values.shape != (int(where.sum()),):
+        raise ValueError("its sparse parts do not fit together")
+    dense = np.zeros(size, values.dtype)
+    dense[where] = values
+    return dense.reshape(shape)
+
+
+def _sparse_key(key: str, part: str) -> str:
+    return f"{_SPARSE_PREFIX}{key}/{part}"
+
+
 def write_npz(path: str, arrays: dict, compress: bool = True) -> None:
-    """Writes arrays with a sha256 of their contents; `compress=False` for float weights."""
+    """Writes arrays with a sha256 of their contents.
+
+    A float array that is mostly zeros (a pruned round's kernels) is stored
+    sparse (_sparse_form) and the file compressed, so a round's weight files
+    shrink with its density; read_npz gives back the arrays written, bit for
+    bit, and the checksum is over them. `compress=False` (float weights: they
+    hardly compress) applies to a file with no array stored sparse.
+    """
     for key, value in arrays.items():
         if _non_finite(value):
             raise NonFiniteError(path, key, _non_finite(value), written=False)
+    stored = {}
+    for key, value in arrays.items():
+        sparse = _sparse_form(value)
+        if sparse is None:
+            stored[key] = value
+        else:
+            stored.update({_sparse_key(key, part): v for part, v in sparse.items()})
+            compress = True
     buffer = io.BytesIO()
-    payload = {**arrays, _CHECKSUM_KEY: np.frombuffer(_checksum(arrays).encode(), np.uint8)}
+    payload = {**stored, _CHECKSUM_KEY: np.frombuffer(_checksum(arrays).encode(), np.uint8)}
     (np.savez_compressed if compress else np.savez)(buffer, **payload)
     _atomic_write(path, buffer.getvalue())
+
+
+def _dense_arrays(arrays: dict) -> dict:
+    """The arrays of a file as written: sparse ones (write_npz) made dense again."""
+    out = {k: v for k, v in arrays.items() if not k.startswith(_SPARSE_PREFIX)}
+    sparse = {}
+    for key, value in arrays.items():
+        if key.startswith(_SPARSE_PREFIX):
+            name, _, part = key[len(_SPARSE_PREFIX) :].rpartition("/")
+            if part not in _SPARSE_PARTS:
+                raise ValueError(f"unknown array {key!r}")
+            sparse.setdefault(name, {})[part] = value
+    for name, parts in sparse.items():
+        if set(parts) != set(_SPARSE_PARTS) or name in out:
+            raise ValueError(f"array {name!r} is not stored whole")
+        out[name] = _from_sparse(parts)
+    return out
 
 
 def read_npz(path: str) -> dict:
@@ -249,11 +325,12 @@ def read_npz(path: str) -> dict:
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
+        stored = arrays.pop(_CHECKSUM_KEY, None)
+        arrays = _dense_arrays(arrays)
     except Exception as e:
         raise DamagedFileError(
             path, f"cannot be read ({type(e).__name__}: {e})", advice=_weights_advice(path)
         ) from e
-    stored = arrays.pop(_CHECKSUM_KEY, None)
     if stored is None:
         raise DamagedFileError(
             path, "has no checksum: it was not written by lth_tf", advice=_weights_advice(path)
@@ -268,8 +345,15 @@ def read_npz(path: str) -> dict:
 
 def _weights_advice(path: str) -> str:
     # W_k (rewind.npz) is what every pruned round rewinds to: recomputing it would mean
-    # retraining round 0, and the finished rounds would no longer follow from it.
-    if os.path.basename(path) == os.path.basename(paths.checkpoint_file("", "rewind")):
+    # retraining round 0, and the finished rounds would no longer follow from it. With
+    # k = 0, W_0 is round 0's start.npz (no rewind.npz is written).
+    name = os.path.basename(path)
+    rdir = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    w_0 = (name, rdir) == (
+        os.path.basename(paths.checkpoint_file("", "start")),
+        os.path.basename(paths.round_dir("", 0)),
+    )
+    if name == os.path.basename(paths.checkpoint_file("", "rewind")) or w_0:
         return (
             "nothing was changed. It cannot be recomputed in place (every pruned round rewinds "
             "to it): put back a good copy (e.g. from a copy of the run), or start a new run "
