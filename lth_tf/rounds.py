@@ -482,7 +482,11 @@ class Experiment:
         sparsity.set_weights(self.model, masked)
         train.reset_optimizer(self.model, rd.start.step)
         if self.write:
-            files.write_npz(paths.checkpoint_file(rd.rdir, "start"), masked, compress=False)
+            # A pruned round starting from W_k under its masks (IMP, random_prune)
+            # stores where its weights are, and reads their values from W_k.
+            w_k = _w_k_file(paths.round_dir(self.run_dir, 0), self.schedule.rewind)
+            base = w_k if rd.r > 0 and files.exists(w_k) else None
+            files.write_npz(paths.checkpoint_file(rd.rdir, "start"), masked, False, base)
         return rd.start.step
 
     def _rewind_recorder(self, rd: _Round, start: int):

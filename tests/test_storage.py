@@ -128,3 +128,35 @@ def test_nan_in_a_sparse_array_is_refused_on_write(tmp_path):
     with pytest.raises(files.NonFiniteError, match="'k' holds 1 NaN"):
         files.write_npz(str(tmp_path / "w.npz"), {"k": kernel})
     assert not os.listdir(tmp_path)
+
+
+def test_a_masked_copy_of_a_base_file_stores_only_where_and_reads_back(tmp_path):
+    # A pruned round's start.npz is W_k under its masks: its values are read from W_k.
+    w_k = {"fc/kernel": RNG.normal(size=(400, 300)).astype(np.float32), "fc/bias": np.ones(300)}
+    base = str(tmp_path / "round_00" / "checkpoints" / "start.npz")
+    files.write_npz(base, w_k, compress=False)
+    keep = RNG.random((400, 300)) < 0.2
+    start = {
+        "fc/kernel": np.where(keep, w_k["fc/kernel"], np.float32(0)),
+        "fc/bias": w_k["fc/bias"],
+    }
+    other = {"fc/kernel": _masked((400, 300), 0.2, np.float32), "fc/bias": w_k["fc/bias"]}
+    path = str(tmp_path / "branches" / "x" / "round_03" / "checkpoints" / "start.npz")
+    files.write_npz(path, start, compress=False, base=base)
+    alone = str(tmp_path / "alone.npz")
+    files.write_npz(alone, start, compress=False)
+    assert os.path.getsize(path) < 0.3 * os.path.getsize(alone)
+    _assert_bit_exact(files.read_npz(path), start)
+    # Weights that are not the base's (a reinitialised control) keep their values.
+    files.write_npz(path, other, compress=False, base=base)
+    _assert_bit_exact(files.read_npz(path), other)
+    # A base that changed or is gone: the file is refused, naming both.
+    files.write_npz(path, start, compress=False, base=base)
+    changed = w_k["fc/kernel"].copy()
+    changed[keep] += 1
+    files.write_npz(base, {**w_k, "fc/kernel": changed}, compress=False)
+    with pytest.raises(files.DamagedFileError, match="fails its sha256"):
+        files.read_npz(path)
+    os.remove(base)
+    with pytest.raises(files.DamagedFileError, match=f"{path} stores .* {base}, which cannot"):
+        files.read_npz(path)
