@@ -222,18 +222,157 @@ def _checksum(arrays: dict) -> str:
     return digest.hexdigest()
 
 
-def write_npz(path: str, arrays: dict, compress: bool = True) -> None:
-    """Writes arrays with a sha256 of their contents; `compress=False` for float weights."""
+# A float array that is mostly zeros (a pruned kernel) is stored as its non-zero entries
+# (1-D, in C order) and where they are (one bit per entry, np.packbits), under these keys
+# instead of its own. Entries are told apart by their bits, so -0.0 is kept like any value:
+# the array read back is the one written, bit for bit, whatever it holds.
+_SPARSE_PREFIX = "__sparse__/"
+_SPARSE_PARTS = ("values", "where", "shape")
+
+
+def _sparse_form(value) -> dict | None:
+    """{part: array} storing the float array `value` sparse, or None when dense is smaller."""
+    value = np.asarray(value)
+    if value.dtype.kind != "f" or value.size == 0:
+        return None
+    flat = np.ascontiguousarray(value).reshape(-1)
+    where = flat.view(np.dtype(f"u{flat.itemsize}")) != 0
+    kept = int(np.count_nonzero(where))
+    if kept * flat.itemsize + (flat.size + 7) // 8 >= flat.nbytes:
+        return None
+    return {
+        "values": flat[where],
+        "where": np.packbits(where),
+        "shape": np.asarray(value.shape, np.int64),
+    }
+
+
+def _from_sparse(parts: dict) -> np.ndarray:
+    """The dense array of _sparse_form's parts (raises ValueError if they do not fit)."""
+    shape = tuple(int(n) for n in parts["shape"])
+    size = int(np.prod(shape, dtype=np.int64))
+    if min(shape, default=0) < 0 or parts["where"].shape != ((size + 7) // 8,):
+        raise ValueError("its sparse parts do not fit together")
+    where = np.unpackbits(parts["where"], count=size).astype(bool)
+    values = parts["values"]
+    if values.shape != (int(where.sum()),):
+        raise ValueError("its sparse parts do not fit together")
+    dense = np.zeros(size, values.dtype)
+    dense[where] = values
+    return dense.reshape(shape)
+
+
+def _sparse_key(key: str, part: str) -> str:
+    return f"{_SPARSE_PREFIX}{key}/{part}"
+
+
+_BASE_KEY = "__base__"
+
+
+def write_npz(path: str, arrays: dict, compress: bool = True, base: str | None = None) -> None:
+    """Writes arrays with a sha256 of their contents.
+
+    A float array that is mostly zeros (a pruned round's kernels) is stored
+    sparse (_sparse_form) and the file compressed, so a round's weight files
+    shrink with its density; read_npz gives back the arrays written, bit for
+    bit, and the checksum is over them. `compress=False` (float weights: they
+    hardly compress) applies to a file with no array stored sparse.
+
+    Args:
+      path: the file.
+      arrays: {name: array}.
+      compress: see above.
+      base: a weight file written by write_npz without a base (round 0's W_k)
+        that `arrays` may be a masked copy of (a pruned round's start): an
+        array stored sparse whose non-zero values are the base's there is
+        stored as its bitmap only, and read back from the base.
+    """
     for key, value in arrays.items():
         if _non_finite(value):
             raise NonFiniteError(path, key, _non_finite(value), written=False)
+    base_arrays = read_npz(base) if base is not None else {}
+    stored = {}
+    for key, value in arrays.items():
+        sparse = _sparse_form(value)
+        if sparse is None:
+            stored[key] = value
+            continue
+        compress = True
+        if _in_base(sparse, base_arrays.get(key)):
+            del sparse["values"]
+        stored.update({_sparse_key(key, part): v for part, v in sparse.items()})
+    if any(_sparse_key(k, "values") not in stored for k in _sparse_names(stored)):
+        relative = os.path.relpath(base, os.path.dirname(path) or ".")
+        stored[_BASE_KEY] = np.frombuffer(relative.encode(), np.uint8)
     buffer = io.BytesIO()
-    payload = {**arrays, _CHECKSUM_KEY: np.frombuffer(_checksum(arrays).encode(), np.uint8)}
+    payload = {**stored, _CHECKSUM_KEY: np.frombuffer(_checksum(arrays).encode(), np.uint8)}
     (np.savez_compressed if compress else np.savez)(buffer, **payload)
     _atomic_write(path, buffer.getvalue())
 
 
-def read_npz(path: str) -> dict:
+def _sparse_names(stored: dict) -> set:
+    return {
+        k[len(_SPARSE_PREFIX) :].rpartition("/")[0] for k in stored if k.startswith(_SPARSE_PREFIX)
+    }
+
+
+def _in_base(sparse: dict, base) -> bool:
+    """Whether the sparse form's values are `base`'s at the same places (bit for bit)."""
+    if base is None or base.dtype != sparse["values"].dtype:
+        return False
+    if base.shape != tuple(int(n) for n in sparse["shape"]):
+        return False
+    where = np.unpackbits(sparse["where"], count=base.size).astype(bool)
+    return base.reshape(-1)[where].tobytes() == sparse["values"].tobytes()
+
+
+def _base_path(path: str, relative: str) -> str:
+    """`relative` (to path's directory) made a path; keeps 'gs://' intact."""
+    directory = os.path.dirname(path)
+    parts = relative.split("/")
+    while parts and parts[0] == "..":
+        directory, parts = os.path.dirname(directory), parts[1:]
+    return paths.join(directory, *parts) if parts else directory
+
+
+def _dense_arrays(path: str, arrays: dict) -> dict:
+    """The arrays of a file as written: sparse ones (write_npz) made dense again."""
+    relative = arrays.pop(_BASE_KEY, None)
+    out = {k: v for k, v in arrays.items() if not k.startswith(_SPARSE_PREFIX)}
+    sparse = {}
+    for key, value in arrays.items():
+        if key.startswith(_SPARSE_PREFIX):
+            name, _, part = key[len(_SPARSE_PREFIX) :].rpartition("/")
+            if part not in _SPARSE_PARTS:
+                raise ValueError(f"unknown array {key!r}")
+            sparse.setdefault(name, {})[part] = value
+    base = None
+    for name, parts in sorted(sparse.items()):
+        if "values" not in parts and relative is not None:
+            if base is None:
+                base = _read_base(path, _base_path(path, relative.tobytes().decode()))
+            if name not in base:
+                raise ValueError(f"array {name!r} is not in its base file")
+            where = np.unpackbits(parts["where"], count=base[name].size).astype(bool)
+            parts = {**parts, "values": base[name].reshape(-1)[where]}
+        if set(parts) != set(_SPARSE_PARTS) or name in out:
+            raise ValueError(f"array {name!r} is not stored whole")
+        out[name] = _from_sparse(parts)
+    return out
+
+
+def _read_base(path: str, base: str) -> dict:
+    try:
+        return read_npz(base, allow_base=False)
+    except (FileNotFoundError, DamagedFileError) as e:
+        raise MissingBaseError(
+            path,
+            f"stores its pruned kernels' values as those of {base}, which cannot be read ({e})",
+            advice=_weights_advice(base),
+        ) from None
+
+
+def read_npz(path: str, allow_base: bool = True) -> dict:
     """Reads arrays written by write_npz and verifies their checksum.
 
     Raises:
@@ -249,11 +388,16 @@ def read_npz(path: str) -> dict:
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
+        stored = arrays.pop(_CHECKSUM_KEY, None)
+        if _BASE_KEY in arrays and not allow_base:
+            raise ValueError("a base file has a base of its own")
+        arrays = _dense_arrays(path, arrays)
+    except MissingBaseError:
+        raise
     except Exception as e:
         raise DamagedFileError(
             path, f"cannot be read ({type(e).__name__}: {e})", advice=_weights_advice(path)
         ) from e
-    stored = arrays.pop(_CHECKSUM_KEY, None)
     if stored is None:
         raise DamagedFileError(
             path, "has no checksum: it was not written by lth_tf", advice=_weights_advice(path)
@@ -268,8 +412,15 @@ def read_npz(path: str) -> dict:
 
 def _weights_advice(path: str) -> str:
     # W_k (rewind.npz) is what every pruned round rewinds to: recomputing it would mean
-    # retraining round 0, and the finished rounds would no longer follow from it.
-    if os.path.basename(path) == os.path.basename(paths.checkpoint_file("", "rewind")):
+    # retraining round 0, and the finished rounds would no longer follow from it. With
+    # k = 0, W_0 is round 0's start.npz (no rewind.npz is written).
+    name = os.path.basename(path)
+    rdir = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    w_0 = (name, rdir) == (
+        os.path.basename(paths.checkpoint_file("", "start")),
+        os.path.basename(paths.round_dir("", 0)),
+    )
+    if name == os.path.basename(paths.checkpoint_file("", "rewind")) or w_0:
         return (
             "nothing was changed. It cannot be recomputed in place (every pruned round rewinds "
             "to it): put back a good copy (e.g. from a copy of the run), or start a new run "
@@ -308,6 +459,10 @@ class DamagedFileError(ValueError):
     def __init__(self, path: str, what: str, advice: str = _RECOMPUTE):
         super().__init__(f"{path} {what}; {advice}")
         self.path = path
+
+
+class MissingBaseError(DamagedFileError):
+    """A weight file stored by reference to a base file (write_npz) whose base is unreadable."""
 
 
 class EditedFileError(DamagedFileError):

@@ -4,7 +4,8 @@
       config.json
       round_00/                                 the dense network
         masks.npz  sparsity.json
-        checkpoints/start.npz  rewind.npz  final.npz   (rewind.npz: W_k, round 0 only)
+        checkpoints/start.npz  rewind.npz  final.npz   (rewind.npz: W_k, round 0 only;
+                                                none when k = 0: W_0 is start.npz)
         checkpoints/rewind_step_0000100.npz     W_k of other k (imp --rewind_steps)
         ckpt/                                   mid-round TF checkpoint (resume)
         metrics.jsonl  tb/  summary.json        (summary.json last: the round is done)

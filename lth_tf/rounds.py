@@ -232,6 +232,8 @@ class Experiment:
 
     def _recorded(self, k: int) -> bool:
         r0 = paths.round_dir(self.run_dir, 0)
+        if k == 0:
+            return files.exists(paths.checkpoint_file(r0, "start"))
         if k == self.schedule.rewind:
             return files.exists(paths.checkpoint_file(r0, "rewind"))
         return files.exists(paths.rewind_file(r0, k))
@@ -241,8 +243,9 @@ class Experiment:
 
         Round 0 records the run's own k (checkpoints/rewind.npz) and every k of
         `rewind_points` (checkpoints/rewind_step_NNNNNNN.npz); W_0 is round 0's
-        start.npz. Any other k is trained from W_0 with round 0's data order and a
-        fresh optimizer (k steps; it does not count as a trained round), and cached
+        start.npz (not written twice: no rewind.npz when k = 0). Any other k is
+        trained from W_0 with round 0's data order and a fresh optimizer (k steps;
+        it does not count as a trained round), and cached
         under this Experiment's run_dir (paths.rewind_point_file). The one way to
         W_k: branches (lth_tf.branching), criteria (masks_after) and the stability
         analyses (lth_tf.linear_mode) all ask here.
@@ -299,8 +302,9 @@ class Experiment:
         return files.read_npz(paths.checkpoint_file(rdir, "final"))
 
     def rewind_weights(self) -> dict:
+        """W_k: round 0's rewind.npz, or its start.npz when k = 0 (W_0, not written twice)."""
         r0 = paths.round_dir(self.run_dir, 0)
-        path = paths.checkpoint_file(r0, "rewind")
+        path = _w_k_file(r0, self.schedule.rewind)
         if not files.exists(path):
             if files.exists(paths.summary_file(r0)):
                 raise CorruptRunError(
@@ -509,7 +513,11 @@ class Experiment:
         sparsity.set_weights(self.model, masked)
         train.reset_optimizer(self.model, rd.start.step)
         if self.write:
-            files.write_npz(paths.checkpoint_file(rd.rdir, "start"), masked, compress=False)
+            # A pruned round starting from W_k under its masks (IMP, random_prune)
+            # stores where its weights are, and reads their values from W_k.
+            w_k = _w_k_file(paths.round_dir(self.run_dir, 0), self.schedule.rewind)
+            base = w_k if rd.r > 0 and files.exists(w_k) else None
+            files.write_npz(paths.checkpoint_file(rd.rdir, "start"), masked, False, base)
         return rd.start.step
 
     def _rewind_recorder(self, rd: _Round, start: int):
@@ -519,7 +527,9 @@ class Experiment:
         at = self.schedule.rewind
         path = paths.checkpoint_file(rd.rdir, "rewind")
         targets = {}  # step -> file, for the steps still ahead of `start`
-        if start > at:
+        if at == 0:
+            pass  # W_0 is the round's start.npz, written before it trains: not twice
+        elif start > at:
             if not files.exists(path):
                 raise CorruptRunError(
                     f"{path} is missing but round 0 resumed past step {at}. "
@@ -531,6 +541,8 @@ class Experiment:
             # attempt that was killed before its first checkpoint.
             targets[at] = path
         for k in self.rewind_points:
+            if k == 0:
+                continue  # W_0: start.npz
             if k != at and k >= start:
                 targets[k] = paths.rewind_file(rd.rdir, k)
             elif k != at and not self._recorded(k):
@@ -622,6 +634,11 @@ class Experiment:
         return summary
 
 
+def _w_k_file(r0: str, k: int) -> str:
+    """The file of round 0 (directory r0) that holds W_k for the run's own k."""
+    return paths.checkpoint_file(r0, "start" if k == 0 else "rewind")
+
+
 def resolve_rewind_points(points, config: RunConfig, schedule) -> tuple:
     """Durations or steps of rewind points -> sorted steps, checked against the schedule.
 
@@ -657,7 +674,10 @@ def _apply(weights: dict, round_masks: dict) -> dict:
     out = dict(weights)
     for name, mask in round_masks.items():
         key = f"{name}/kernel"
-        out[key] = (weights[key] * mask).astype(weights[key].dtype)
+        # +0.0 where pruned, as sparsity.get_weights reads them (not -0.0: files store a
+        # pruned kernel by its non-zero bits).
+        value = weights[key]
+        out[key] = np.where(mask != 0, value, np.zeros((), value.dtype)).astype(value.dtype)
     return out
 
 

@@ -340,7 +340,9 @@ def get_weights(model) -> dict:
         value = var.numpy()
         layer, name = key.split("/")
         if name == "kernel" and layer in masks:
-            value = value * masks[layer].astype(value.dtype)
+            # +0.0 where pruned (value * mask would leave -0.0 under negative weights):
+            # files store a pruned kernel by its non-zero bits (lth_tf.files).
+            value = np.where(masks[layer] != 0, value, np.zeros((), value.dtype))
         out[key] = value
     return out
 

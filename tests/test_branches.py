@@ -75,8 +75,9 @@ def test_round_0_records_every_rewind_point_and_keeps_rewind_npz_for_its_own_k(b
     r0 = _rdir(base["run_dir"], 0)
     assert files.exists(paths.checkpoint_file(r0, "rewind"))  # the run's own k, as before
     assert files.exists(paths.rewind_file(r0, OTHER_K))
-    # W_0 is the initialisation itself.
-    assert _same(files.read_npz(paths.rewind_file(r0, 0)), _npz(r0, "start"))
+    # W_0 is the initialisation itself: start.npz, not written twice.
+    assert not files.exists(paths.rewind_file(r0, 0))
+    assert _same(_experiment(base).dense_weights_at(0), _npz(r0, "start"))
     assert not files.exists(paths.rewind_file(r0, K))  # no duplicate of rewind.npz
 
 

@@ -85,7 +85,7 @@ def oracle_runs(tiny_config, tmp_path_factory):
 def test_replay_with_nothing_pruned_retrains_round_0_bit_for_bit(oracle_runs, k):
     # Round 1 starts from W_k at step k with a fresh SGD and sees round 0's batches
     # from k: with nothing pruned it must redo round 0's steps k..T exactly.
-    _, run_dir, _, _ = oracle_runs["replay", k]
+    _, run_dir, e, _ = oracle_runs["replay", k]
     one = files.read_npz(paths.masks_file(paths.round_dir(str(run_dir), 1)))
     assert masks.density(one) == 1.0  # the fraction removed no weight
     r0, r1 = _final(run_dir, 0), _final(run_dir, 1)
@@ -93,7 +93,7 @@ def test_replay_with_nothing_pruned_retrains_round_0_bit_for_bit(oracle_runs, k)
     for name in r0:
         assert np.array_equal(r0[name], r1[name]), name
     # Not a run that did nothing: training moved the weights away from W_k.
-    rewind = files.read_npz(paths.checkpoint_file(paths.round_dir(str(run_dir), 0), "rewind"))
+    rewind = e.rewind_weights()  # round 0's rewind.npz, or its start.npz for k = 0
     assert any(not np.array_equal(rewind[n], r0[n]) for n in r0)
 
 

@@ -210,10 +210,18 @@ def test_rewind_npz_is_the_weights_after_k_steps(main_run, k0_run):
 
 
 def test_rewind_to_step_0_rewinds_to_the_initialisation(k0_run):
-    _, k0_dir, _, summaries = k0_run
-    start, rewind = _npz(k0_dir, 0, "start"), _npz(k0_dir, 0, "rewind")
+    _, k0_dir, experiment, summaries = k0_run
+    # W_0 is round 0's start.npz: no rewind.npz repeats it.
+    r0 = _rdir(k0_dir, 0)
+    assert not files.exists(paths.checkpoint_file(r0, "rewind"))
+    start, rewind = _npz(k0_dir, 0, "start"), experiment.rewind_weights()
     for key in start:
         np.testing.assert_array_equal(rewind[key], start[key], err_msg=key)
+    # Round 1 starts from W_0 under its masks (+0.0 where pruned).
+    masks1, start1 = _masks(k0_dir, 1), _npz(k0_dir, 1, "start")
+    for name, mask in masks1.items():
+        expected = np.where(mask != 0, start[f"{name}/kernel"], np.float32(0))
+        assert start1[f"{name}/kernel"].tobytes() == expected.tobytes(), name
     # Round 1 trains the whole schedule again, from step 0.
     assert summaries[1]["start_step"] == 0 and summaries[1]["steps"] == 20
 
