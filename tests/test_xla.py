@@ -79,6 +79,25 @@ class Built:
         self.test_step = tf.function(model.test_step, jit_compile=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _without_op_determinism():
+    """XLA's own kernels, as a TPU run gets them.
+
+    `imp --deterministic` (which other tests run in this process) turns TensorFlow's
+    op determinism on for the process, and under it XLA refuses to compile a
+    max-pool gradient (ResNet-50's pool1: "MaxPool gradient ops do not yet have a
+    deterministic XLA implementation"). The checks here are of the step as a
+    non-deterministic run compiles it; the state is restored afterwards.
+    """
+    from tensorflow.python.framework import config as tf_config
+
+    was = tf_config.is_op_determinism_enabled()
+    tf_config.disable_op_determinism()
+    yield
+    if was:
+        tf_config.enable_op_determinism()
+
+
 @pytest.fixture(scope="module")
 def built():
     cache = {}
