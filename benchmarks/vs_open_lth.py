@@ -85,13 +85,24 @@ def _idx(array: np.ndarray) -> bytes:
     return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
+def _bundled_mnist() -> str:
+    """lth_tf's bundled MNIST file, found without importing lth_tf.
+
+    This process must not import TensorFlow: a child's peak RSS (os.wait4) starts
+    from this process's resident memory at the fork, so every child would report at
+    least TensorFlow's ~600 MB.
+    """
+    import importlib.util
+
+    (package,) = importlib.util.find_spec("lth_tf").submodule_search_locations
+    return os.path.join(package, "data_files", "mnist.npz")
+
+
 def write_open_lth_mnist(home: str) -> None:
     """The bundled MNIST as torchvision's raw files under HOME/open_lth_datasets/mnist."""
-    from lth_tf.data import arrays
-
     raw = os.path.join(home, "open_lth_datasets", "mnist", "MNIST", "raw")
     os.makedirs(raw)
-    with np.load(arrays.bundled_mnist_path()) as d:
+    with np.load(_bundled_mnist()) as d:
         files = {
             "train-images-idx3-ubyte": d["x_train"].reshape(-1, 28, 28),
             "train-labels-idx1-ubyte": d["y_train"],
@@ -303,8 +314,9 @@ def main():
     args = parser.parse_args()
     if not os.path.isfile(os.path.join(args.open_lth, "open_lth.py")):
         sys.exit(f"--open_lth={args.open_lth} holds no open_lth.py: pass open_lth's checkout.")
-    import torch
+    from importlib.metadata import version
 
+    torch_version = version("torch")  # not imported here: see _bundled_mnist
     load_before = os.getloadavg()
     runs = {"open_lth": {2: [], 4: []}, "lth_tf": {2: [], 4: []}}
     order = []
@@ -334,7 +346,7 @@ def main():
                 "iterations_per_training": ITERATIONS,
                 "trainings": [2, 4],
             },
-            "torch": torch.__version__,
+            "torch": torch_version,
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
             "runs_in_order": order,
