@@ -26,9 +26,9 @@ counts). Any other criterion is `package.module:function`, imported when the
 run starts (`resolve`).
 """
 
-import importlib
-
 import numpy as np
+
+from lth_tf import plugins
 
 MAGNITUDE = "magnitude"
 
@@ -87,18 +87,7 @@ def resolve(name: str):
         return CRITERIA[name]
     if not is_valid_name(name):
         raise ValueError(f"prune_criterion: got {name!r}; expected {expected()}.")
-    module_name, _, function = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(
-            f"prune_criterion={name}: cannot import {module_name} ({e}). Put its package on "
-            "PYTHONPATH (or install it)."
-        ) from None
-    fn = getattr(module, function, None)
-    if not callable(fn):
-        raise ValueError(f"prune_criterion={name}: {module_name} has no function {function}.")
-    return fn
+    return plugins.import_function(name, "prune_criterion")
 
 
 def scores(criterion, final: dict, rewind: dict, masks: dict, seed: int) -> dict:

@@ -138,19 +138,9 @@ def _is_function(name: str) -> bool:
 
 def _load_function(name: str, **kwargs) -> Dataset:
     """Calls the user's dataset function `name` and checks the protocol of its result."""
-    import importlib
+    from lth_tf import plugins
 
-    module_name, _, function = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(
-            f"--dataset={name}: cannot import module {module_name!r} ({e}). The module must "
-            "be importable from this process (installed, or on PYTHONPATH)."
-        ) from e
-    fn = getattr(module, function, None)
-    if not callable(fn):
-        raise ValueError(f"--dataset={name}: module {module_name!r} has no function {function!r}.")
+    fn = plugins.import_function(name, "dataset")
     dataset = fn(**kwargs)
     missing = [m for m in _PROTOCOL_MEMBERS if not hasattr(dataset, m)]
     if missing:

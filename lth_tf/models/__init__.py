@@ -30,13 +30,12 @@ needs no entry: --arch=package.module:function names its builder (`build_model`)
 
 import dataclasses
 import functools
-import importlib
 import math
 import numbers
 import types
 from collections.abc import Callable
 
-from lth_tf import presets
+from lth_tf import plugins, presets
 from lth_tf.keras import keras
 from lth_tf.models._layers import LayerFactory
 from lth_tf.models.conv import PLANS as _CONV_PLANS
@@ -237,18 +236,7 @@ def custom_builder(arch: str) -> Callable:
         ValueError: when the module cannot be imported or has no such callable
             (the message says what was looked for).
     """
-    module_name, _, function = arch.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(
-            f"--arch={arch}: cannot import module {module_name!r} ({e}). The module must be "
-            "importable from this process (installed, or on PYTHONPATH)."
-        ) from e
-    builder = getattr(module, function, None)
-    if not callable(builder):
-        raise ValueError(f"--arch={arch}: module {module_name!r} has no function {function!r}.")
-    return builder
+    return plugins.import_function(arch, "arch")
 
 
 def _build_custom(arch, input_shape, num_classes, seed, weight_decay) -> keras.Model:
