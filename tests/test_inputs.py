@@ -12,29 +12,22 @@ Contracts (each case of issue 20's items 7 and 8):
 Entry points run in-process (main with parsed flags): no subprocess, no TF start-up.
 """
 
-import contextlib
-import hashlib
-import io
 import os
 import shutil
 
 import numpy as np
 import pytest
-from absl import app, flags
+from absl import flags
+from entry_points import call, snapshot
 
 from lth_tf import (
-    branch,
     branching,
     data,
-    flagdefs,
-    imp,
     masks,
     paths,
-    report,
     reporting,
     rounds,
     rundir,
-    stability,
 )
 
 FLAGS = flags.FLAGS
@@ -51,40 +44,6 @@ TINY = [
     "--verbose=0",
     "--checkpoint_seconds=0",
 ]
-ENTRY_POINTS = {"imp": imp, "branch": branch, "stability": stability, "report": report}
-
-
-def call(name, *argv):
-    """(exit code, stderr) of entry point `name` run in-process, as app.run would run it."""
-    module = ENTRY_POINTS[name]
-    for m in ENTRY_POINTS.values():
-        m.define_flags()
-    FLAGS.unparse_flags()
-    round_default = FLAGS["round"].default  # per entry point (flagdefs); restored below
-    FLAGS.set_default("round", 0 if name == "stability" else None)
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = module.main(flagdefs.parse_flags([name, *argv]))
-        except SystemExit as e:
-            code = e.code
-        except app.UsageError as e:
-            code = e.exitcode
-            err.write(f"error: {e}\n")
-        finally:
-            FLAGS.unparse_flags()
-            FLAGS.set_default("round", round_default)
-    return code or 0, err.getvalue()
-
-
-def snapshot(root) -> dict:
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")
