@@ -21,7 +21,13 @@ from lth_tf.config import NON_IDENTITY_FIELDS
 from lth_tf.keras import tf
 
 # The per-round numbers aggregated over replicates, in the order of the table's columns.
-METRICS = ("test_accuracy", "test_accuracy_at_early_stopping", "early_stopping_step")
+METRICS = (
+    "test_accuracy",
+    "test_accuracy_at_early_stopping",
+    "early_stopping_step",
+    "best_validation_accuracy",
+    "best_validation_step",
+)
 ACCURACY_METRICS = METRICS[:2]  # those that can be "matching"
 STD = "sample standard deviation (ddof=1); null where fewer than 2 replicates finished"
 MATCHING = (
@@ -31,7 +37,7 @@ MATCHING = (
 
 
 # One-shot branches of lth_tf.branch, one per density: oneshot_<k>it_d<density reached, %>.
-# The table and the plot show those of one k as one series, by density.
+# The plot shows those of one k as one series, by density (the accuracy table: a row each).
 ONESHOT_RE = re.compile(r"^(oneshot_\d+it)_d\d+(\.\d+)?$")
 
 
@@ -112,57 +118,11 @@ def export_reports(run_dir: str) -> list:
 # ---- tables ----------------------------------------------------------------------------------
 
 
-def accuracy_table(results: dict) -> str:
-    """The accuracy-vs-density table, as Markdown.
-
-    Args:
-      results: {branch: {round: summary}} (lth_tf.rundir.finished_rounds). One
-        row per finished IMP round; a branch's cell is empty where that round
-        of the branch is not finished or has another density than the IMP round.
-        One-shot branches of one k (one per density) share a column, oneshot_<k>it_d*:
-        a cell is the one at the IMP round's density, if any (the aggregate table
-        lists every series by density).
-    """
-    columns = {}  # series -> its branches
-    for b in results:
-        if b != rundir.IMP:
-            columns.setdefault(series_of(b), []).append(b)
-    branches = list(columns)
-    # Test accuracy at the early-stopping iteration (the 2019 paper's measure), where
-    # the runs recorded it (test_every_period).
-    at_es = any(
-        s.get("test_accuracy_at_early_stopping") is not None
-        for rounds in results.values()
-        for s in rounds.values()
-    )
-    header = ["round", "density %", "IMP test acc %"]
-    header += ["IMP at early stop %"] if at_es else []
-    header += ["best val acc % (step)", "early-stop step"]
-    for b in branches:
-        header += [f"{b} test acc %"] + ([f"{b} at early stop %"] if at_es else [])
-    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r, s in sorted(results.get(rundir.IMP, {}).items()):
-        cells = [str(r), f"{100 * s['density']:.2f}", _pct(s["test_accuracy"])]
-        cells += [_pct(s.get("test_accuracy_at_early_stopping"))] if at_es else []
-        cells += [
-            f"{_pct(s.get('best_validation_accuracy'))} ({s.get('best_validation_step')})",
-            str(s.get("early_stopping_step")),
-        ]
-        for b in branches:
-            if b in results:
-                other = _same_density(results[b].get(r), s)
-            else:  # one-shot: any of the series' branches at this density
-                found = (_same_density(results[m][1], s) for m in columns[b] if 1 in results[m])
-                other = next((f for f in found if f), {})
-            cells.append(_pct(other.get("test_accuracy")))
-            if at_es:
-                cells.append(_pct(other.get("test_accuracy_at_early_stopping")))
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
 def _same_density(summary, imp_summary) -> dict:
-    """summary, or {} where it is missing or its density is not the IMP round's."""
+    """summary, or {} where it is missing or its density is not the IMP round's (within 0.1%).
+
+    Summaries or aggregate() points alike: only their "density" is read.
+    """
     if not summary or abs(summary["density"] - imp_summary["density"]) > 1e-3 * max(
         imp_summary["density"], 1e-12
     ):
@@ -449,7 +409,7 @@ def comparison_labels(configs: list, run_dirs: list) -> list:
     return labels
 
 
-# ---- tables ----------------------------------------------------------------------------------
+# ---- the accuracy table ----------------------------------------------------------------------
 
 
 def _cell(st: dict, replicated: bool, scale: float, digits: int, mark: bool = False) -> str:
@@ -464,59 +424,114 @@ def _cell(st: dict, replicated: bool, scale: float, digits: int, mark: bool = Fa
     return text + (" ✓" if mark else "")
 
 
-def aggregate_table(runs: list) -> str:
-    """Final test accuracy, test accuracy at early stopping and the early-stopping step.
+def _best_validation(point: dict, replicated: bool) -> str:
+    """The best validation accuracy % (its step), each cell as _cell writes it."""
+    acc = _cell(point["best_validation_accuracy"], replicated, 100, 2)
+    step = _cell(point["best_validation_step"], replicated, 1, 0)
+    return f"{acc} ({step})" if acc and step else acc
 
-    One row per (run, series, round), densest first. For replicate groups a cell is
-    mean ± std [min, max] over the replicates that finished the round (n); a plain
-    run shows its numbers alone. ✓ marks a matching accuracy (MATCHING).
+
+def _delta(point: dict, imp, metric: str) -> str:
+    """point's mean minus the IMP point's, in accuracy points, signed; '' without both."""
+    mine = point[metric]["mean"]
+    theirs = None if imp is None else imp[metric]["mean"]
+    if mine is None or theirs is None:
+        return ""
+    return f"{round(100 * (mine - theirs), 2) + 0.0:+.2f}"  # + 0.0: never "-0.00"
+
+
+def _imp_at(agg: dict, branch: str, point: dict):
+    """The IMP point of agg at point's density; None for IMP itself and where IMP has none."""
+    if branch == rundir.IMP:
+        return None
+    imp = agg.get(rundir.IMP, {}).values()
+    return next((q for q in imp if _same_density(point, q)), None)
+
+
+def _header(labelled: bool, replicated: bool, recorded: bool) -> list:
+    spread = " mean ± std (ddof=1) [min, max]" if replicated else ""
+    accuracies = ["final", "at early stop"] if recorded else ["final"]
+    return (
+        ["density %"]
+        + (["run"] if labelled else [])
+        + ["series", "round"]
+        + (["n"] if replicated else [])
+        + [f"final test acc %{spread}"]
+        + ([f"test acc at early stop %{spread}"] if recorded else [])
+        + [f"early-stop step{spread}", f"best val acc % (step){spread}"]
+        + [f"Δ {a} vs IMP (points)" for a in accuracies]
+    )
+
+
+def aggregate_table(runs: list) -> str:
+    """The accuracy table of runs or replicate groups: one row per (run, series, round).
+
+    Every finished round of every series (IMP, the controls, each branch of
+    lth_tf.branch, each one-shot branch its own) has one row, so the columns do
+    not depend on how many series there are. Densest first; at a density, IMP's
+    row first (a row within 0.1% of an IMP round's density sorts with it).
+    Columns: the final test accuracy and the test accuracy at early stopping (the
+    latter where some run recorded it), ✓ where matching (MATCHING); the
+    early-stopping step; the best validation accuracy (its step); and "Δ ... vs
+    IMP": each accuracy minus IMP's at the same density of the same run, in
+    points, empty for IMP and where IMP has no round at that density. For
+    replicate groups a cell is mean ± std [min, max] over the n replicates that
+    finished the round and a Δ is the difference of the means; a plain run shows
+    its numbers alone.
 
     Args:
       runs: [(label, aggregate())]; the run column is shown when a label is not None.
     """
-    replicated = any(p["n"] > 1 for _, agg in runs for pts in agg.values() for p in pts.values())
+    points = [p for _, agg in runs for pts in agg.values() for p in pts.values()]
+    replicated = any(p["n"] > 1 for p in points)
+    recorded = any(p["test_accuracy_at_early_stopping"]["n"] for p in points)
     labelled = any(label is not None for label, _ in runs)
-    spread = " mean ± std (ddof=1) [min, max]" if replicated else ""
-    header = (
-        (["run"] if labelled else [])
-        + ["round", "density %", "series"]
-        + (["n"] if replicated else [])
-        + [
-            f"final test acc %{spread}",
-            f"test acc at early stop %{spread}",
-            f"early-stop step{spread}",
-        ]
-    )
+    accuracies = ACCURACY_METRICS if recorded else ACCURACY_METRICS[:1]
     rows = []
     for i, (label, agg) in enumerate(runs):
-        for j, (branch, points) in enumerate(agg.items()):
-            for point in points.values():
-                rows.append(((-point["density"], i, j, point["round"]), label, branch, point))
+        for j, (branch, pts) in enumerate(agg.items()):
+            for p in pts.values():
+                imp = _imp_at(agg, branch, p)
+                rows.append(((-(imp or p)["density"], i, j, p["round"]), label, branch, p, imp))
+    header = _header(labelled, replicated, recorded)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, label, branch, p in sorted(rows, key=lambda row: row[0]):
-        cells = ([label or ""] if labelled else []) + [
-            str(p["round"]),
-            f"{100 * p['density']:.2f}",
-            branch,
+    for _, label, branch, p, imp in sorted(rows, key=lambda row: row[0]):
+        cells = [f"{100 * p['density']:.2f}"] + ([label or ""] if labelled else [])
+        cells += [branch, str(p["round"])] + ([str(p["n"])] if replicated else [])
+        cells += [_cell(p[m], replicated, 100, 2, bool(p["matching"][m])) for m in accuracies]
+        cells += [
+            _cell(p["early_stopping_step"], replicated, 1, 0),
+            _best_validation(p, replicated),
         ]
-        cells += [str(p["n"])] if replicated else []
-        cells += [_cell(p[m], replicated, 100, 2, bool(p["matching"][m])) for m in ACCURACY_METRICS]
-        cells.append(_cell(p["early_stopping_step"], replicated, 1, 0))
+        cells += [_delta(p, imp, m) for m in accuracies]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def accuracy_table(results: dict) -> str:
+    """The accuracy table of one run: aggregate_table of its one replicate.
+
+    Args:
+      results: {branch: {round: summary}} (lth_tf.rundir.finished_rounds).
+    """
+    return aggregate_table([(None, aggregate([results]))])
+
+
 def table_legend(groups: list) -> str:
-    """What the aggregate table's cells mean, as Markdown."""
+    """What the accuracy table's rows and cells mean, as Markdown."""
     text = [
-        "Early stop: the iteration of minimum validation loss (the 2019 paper's Figures 3-4). "
-        "✓ = matching: within 0.2 points of the dense network (IMP round 0 of the same run) or "
-        "above it.",
+        "One row per finished round of every series (IMP, its controls, the run's branches), "
+        "densest first, IMP first at each density. Early stop: the iteration of minimum "
+        "validation loss (the 2019 paper's Figures 3-4); best val acc: the highest validation "
+        "accuracy and the step it was reached at. ✓ = matching: within 0.2 points of the dense "
+        "network (IMP round 0 of the same run) or above it. Δ vs IMP: the accuracy minus IMP's "
+        "at the same density in the same run, in points (empty for IMP and where IMP has no "
+        "round at that density).",
     ]
     if any(len(g["replicates"]) > 1 for g in groups):
         text.append(
             "Cells: mean ± std [min, max] over the n replicates that finished the round; std is "
-            "the sample standard deviation (ddof=1); ✓ compares the means."
+            "the sample standard deviation (ddof=1); ✓ and Δ compare the means."
         )
     recorded = any(
         s.get("test_accuracy_at_early_stopping") is not None
@@ -631,7 +646,7 @@ def write_report(run_dir: str, extra_sections=(), out: str | None = None) -> str
       out: where to write (default: run_dir itself; the group directory for a group).
 
     Returns:
-      The accuracy table: accuracy_table() for a run, aggregate_table() for a group.
+      The accuracy table (aggregate_table; for a run, accuracy_table), as report.md has it.
 
     Raises:
       RunDirError: run_dir is neither a run nor a replicate group, or `out` (other than
@@ -641,21 +656,21 @@ def write_report(run_dir: str, extra_sections=(), out: str | None = None) -> str
     out = out or run_dir
     if _split(out) != _split(run_dir):
         check_out(out)
+    text = aggregate_table([(None, group["aggregate"])])
+    table = [
+        table_legend([group]),
+        "",
+        text,
+        "",
+        "![accuracy vs density](accuracy_vs_density.png)",
+        "",
+    ]
     if group["replicates"] == [run_dir]:
         results = group["results"][0]
-        text = accuracy_table(results)
         parts = [
             f"# lth_tf run report\n\nRun: `{run_dir}`\n",
             "## Test accuracy against density\n",
-            text,
-            "",
-            "![accuracy vs density](accuracy_vs_density.png)",
-            "",
-            "## Early stopping and matching\n",
-            table_legend([group]),
-            "",
-            aggregate_table([(None, group["aggregate"])]),
-            "",
+            *table,
             "## Per-layer density (%)\n",
             layer_table(run_dir, results),
             "",
@@ -676,18 +691,12 @@ def write_report(run_dir: str, extra_sections=(), out: str | None = None) -> str
         # may start after the others.
         k = next((k for k, r in enumerate(group["results"]) if r.get(rundir.IMP)), 0)
         first, first_results = group["replicates"][k], group["results"][k]
-        text = aggregate_table([(None, group["aggregate"])])
         names = ", ".join(f"`{os.path.basename(d)}`" for d in group["replicates"])
         parts = [
             f"# lth_tf replicate report\n\nGroup: `{run_dir}`: "
             f"{len(group['replicates'])} replicates ({names})\n",
             "## Test accuracy against density (over replicates)\n",
-            table_legend([group]),
-            "",
-            text,
-            "",
-            "![accuracy vs density](accuracy_vs_density.png)",
-            "",
+            *table,
         ]
         layer_text = layer_table(first, first_results)
         if layer_text:

@@ -35,6 +35,11 @@ def _metrics(rdir):
     return files.read_jsonl(paths.metrics_file(rdir))
 
 
+def _cells(line: str) -> list:
+    """The cells of a Markdown table line."""
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
 def _same(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -342,12 +347,18 @@ def test_oneshot_at_an_imp_rounds_density_has_its_layer_densities(base, oneshot_
     one = files.read_npz(paths.masks_file(_rdir(run_dir, 1, b.name)))
     pool = ("fc1", "fc2")  # global scope: one threshold, IMP's pool survivors
     assert sum(one[n].sum() for n in pool) == sum(imp[n].sum() for n in pool)
-    # The report: one column of one-shot branches by density, a per-layer table.
+    # The report: a row of its own, after IMP round 2's (its density), with the difference
+    # to it; and a per-layer table.
     results = rundir.finished_rounds(run_dir)
-    table = reporting.accuracy_table(results)
-    header, _, _, _, row_2 = table.splitlines()[:5]
-    column = header.split(" | ").index(f"oneshot_{K}it_d* test acc %")
-    assert row_2.split(" | ")[column] == f"{100 * summary['test_accuracy']:.2f}"
+    lines = reporting.accuracy_table(results).splitlines()
+    header, rows = _cells(lines[0]), [_cells(line) for line in lines[2:]]
+    where = {(row[1], row[2]): i for i, row in enumerate(rows)}  # (series, round) -> row
+    mine, imp_2 = rows[where[(b.name, "1")]], rows[where[("imp", "2")]]
+    assert where[(b.name, "1")] > where[("imp", "2")] and mine[0] == imp_2[0]
+    final = header.index("final test acc %")
+    assert mine[final].split()[0] == f"{100 * summary['test_accuracy']:.2f}"
+    delta = 100 * (summary["test_accuracy"] - results["imp"][2]["test_accuracy"])
+    assert mine[header.index("Δ final vs IMP (points)")] == f"{delta:+.2f}"
     reporting.write_report(run_dir)
     with open(paths.report_file(run_dir)) as f:
         report = f.read()
@@ -391,7 +402,7 @@ def test_a_oneshot_branch_written_before_still_reports(base, oneshot_branches):
         with open(paths.report_file(run_dir)) as f:
             report = f.read()
         assert f"{old} r1" in report.split("## One-shot pruning")[1]
-        assert f"| {old} |" in report  # a series of the aggregate table
+        assert f"| {old} |" in report  # a series of the accuracy table
         assert linear_mode.Stability(run_dir, log=_quiet).masks_of(1, old)
     finally:
         shutil.rmtree(paths.branch_dir(run_dir, old))
@@ -478,10 +489,10 @@ def test_the_report_shows_branches_as_series(base, rewind_branch):
     results = rundir.finished_rounds(base["run_dir"])
     assert {"imp", f"rewind_{OTHER_K}it", f"lr_rewind_{K}it"} <= set(results)
     text = reporting.write_report(base["run_dir"])
-    assert f"rewind_{OTHER_K}it test acc %" in text
+    assert f"| rewind_{OTHER_K}it |" in text
     with open(paths.report_file(base["run_dir"])) as f:
         report = f.read()
-    assert f"| lr_rewind_{K}it |" in report  # a series of the aggregate table
+    assert text in report and f"| lr_rewind_{K}it |" in text  # one row per round of each
 
 
 def test_the_command_line_refuses_another_batch_size_and_lists_kinds(base):

@@ -74,14 +74,88 @@ def test_finished_rounds_are_those_with_a_summary(tmp_path):
     assert rundir.finished_rounds(str(tmp_path / "nothing")) == {}
 
 
-def test_accuracy_table_has_a_row_per_finished_imp_round(tmp_path):
+def test_the_run_table_has_a_row_per_finished_round_of_every_series(tmp_path):
     table = reporting.accuracy_table(rundir.finished_rounds(_write_run(tmp_path)))
-    header = table.splitlines()[0]
-    assert "IMP test acc %" in header and "random_reinit test acc %" in header
+    assert table.splitlines()[0] == (
+        "| density % | series | round | final test acc % | early-stop step | "
+        "best val acc % (step) | Δ final vs IMP (points) |"
+    )
     assert _rows(table) == [
-        ["0", "100.00", "98.12", "98.22 (100)", "50", ""],  # no control at round 0
-        ["1", "80.00", "98.34", "98.44 (200)", "100", "97.01"],
+        ["100.00", "imp", "0", "98.12 ✓", "50", "98.22 (100)", ""],
+        ["80.00", "imp", "1", "98.34 ✓", "100", "98.44 (200)", ""],
+        ["80.00", "random_reinit", "1", "97.01", "100", "97.11 (200)", "-1.33"],
     ]
+
+
+# Branches of every kind lth_tf.branch makes, and the controls: {branch: {round: density}}.
+# Fine-tuning goes 2 rounds past IMP's last finished round (1); the one-shot branches
+# prune to IMP round 1's density and to 50%, a density IMP never has.
+BRANCHES = {
+    "random_reinit": {1: 0.8},
+    "random_prune": {1: 0.8},
+    "rewind_10it": {1: 0.8},
+    "lr_rewind_20it": {1: 0.8},
+    "finetune_lr0.0001_10it": {1: 0.8, 2: 0.64, 3: 0.512},
+    "oneshot_20it_d80.000": {1: 0.8},
+    "oneshot_20it_d50.000": {1: 0.5},
+}
+
+
+def _write_branches(run_dir, names=tuple(BRANCHES)) -> dict:
+    """Adds the named BRANCHES' rounds to a _write_run run; returns {(branch, round): acc}."""
+    accs = {}
+    for i, name in enumerate(names):
+        for r, density in BRANCHES[name].items():
+            accs[(name, r)] = 0.95 + 0.001 * i + 0.0001 * r
+            files.write_json(
+                paths.summary_file(paths.round_dir(run_dir, r, name)),
+                _summary(r, density, accs[(name, r)], name),
+            )
+    return accs
+
+
+def test_every_finished_round_of_every_branch_has_exactly_one_row(tmp_path):
+    run_dir = _write_run(tmp_path)
+    _write_branches(run_dir)
+    results = rundir.finished_rounds(run_dir)
+    rows = _rows(reporting.accuracy_table(results))
+    shown = [(row[1], int(row[2])) for row in rows]
+    assert sorted(shown) == sorted((b, r) for b, rounds in results.items() for r in rounds)
+    assert len(set(shown)) == len(shown) == 2 + 9  # IMP's and BRANCHES' rounds
+    # Fine-tuning past IMP's last round and one-shot at a density IMP never had are there.
+    assert ["51.20", "finetune_lr0.0001_10it", "3"] in [row[:3] for row in rows]
+    assert ["50.00", "oneshot_20it_d50.000", "1"] in [row[:3] for row in rows]
+    # Densest first, IMP first at a density.
+    densities = [float(row[0]) for row in rows]
+    assert densities == sorted(densities, reverse=True)
+    at_80 = [row[1] for row in rows if row[0] == "80.00"]
+    assert at_80[0] == "imp" and len(at_80) == 1 + 6
+
+
+def test_the_table_header_does_not_depend_on_the_number_of_branches(tmp_path):
+    one = _write_run(tmp_path / "one")
+    many = _write_run(tmp_path / "many")
+    _write_branches(many)
+    header = reporting.accuracy_table(rundir.finished_rounds(one)).splitlines()[0]
+    assert reporting.accuracy_table(rundir.finished_rounds(many)).splitlines()[0] == header
+    assert "random_reinit" not in header and "oneshot" not in header
+
+
+def test_delta_to_imp_is_the_accuracy_minus_imps_at_the_same_density(tmp_path):
+    run_dir = _write_run(tmp_path)
+    accs = _write_branches(run_dir)
+    rows = {
+        (row[1], row[2]): row
+        for row in _rows(reporting.accuracy_table(rundir.finished_rounds(run_dir)))
+    }
+    imp_1 = 0.9834  # IMP round 1, density 80%
+    for name in ("oneshot_20it_d80.000", "finetune_lr0.0001_10it", "random_prune"):
+        assert rows[(name, "1")][-1] == f"{100 * (accs[(name, 1)] - imp_1):+.2f}"
+    assert rows[("oneshot_20it_d80.000", "1")][-1] == "-2.83"  # 95.51 - 98.34
+    # Empty for IMP and where IMP has no finished round at that density.
+    assert rows[("imp", "1")][-1] == ""
+    assert rows[("finetune_lr0.0001_10it", "2")][-1] == ""
+    assert rows[("oneshot_20it_d50.000", "1")][-1] == ""
 
 
 def test_layer_table_lists_each_finished_round(tmp_path):
@@ -93,11 +167,14 @@ def test_layer_table_lists_each_finished_round(tmp_path):
 
 def test_write_report_writes_the_markdown_and_the_plot(tmp_path):
     run_dir = _write_run(tmp_path)
+    _write_branches(run_dir)
     table = reporting.write_report(run_dir)
     assert table == reporting.accuracy_table(rundir.finished_rounds(run_dir))
     with open(paths.report_file(run_dir)) as f:
         text = f.read()
+    # The printed table is report.md's, and report.md has no second accuracy table.
     assert table in text
+    assert text.count("| series | round |") == 1 and "Δ final vs IMP" in text
     assert "## Per-layer density (%)" in text
     assert "## Stability" not in text and "## Sparse exports" not in text  # none run yet
     # The config section is real JSON: a reader can paste it.
@@ -194,7 +271,7 @@ def test_the_command_line_reports_without_loading_the_training_stack(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| 1 | 80.00 | 98.34 |" in proc.stdout
+    assert "| 80.00 | imp | 1 | 98.34 ✓ |" in proc.stdout
     loaded = proc.stdout.split("LOADED")[1].split()
     for module in ("lth_tf.models", "lth_tf.rounds", "lth_tf.train", "lth_tf.sparsity"):
         assert module not in loaded, loaded
@@ -202,7 +279,7 @@ def test_the_command_line_reports_without_loading_the_training_stack(tmp_path):
     assert os.path.exists(paths.plot_file(run_dir))
 
 
-def test_accuracy_table_shows_test_accuracy_at_early_stopping_where_recorded():
+def test_the_table_shows_test_accuracy_at_early_stopping_and_its_delta_where_recorded():
     def summary(density, final, at_es):
         return {
             "density": density,
@@ -219,8 +296,11 @@ def test_accuracy_table_shows_test_accuracy_at_early_stopping_where_recorded():
     }
     table = reporting.accuracy_table(results)
     header = table.splitlines()[0]
-    assert "IMP at early stop %" in header and "random_reinit at early stop %" in header
+    assert (
+        "| test acc at early stop % |" in header and "| Δ at early stop vs IMP (points) |" in header
+    )
     assert _rows(table) == [
-        ["0", "100.00", "97.00", "97.50", "99.00 (100)", "50", "", ""],
-        ["1", "80.00", "98.00", "98.50", "99.00 (100)", "50", "96.00", "95.50"],
+        ["100.00", "imp", "0", "97.00 ✓", "97.50 ✓", "50", "99.00 (100)", "", ""],
+        ["80.00", "imp", "1", "98.00 ✓", "98.50 ✓", "50", "99.00 (100)", "", ""],
+        ["80.00", "random_reinit", "1", "96.00", "95.50", "50", "99.00 (100)", "-2.00", "-3.00"],
     ]

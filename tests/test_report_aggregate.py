@@ -187,35 +187,41 @@ def test_the_group_table_shows_mean_std_min_max_n_and_matching(tmp_path):
     table = reporting.aggregate_table([(None, reporting.read_group(group)["aggregate"])])
     header = table.splitlines()[0]
     assert "ddof=1" in header and "| n |" in header
-    rows = {(row[0], row[2]): row for row in _rows(table)}
-    assert rows[("0", "imp")] == [
-        "0",
+    rows = {(row[1], row[2]): row for row in _rows(table)}
+    assert rows[("imp", "0")] == [
         "100.00",
         "imp",
+        "0",
         "3",
         "98.20 ± 0.20 [98.00, 98.40] ✓",
         "97.80 ± 0.30 [97.50, 98.10] ✓",
         "200 ± 100 [100, 300]",
+        "98.20 ± 0.20 [98.00, 98.40] (200 ± 100 [100, 300])",  # best val = final acc here
+        "",
+        "",
     ]
-    assert rows[("2", "imp")][3:5] == ["2", "97.20 ± 0.28 [97.00, 97.40]"]  # not matching
+    assert rows[("imp", "2")][3:5] == ["2", "97.20 ± 0.28 [97.00, 97.40]"]  # not matching
+    # Δ compares the means: 0.971 - 0.981 final, 0.961 - 0.979 at early stopping.
+    assert rows[("random_reinit", "1")][-2:] == ["-1.00", "-1.80"]
     # Densest first; the control's row follows IMP's at the same density.
-    assert [(row[0], row[2]) for row in _rows(table)] == [
-        ("0", "imp"),
-        ("1", "imp"),
-        ("1", "random_reinit"),
-        ("2", "imp"),
+    assert [(row[1], row[2]) for row in _rows(table)] == [
+        ("imp", "0"),
+        ("imp", "1"),
+        ("random_reinit", "1"),
+        ("imp", "2"),
     ]
 
 
-def test_a_plain_run_keeps_its_table_and_gains_the_early_stopping_one(tmp_path):
+def test_a_plain_run_is_the_group_table_of_one_replicate_shown_once(tmp_path):
     run_dir = _write_run(str(tmp_path), IMP[1], REINIT[1])
     table = reporting.write_report(run_dir)
     assert table == reporting.accuracy_table(rundir.finished_rounds(run_dir))
+    assert table == reporting.aggregate_table([(None, reporting.read_group(run_dir)["aggregate"])])
     with open(paths.report_file(run_dir)) as f:
         text = f.read()
-    section = text.split("## Early stopping and matching\n")[1]
-    assert "± " not in section.split("## Per-layer")[0]  # one run: numbers alone, no n column
-    assert "| 1 | 80.00 | imp | 98.10 ✓ | 97.90 ✓ | 200 |" in section
+    assert text.count(table) == 1 and text.count("| series | round |") == 1
+    assert "± " not in table and "| n |" not in table  # one run: numbers alone
+    assert "| 80.00 | imp | 1 | 98.10 ✓ | 97.90 ✓ | 200 | 98.10 (200) |  |  |" in table
     with open(paths.report_json_file(run_dir)) as f:
         report = json.load(f)
     assert report["runs"][0]["series"][0]["points"][0]["n"] == 1
@@ -273,8 +279,8 @@ def test_a_comparison_writes_only_into_out(tmp_path):
     assert written == out and _tree(tmp_path / "runs") == before
     assert sorted(os.listdir(out)) == ["accuracy_vs_density.png", "report.json", "report.md"]
     rows = _rows(table)
-    assert rows[0][:4] == ["rewind_step=0", "0", "100.00", "imp"]
-    assert ["rewind_step=100it", "1", "80.00", "random_reinit", "1"] in [r[:5] for r in rows]
+    assert rows[0][:4] == ["100.00", "rewind_step=0", "imp", "0"]
+    assert ["80.00", "rewind_step=100it", "random_reinit", "1", "1"] in [r[:5] for r in rows]
     with open(paths.report_json_file(out)) as f:
         report = json.load(f)
     assert [r["label"] for r in report["runs"]] == ["rewind_step=0", "rewind_step=100it"]
@@ -307,7 +313,7 @@ def test_the_command_line_compares_several_runs(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| rewind_step=100it | 1 | 80.00 | imp |" in proc.stdout
+    assert "| 80.00 | rewind_step=100it | imp | 1 |" in proc.stdout
     out = reporting.default_comparison_dir([k0, k100])
     assert f"Wrote {paths.report_file(out)}" in proc.stdout
     after = _tree(tmp_path)
