@@ -9,7 +9,8 @@ another tool (pytest, ruff, tensorboard, sh). A command of no known kind fails.
 
 What "run as written" means here, the dry run of each kind:
 - every lth_tf command: each flag it names is one of that entry point's own flags
-  (a flag renamed or removed, or one only another entry point defines, fails);
+  (a flag renamed or removed, or one only another entry point defines, fails); for
+  the spans of prose and the export synopsis (`[--round=N] ...`), that is all;
 - lth_tf.imp (blocks): parsed with exactly its flags (validators included) and its
   config resolved with --print_config, which prints the run directory and the
   config and reads no data and trains nothing; the cifar10 command also runs
@@ -29,6 +30,8 @@ What "run as written" means here, the dry run of each kind:
 - pip installs: the extras exist in setup.py, every package named is one setup.py
   installs (or a TensorFlow build standing in for `tensorflow`), and the installed
   version of each satisfies the docs' range;
+- pytest, ruff, tensorboard: setup.py installs them (install_requires or [test]);
+- `python -c`: compiled; the CPU one executed, the TPU one (needs a TPU) skipped;
 - every shell block passes `bash -n`.
 Placeholders: RUN and runs/lenet_300_100_mnist_XXXXXXXX are the tiny 13-round
 run, ..._replicates a tiny group of 2 replicates, runs/A and runs/B its replicates;
