@@ -22,9 +22,10 @@ ENTRY_POINTS = {
 }
 
 
-def call(name, *argv):
+def call(name, *argv, out=None):
     """(exit code, stderr) of entry point `name` run in-process, as app.run would run it.
 
+    What it prints goes to `out` (a text stream) when given, else nowhere.
     Any other exception propagates: a traceback fails the test.
     """
     for module in ENTRY_POINTS.values():
@@ -33,7 +34,10 @@ def call(name, *argv):
     round_default = FLAGS["round"].default  # per entry point (flagdefs); restored below
     FLAGS.set_default("round", 0 if name == "stability" else None)
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with (
+        contextlib.redirect_stderr(err),
+        contextlib.redirect_stdout(io.StringIO() if out is None else out),
+    ):
         try:
             code = ENTRY_POINTS[name].main(flagdefs.parse_flags([name, *argv]))
         except SystemExit as e:
