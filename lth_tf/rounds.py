@@ -5,7 +5,10 @@ control branch with it: between rounds it only assigns weights, masks and the
 optimizer's state, so the train step is traced once per process.
 
 Each round is an idempotent phase: it is skipped when its summary.json exists,
-and an unfinished round restarts from its last mid-round checkpoint.
+and an unfinished round restarts from its last mid-round checkpoint. Under
+multi-worker training the workers first agree whether it is finished; where it
+is on some workers only (one was killed between the workers' summary.json
+writes), every worker completes it from its final.npz (finished_only_on).
 """
 
 import contextlib
