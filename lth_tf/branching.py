@@ -508,6 +508,8 @@ class Branch:
         summaries = []
         for r, prev, imp_rounds in plan:
             rdir = paths.round_dir(e.run_dir, r, self.name)
+            # Under multi-worker training every worker reads the chief's run (lth_tf.branch;
+            # lth_tf.stability trains no branch there): they all see the same summary.json.
             if files.exists(paths.summary_file(rdir)):
                 summaries.append(files.read_json(paths.summary_file(rdir)))
                 continue

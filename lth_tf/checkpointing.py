@@ -25,7 +25,10 @@ together (`WorkerAgreement`: one tiny all-gather over the workers):
 - a restart resumes every worker from the same step: each worker keeps its
   two newest checkpoints in its own directory (no shared file system needed)
   and all restore the newest step that every worker has, so a kill between
-  two workers' writes costs one period, never a divergence.
+  two workers' writes costs one period, never a divergence;
+- a round ends alike on every worker: all write final.npz, meet, then write
+  summary.json, and a restart that finds the round finished on some workers
+  only completes it on the others from their final.npz (lth_tf.rounds).
 TPU runs are single-client (one process drives every TPU core), so the
 process's own signal is already the whole run's decision.
 """
@@ -72,14 +75,37 @@ class WorkerAgreement:
             return strategy.experimental_local_results(per_replica)[0]
 
         self._gather = gather
+        self.workers, self.position = _workers(strategy)
 
     def gather(self, value: int) -> list[int]:
         """Every replica's `value` (one per replica, so a worker's value may repeat)."""
         return [int(v) for v in self._gather(tf.constant(value, tf.int64)).numpy()]
 
+    def by_worker(self, value: int) -> dict[str, int]:
+        """{worker's name ('chief', 'worker 1'): its `value`}, a non-negative int, for every worker."""
+        n = len(self.workers)
+        return {self.workers[v % n]: v // n for v in self.gather(value * n + self.position)}
+
     def any(self, flag: bool) -> bool:
         """True on every worker when `flag` is True on at least one of them."""
         return max(self.gather(int(bool(flag)))) > 0
+
+
+def _workers(strategy) -> tuple[list[str], int]:
+    """The names of the cluster's training workers (the same list on every worker) and this
+    worker's index in it; one unnamed worker when the strategy has no cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type is None:
+        return ["worker 0"], 0
+    cluster = resolver.cluster_spec()
+    tasks = [
+        (job, i)
+        for job in ("chief", "worker")
+        if job in cluster.jobs
+        for i in cluster.task_indices(job)
+    ]
+    names = ["chief" if job == "chief" else f"{job} {i}" for job, i in tasks]
+    return names, tasks.index((resolver.task_type, resolver.task_id))
 
 
 def agreement(strategy) -> WorkerAgreement | None:

@@ -5,7 +5,10 @@ control branch with it: between rounds it only assigns weights, masks and the
 optimizer's state, so the train step is traced once per process.
 
 Each round is an idempotent phase: it is skipped when its summary.json exists,
-and an unfinished round restarts from its last mid-round checkpoint.
+and an unfinished round restarts from its last mid-round checkpoint. Under
+multi-worker training the workers first agree whether it is finished; where it
+is on some workers only (one was killed between the workers' summary.json
+writes), every worker completes it from its final.npz (finished_only_on).
 """
 
 import contextlib
@@ -446,6 +449,10 @@ class Experiment:
 
     def _train_round(self, rd: _Round) -> dict:
         summary_path = paths.summary_file(rd.rdir)
+        if self.agreement is not None:
+            finished_on = finished_only_on(self.agreement, rd.rdir, rd.label)
+            if finished_on:
+                return self._complete(rd, finished_on)
         if files.exists(summary_path):
             return files.read_json(summary_path)
         self._refuse_if_stopping(rd)
@@ -624,14 +631,89 @@ class Experiment:
         )
         if self.write:
             files.write_npz(paths.checkpoint_file(rd.rdir, "final"), final, compress=False)
+        if self.agreement is not None:
+            # Every worker has its final.npz before any writes summary.json: a round
+            # finished on one worker can be completed on the others (finished_only_on).
+            self.agreement.any(False)
+        if self.write:
             files.write_json(paths.summary_file(rd.rdir), summary)  # last: the round is done
         checkpointer.discard()
+        self._say_finished(rd, summary)
+        return summary
+
+    def _say_finished(self, rd: _Round, summary: dict) -> None:
         self.log(
             f"   {rd.label}: test accuracy {summary['test_accuracy']:.4f}, "
             f"best validation {summary['best_validation_accuracy']:.4f} at step "
             f"{summary['best_validation_step']}, {summary['wall_seconds']:.0f}s"
         )
+
+    def _complete(self, rd: _Round, finished_on: list[str]) -> dict:
+        """Completes a round finished on `finished_on` only, on every worker, without training.
+
+        Every worker (finished or not: the test set is evaluated collectively) puts
+        its final.npz back and tests it; a worker without summary.json writes it from
+        its metrics.jsonl, complete since the last period ended; one with it keeps it.
+        """
+        self.log(
+            f"   {rd.label} was finished on {', '.join(finished_on)} only: completing it "
+            "from final.npz"
+        )
+        sparsity.set_masks(self.model, rd.start.masks)
+        sparsity.set_weights(self.model, self.final_weights(rd.rdir))
+        test = train.evaluate(self.model, self.data, "test", train.eval_batch_size(self.config))
+        summary_path = paths.summary_file(rd.rdir)
+        if files.exists(summary_path):
+            summary = files.read_json(summary_path)
+        else:
+            metrics = files.read_jsonl(paths.metrics_file(rd.rdir))
+            seconds = metrics[-1]["wall_seconds"] if metrics else 0.0
+            summary = _summary(
+                rd.r,
+                rd.branch,
+                masks.density(rd.start.masks),
+                rd.start.step,
+                self.schedule.total,
+                test,
+                metrics,
+                seconds,
+            )
+            if self.write:
+                files.write_json(summary_path, summary)
+            self._say_finished(rd, summary)
+        checkpointing.RoundCheckpointer(
+            self.checkpoint, paths.resume_dir(rd.rdir), write=self.write
+        ).discard()
         return summary
+
+
+def finished_only_on(agreement, rdir: str, label: str) -> list[str] | None:
+    """The workers that finished the round in `rdir` when some did but not all (a collective).
+
+    None when every worker or none did: each then knows it from its own
+    summary.json. Some only: a worker was killed between the workers' writes of
+    summary.json, after every worker wrote final.npz (Experiment._finish).
+
+    Raises:
+      CorruptRunError: some worker finished the round but a worker has no final.npz
+        (a run written by an older lth_tf, or damaged); on every worker alike.
+    """
+    summary = files.exists(paths.summary_file(rdir))
+    final = files.exists(paths.checkpoint_file(rdir, "final"))
+    states = agreement.by_worker(2 * summary + final)  # 3: finished; 1: final.npz only
+    finished = [w for w, state in states.items() if state >= 2]
+    if not finished or len(finished) == len(states):
+        return None
+    lacking = [w for w, state in states.items() if not state & 1]
+    if lacking:
+        raise CorruptRunError(
+            f"{label} is finished on {', '.join(finished)} but {', '.join(lacking)} has no "
+            f"final.npz to complete it from: the workers' copies of the run disagree. Nothing "
+            f"was changed. Delete the round's directory on every worker ({rdir} here, and its "
+            "counterpart in each worker's run directory) and rerun the same command to train "
+            "the round again."
+        )
+    return finished
 
 
 def _w_k_file(r0: str, k: int) -> str:

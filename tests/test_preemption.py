@@ -8,18 +8,22 @@ is also checked on its own, with fake workers.
 
 import json
 import os
+import pathlib
 import signal
 import socket
 import subprocess
 import sys
 import time
+import types
 
 import conftest
 import numpy as np
 import pytest
 
-from lth_tf import checkpointing, files, paths
+from lth_tf import checkpointing, files, paths, rounds, rundir
 from lth_tf.callbacks import Interrupted
+from lth_tf.keras import tf
+from lth_tf.rundir import CorruptRunError
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
 # Round 0 is long enough (4 evaluation periods) to be interrupted mid-way; round 1's
@@ -40,7 +44,25 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _start_workers(root, name):
+# A worker that SIGKILLs itself when it is about to write the file at argv[1] (a round's
+# summary.json), then runs lth_tf.imp with the rest of its argv: killed between the
+# workers' writes of that round's summary.json.
+KILLED_AT = """
+import os, runpy, signal, sys
+from lth_tf import files
+target, write_json = sys.argv.pop(1), files.write_json
+def write_json_or_die(path, obj):
+    if str(path) == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_json(path, obj)
+files.write_json = write_json_or_die
+sys.argv[0] = "lth_tf.imp"
+runpy.run_module("lth_tf.imp", run_name="__main__")
+"""
+
+
+def _start_workers(root, name, killed_at=None):
+    """Starts the two workers; killed_at: {worker index: the file at whose write it dies}."""
     cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(2)]}
     argv = [f"--{k}={v}" for k, v in RUN.items()] + [
         "--arch=lenet_300_100",
@@ -53,9 +75,12 @@ def _start_workers(root, name):
     procs = []
     for index in (0, 1):
         tf_config = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        command = [sys.executable, "-m", "lth_tf.imp"]
+        if killed_at and index in killed_at:
+            command = [sys.executable, "-c", KILLED_AT, killed_at[index]]
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "lth_tf.imp", *argv],
+                [*command, *argv],
                 env={**ENV, "TF_CONFIG": json.dumps(tf_config)},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -93,7 +118,15 @@ def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
     codes, outputs = _finish(_start_workers(root, "run"))
     assert codes == [0, 0], [err[-3000:] for _, err in outputs]
-    return {**_results(root / "run"), "metrics": [_metrics(root / "run", r) for r in (0, 1)]}
+    return {
+        **_results(root / "run"),
+        "metrics": [_metrics(root / "run", r) for r in (0, 1)],
+        "finals": [_final(root / "run", r) for r in (0, 1)],
+    }
+
+
+def _final(run_dir, r):
+    return files.read_npz(paths.checkpoint_file(paths.round_dir(str(run_dir), r), "final"))
 
 
 def test_sigterm_to_one_worker_saves_both_at_one_step_and_the_rerun_ends_as_uninterrupted(
@@ -142,6 +175,44 @@ def test_sigterm_to_one_worker_saves_both_at_one_step_and_the_rerun_ends_as_unin
             np.testing.assert_array_equal(worker_masks[name], resumed[r][0][name])
 
 
+def test_the_chief_killed_between_the_workers_summary_writes_completes_the_round_and_all_agree(
+    tmp_path, uninterrupted
+):
+    # The chief (the results' owner) dies at round 0's summary.json, after the peer's
+    # final.npz: the peer writes its summary.json, then blocks at its next collective.
+    dirs = _dirs(tmp_path, "run")
+    target, peer_summary = (paths.summary_file(paths.round_dir(str(d), 0)) for d in dirs)
+    procs = _start_workers(tmp_path, "run", killed_at={0: target})
+    assert procs[0].wait(timeout=300) == -signal.SIGKILL, procs[0].communicate()[1][-3000:]
+    deadline = time.time() + 60
+    while time.time() < deadline and not os.path.exists(peer_summary):
+        time.sleep(0.05)
+    procs[1].kill()  # as a scheduler restarts the whole job
+    _finish(procs)
+    assert os.path.exists(peer_summary) and not os.path.exists(target)
+    assert os.path.exists(paths.checkpoint_file(paths.round_dir(str(dirs[0]), 0), "final"))
+
+    codes, outputs = _finish(_start_workers(tmp_path, "run"))
+    assert codes == [0, 0], [err[-3000:] for _, err in outputs]
+    completing = "round 0 was finished on worker 1 only: completing it from final.npz"
+    assert completing in outputs[0][0]
+    for d in dirs:  # each worker's copy: as the uninterrupted run, and no leftover checkpoint
+        results = _results(d)
+        for r in (0, 1):
+            masks, summary = results[r]
+            expected_masks, expected = uninterrupted[r]
+            assert set(masks) == set(expected_masks)
+            for name in masks:
+                np.testing.assert_array_equal(masks[name], expected_masks[name])
+            for key in ("test_accuracy", "best_validation_accuracy", "train_accuracy"):
+                assert summary[key] == pytest.approx(expected[key], abs=1e-6), (d, r, key)
+            final, expected_final = _final(d, r), uninterrupted["finals"][r]
+            assert set(final) == set(expected_final)
+            for name in final:
+                np.testing.assert_allclose(final[name], expected_final[name], atol=1e-6)
+            assert not os.path.exists(paths.resume_dir(paths.round_dir(str(d), r)))
+
+
 # ---- the agreement, with fake workers -------------------------------------------------------
 
 
@@ -158,6 +229,9 @@ class FakeAgreement:
 
     def any(self, flag):
         return max(self.gather(int(flag))) > 0
+
+    def by_worker(self, value):
+        return dict(zip(("worker 0", "worker 1"), self.gather(value), strict=True))
 
 
 def test_a_peers_stop_request_saves_and_stops_this_worker_at_the_same_step():
@@ -236,3 +310,79 @@ def test_workers_that_share_no_step_are_refused_with_what_to_delete(tmp_path):
     c = _checkpointer(tmp_path, [500], peer_latest=200, peer_has=False)
     with pytest.raises(checkpointing.CorruptCheckpointError, match="share no step.*Delete"):
         c._agreed()
+
+
+def test_workers_are_named_alike_on_every_worker_with_this_ones_position():
+    cluster = tf.train.ClusterSpec({"chief": ["a:1"], "worker": ["b:1", "c:1"]})
+    for task_type, task_id, position in (("chief", 0, 0), ("worker", 1, 2)):
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            cluster, task_type=task_type, task_id=task_id
+        )
+        strategy = types.SimpleNamespace(cluster_resolver=resolver)
+        assert checkpointing._workers(strategy) == (["chief", "worker 0", "worker 1"], position)
+
+
+def _round_files(rdir, summary, final):
+    os.makedirs(rdir, exist_ok=True)
+    if summary:
+        files.write_json(paths.summary_file(rdir), {"round": 0})
+    if final:
+        files.write_npz(paths.checkpoint_file(rdir, "final"), {"w": np.ones(2)})
+
+
+# This worker's files; the peer's state: 3 finished, 1 final.npz only, 0 neither.
+@pytest.mark.parametrize(
+    "summary, final, peer, expected",
+    [
+        (False, True, 3, ["worker 1"]),
+        (True, True, 1, ["worker 0"]),
+        (True, True, 3, None),
+        (False, False, 0, None),
+        (False, True, 1, None),
+    ],
+)
+def test_a_round_finished_on_some_workers_only_names_them(tmp_path, summary, final, peer, expected):
+    rdir = str(tmp_path / "round_00")
+    _round_files(rdir, summary, final)
+    agreement = FakeAgreement(lambda value: peer)
+    assert rounds.finished_only_on(agreement, rdir, "round 0") == expected
+    assert agreement.calls == 1  # one collective, on every worker alike
+
+
+def test_a_round_finished_on_a_peer_but_without_final_npz_here_is_refused_with_what_to_delete(
+    tmp_path,
+):
+    rdir = str(tmp_path / "round_00")
+    _round_files(rdir, summary=False, final=False)
+    with pytest.raises(
+        CorruptRunError, match="finished on worker 1 but worker 0 has no final.npz.*Delete"
+    ):
+        rounds.finished_only_on(FakeAgreement(lambda value: 3), rdir, "round 0")
+
+
+def test_a_round_finished_on_a_peer_only_is_completed_from_final_npz_without_training(
+    tiny_config, tmp_path
+):
+    config = tiny_config()
+    rundir.open_run_dir(config, str(tmp_path / "run"))
+    lines = []
+    e = rounds.Experiment(config, str(tmp_path / "run"), checkpoint_seconds=0, log=lines.append)
+    e.agreement = FakeAgreement(lambda value: value)  # a peer in lock step
+    trained = e.dense_round()
+    rdir = paths.round_dir(e.run_dir, 0)
+    # Killed after the workers' final.npz, before this worker's summary.json; the peer wrote its.
+    os.remove(paths.summary_file(rdir))
+    e.agreement = FakeAgreement(lambda value: 3)
+    completed = e.dense_round()
+    assert e.trained == [(rounds.IMP, 0)]  # trained once, not again
+    assert "   round 0 was finished on worker 1 only: completing it from final.npz" in lines
+    assert files.read_json(paths.summary_file(rdir)) == completed
+    for key, value in trained.items():
+        if key != "wall_seconds":  # up to the last period's end: without the final test pass
+            assert completed[key] == pytest.approx(value, abs=1e-6), key
+    # The finished worker's summary is kept as it is, while the peer completes the round.
+    summary_file = pathlib.Path(paths.summary_file(rdir))
+    before = summary_file.read_bytes()
+    e.agreement = FakeAgreement(lambda value: 1)
+    assert e.dense_round() == completed
+    assert summary_file.read_bytes() == before
