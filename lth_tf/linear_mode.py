@@ -390,11 +390,17 @@ class Stability:
         label = f"stability of round {r} at k={k} ({series or 'imp'})"
         round_masks, start = self.subnetwork(r, k, subnetwork, branch)
         inputs = self._inputs(r, k, subnetwork, branch, round_masks, start)
-        if files.exists(out_path):
-            done = files.read_json(out_path)
-            changed = changed_inputs(done.get("inputs"), inputs)
-            if not changed:
-                return done
+        done = files.read_json(out_path) if files.exists(out_path) else None
+        changed = changed_inputs(done.get("inputs"), inputs) if done is not None else []
+        current = done is not None and not changed
+        if self._current_everywhere(current):
+            return done
+        if current:
+            # A peer was stopped between the workers' writes of this point: this worker
+            # evaluates it again with the others (their collective calls stay in step)
+            # and keeps its own file as it is.
+            self.log(f"== {label}: finished here but not on every worker: evaluating it with them")
+        elif done is not None:
             self.log(f"== {label}: recomputing, its inputs changed ({', '.join(changed)})")
         self._drop_stale_copies(point_dir, inputs, label)
         kernels = [f"{n}/kernel" for n in round_masks]
@@ -430,11 +436,21 @@ class Stability:
         result["test_accuracy_mean"], result["test_accuracy_std"] = st["mean"], st["std"]
         result.update(self._pruning_distance(r, k, subnetwork, branch, kernels))
         result["inputs"] = inputs
+        if current:
+            return done
         files.write_json(out_path, result)
         files.write_bytes(
             paths.interpolation_plot_file(point_dir), plots.interpolation_path(result)
         )
         return result
+
+    def _current_everywhere(self, current: bool) -> bool:
+        """Whether every worker has the point's results, up to date (a collective under
+        multi-worker training: all workers skip the point, or all evaluate it)."""
+        agreement = self.experiment.agreement
+        if agreement is None:
+            return current
+        return not agreement.any(not current)
 
     def _repeat(self, r, k, j, series, round_masks, start, kernels) -> tuple:
         """Repeat j: two copies trained from `start` on other data orders, and their path.

@@ -9,6 +9,7 @@ analyses train their copies on it.
 import inspect
 import json
 import os
+import pathlib
 import shutil
 import statistics
 import subprocess
@@ -316,6 +317,51 @@ def test_a_killed_sweep_resumes_where_it_stopped(analysis, tmp_path):
     # A second sweep has nothing left to do.
     again = linear_mode.Stability(run_dir, num_alphas=5, repeats=1, log=_noop)
     assert again.sweep(0, [0, K]) == results and again.experiment.trained == []
+
+
+class _TwoWorkers:
+    """A multi-worker agreement with one peer, whose point file is there or missing (`peer_has`);
+    the peer's rounds are finished where this worker's are."""
+
+    def __init__(self, peer_has: bool):
+        self.peer_has = peer_has
+
+    def any(self, flag: bool) -> bool:  # asked: "is the point missing or stale anywhere?"
+        return bool(flag) or not self.peer_has
+
+    def by_worker(self, value: int) -> dict:
+        return {"chief": value, "worker 1": value}
+
+    def gather(self, value: int) -> list:
+        return [value, value]
+
+
+def test_a_point_on_every_worker_is_skipped_and_one_a_peer_lacks_is_evaluated_with_it(
+    analysis, tmp_path, monkeypatch
+):
+    # A worker killed between the workers' writes of interpolation.json: on the rerun the
+    # worker that has it evaluates the path again beside its peer (their collective calls
+    # stay in step), without training, and keeps its file as it was.
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(analysis["copy_of_run"], run_dir)
+    out = paths.join(paths.stability_point_dir(run_dir, 1, K), "interpolation.json")
+    written = pathlib.Path(out).read_bytes()
+    evaluated = []
+    real = linear_mode.error_along_path
+    monkeypatch.setattr(
+        linear_mode, "error_along_path", lambda *a, **kw: evaluated.append(1) or real(*a, **kw)
+    )
+    lines = []
+    a = linear_mode.Stability(run_dir, num_alphas=5, repeats=1, log=lines.append)
+
+    a.experiment.agreement = _TwoWorkers(peer_has=True)
+    assert a.point(1, K) == analysis["pruned"] and evaluated == [] and lines == []
+
+    a.experiment.agreement = _TwoWorkers(peer_has=False)
+    assert a.point(1, K) == analysis["pruned"]
+    assert evaluated and a.experiment.trained == []
+    assert any("not on every worker" in line for line in lines), lines
+    assert pathlib.Path(out).read_bytes() == written
 
 
 # ---- the LMC paper's protocol: repeats, each k's own mask, finished rounds, fresh caches ----
