@@ -300,10 +300,15 @@ def _referenced_part(part: str, referenced: dict, name: str, parts: dict):
         if mask is None or mask.shape != shape:
             return None
         return np.packbits(mask.reshape(-1) != 0)
-    base = referenced.get(name)
-    if base is None or base.shape != shape or parts["where"].shape != ((base.size + 7) // 8,):
+    base, where = referenced.get(name), parts.get("where")
+    if (
+        base is None
+        or base.shape != shape
+        or where is None
+        or where.shape != ((base.size + 7) // 8,)
+    ):
         return None
-    return base.reshape(-1)[np.unpackbits(parts["where"], count=base.size).astype(bool)]
+    return base.reshape(-1)[np.unpackbits(where, count=base.size).astype(bool)]
 
 
 def write_npz(
@@ -576,7 +581,7 @@ class DamagedFileError(ValueError):
 
 
 class MissingBaseError(DamagedFileError):
-    """A weight file stored by reference to a base file (write_npz) whose base is unreadable."""
+    """A weight file that refers to another (write_npz's base or masks) it cannot read."""
 
 
 class EditedFileError(DamagedFileError):
