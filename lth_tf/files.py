@@ -222,23 +222,40 @@ def _checksum(arrays: dict) -> str:
     return digest.hexdigest()
 
 
-# A float array that is mostly zeros (a pruned kernel) is stored as its non-zero entries
-# (1-D, in C order) and where they are (one bit per entry, np.packbits), under these keys
-# instead of its own. Entries are told apart by their bits, so -0.0 is kept like any value:
-# the array read back is the one written, bit for bit, whatever it holds.
+# A float array that is mostly zeros (a pruned kernel) is stored as its values at the
+# places it keeps (1-D, in C order) and where those are (one bit per entry, np.packbits),
+# under these keys instead of its own; every other entry is +0.0. Entries are told apart
+# by their bits, so -0.0 is kept like any value: the array read back is the one written,
+# bit for bit, whatever it holds.
 _SPARSE_PREFIX = "__sparse__/"
-_SPARSE_PARTS = ("values", "where", "shape")
+_SPARSE_PARTS = ("values", "where", "shape")  # values are stored as 'planes' (_to_planes)
+
+# A part of a sparse array that another file of the run already holds is not stored: the
+# file names that file (relative to its own directory) under the part's key, and the part
+# is read from it. `where` from the round's masks.npz (the mask of layer L is where L/kernel
+# keeps its weights), `values` from a base file, W_k (a pruned round starts from W_k under
+# its masks). A referenced file has no references of its own.
+_REFERENCE_KEYS = {"where": "__masks__", "values": "__base__"}
+_REFERENCED_AS = {
+    "where": "where its pruned kernels' weights are as the masks of",
+    "values": "its pruned kernels' values as those of",
+}
 
 
-def _sparse_form(value) -> dict | None:
-    """{part: array} storing the float array `value` sparse, or None when dense is smaller."""
+def _sparse_form(value, mask=None) -> dict | None:
+    """{part: array} storing the float array `value` sparse, or None when dense is smaller.
+
+    With a `mask` of value's shape and `value` +0.0 wherever the mask is 0, the
+    places kept are the mask's (the file then refers to it for `where`).
+    """
     value = np.asarray(value)
     if value.dtype.kind != "f" or value.size == 0:
         return None
     flat = np.ascontiguousarray(value).reshape(-1)
     where = flat.view(np.dtype(f"u{flat.itemsize}")) != 0
-    kept = int(np.count_nonzero(where))
-    if kept * flat.itemsize + (flat.size + 7) // 8 >= flat.nbytes:
+    if mask is not None and not np.any(where & (mask.reshape(-1) == 0)):
+        where = mask.reshape(-1) != 0
+    elif int(np.count_nonzero(where)) * flat.itemsize + (flat.size + 7) // 8 >= flat.nbytes:
         return None
     return {
         "values": flat[where],
@@ -266,10 +283,41 @@ def _sparse_key(key: str, part: str) -> str:
     return f"{_SPARSE_PREFIX}{key}/{part}"
 
 
-_BASE_KEY = "__base__"
+def _mask_name(key: str) -> str | None:
+    """The layer whose mask applies to array `key` ('fc1' for 'fc1/kernel'), or None."""
+    layer, _, leaf = key.rpartition("/")
+    return layer if leaf == "kernel" and layer else None
 
 
-def write_npz(path: str, arrays: dict, compress: bool = True, base: str | None = None) -> None:
+def _referenced_part(part: str, referenced: dict, name: str, parts: dict):
+    """Part `part` of sparse array `name` as a referenced file's arrays give it, or None.
+
+    `parts` are the array's other parts (its shape; for `values`, its where).
+    """
+    shape = tuple(int(n) for n in parts["shape"])
+    if part == "where":
+        mask = referenced.get(_mask_name(name))
+        if mask is None or mask.shape != shape:
+            return None
+        return np.packbits(mask.reshape(-1) != 0)
+    base, where = referenced.get(name), parts.get("where")
+    if (
+        base is None
+        or base.shape != shape
+        or where is None
+        or where.shape != ((base.size + 7) // 8,)
+    ):
+        return None
+    return base.reshape(-1)[np.unpackbits(where, count=base.size).astype(bool)]
+
+
+def write_npz(
+    path: str,
+    arrays: dict,
+    compress: bool = True,
+    base: str | None = None,
+    masks: str | None = None,
+) -> None:
     """Writes arrays with a sha256 of their contents.
 
     A float array that is mostly zeros (a pruned round's kernels) is stored
@@ -282,48 +330,86 @@ def write_npz(path: str, arrays: dict, compress: bool = True, base: str | None =
       path: the file.
       arrays: {name: array}.
       compress: see above.
-      base: a weight file written by write_npz without a base (round 0's W_k)
-        that `arrays` may be a masked copy of (a pruned round's start): an
-        array stored sparse whose non-zero values are the base's there is
-        stored as its bitmap only, and read back from the base.
+      base: a weight file written by write_npz without references (round 0's
+        W_k) that `arrays` may be a masked copy of (a pruned round's start): an
+        array stored sparse whose values are the base's at its places stores
+        none, and reads them from the base.
+      masks: a masks file written by write_npz without references (the round's
+        masks.npz, {layer: mask}): a kernel 'L/kernel' that is +0.0 wherever
+        the mask of L is 0 stores its values at the mask's places and no
+        bitmap of its own, and reads where they are from the masks file.
     """
     for key, value in arrays.items():
         if _non_finite(value):
             raise NonFiniteError(path, key, _non_finite(value), written=False)
-    base_arrays = read_npz(base) if base is not None else {}
-    stored = {}
+    references = {"where": masks, "values": base}
+    referenced = {part: read_npz(ref, references=False) for part, ref in references.items() if ref}
+    stored, sparse = {}, {}
     for key, value in arrays.items():
-        sparse = _sparse_form(value)
-        if sparse is None:
+        parts = _stored_parts(key, value, referenced)
+        if parts is None:
             stored[key] = value
-            continue
-        compress = True
-        if _in_base(sparse, base_arrays.get(key)):
-            del sparse["values"]
-        stored.update({_sparse_key(key, part): v for part, v in sparse.items()})
-    if any(_sparse_key(k, "values") not in stored for k in _sparse_names(stored)):
-        relative = os.path.relpath(base, os.path.dirname(path) or ".")
-        stored[_BASE_KEY] = np.frombuffer(relative.encode(), np.uint8)
+        else:
+            sparse[key] = parts
+            stored.update({_sparse_key(key, part): v for part, v in _encoded(parts).items()})
+    compress = compress or bool(sparse)
+    for part, ref_key in _REFERENCE_KEYS.items():
+        if any(part not in parts for parts in sparse.values()):
+            relative = os.path.relpath(references[part], os.path.dirname(path) or ".")
+            stored[ref_key] = np.frombuffer(relative.encode(), np.uint8)
     buffer = io.BytesIO()
     payload = {**stored, _CHECKSUM_KEY: np.frombuffer(_checksum(arrays).encode(), np.uint8)}
     (np.savez_compressed if compress else np.savez)(buffer, **payload)
     _atomic_write(path, buffer.getvalue())
 
 
-def _sparse_names(stored: dict) -> set:
-    return {
-        k[len(_SPARSE_PREFIX) :].rpartition("/")[0] for k in stored if k.startswith(_SPARSE_PREFIX)
-    }
+def _stored_parts(key: str, value, referenced: dict) -> dict | None:
+    """The parts write_npz stores for array `key` (none a referenced file holds), or None.
+
+    None: the array is stored as it is (dense). `referenced`: {part: the arrays of
+    the file referenced for it}.
+    """
+    mask = referenced.get("where", {}).get(_mask_name(key))
+    fits = mask is not None and mask.shape == np.shape(value)
+    sparse = _sparse_form(value, mask if fits else None)
+    if sparse is None:
+        return None
+    kept = dict(sparse)
+    for part, arrays in referenced.items():
+        if _same_array(_referenced_part(part, arrays, key, sparse), sparse[part]):
+            del kept[part]
+    return kept
 
 
-def _in_base(sparse: dict, base) -> bool:
-    """Whether the sparse form's values are `base`'s at the same places (bit for bit)."""
-    if base is None or base.dtype != sparse["values"].dtype:
-        return False
-    if base.shape != tuple(int(n) for n in sparse["shape"]):
-        return False
-    where = np.unpackbits(sparse["where"], count=base.size).astype(bool)
-    return base.reshape(-1)[where].tobytes() == sparse["values"].tobytes()
+def _encoded(parts: dict) -> dict:
+    """Sparse parts as stored: values byte-shuffled, as 'planes'."""
+    if "values" not in parts:
+        return parts
+    out = {k: v for k, v in parts.items() if k != "values"}
+    return {**out, "planes": _to_planes(parts["values"])}
+
+
+def _to_planes(values: np.ndarray) -> np.ndarray:
+    """`values` (1-D) byte-shuffled: every value's first byte, then every second byte, ...
+
+    Float weights compress better so (their sign and exponent bytes repeat); same
+    dtype and length as `values`.
+    """
+    columns = values.view(np.uint8).reshape(-1, values.itemsize)
+    return np.ascontiguousarray(columns.T).reshape(-1).view(values.dtype)
+
+
+def _from_planes(planes: np.ndarray) -> np.ndarray:
+    """The values of _to_planes(values)."""
+    rows = np.ascontiguousarray(planes).view(np.uint8).reshape(planes.itemsize, -1)
+    return np.ascontiguousarray(rows.T).reshape(-1).view(planes.dtype)
+
+
+def _same_array(a, b) -> bool:
+    """Whether a (or None) is b bit for bit: same dtype, shape and bytes."""
+    return (
+        a is not None and a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    )
 
 
 def _base_path(path: str, relative: str) -> str:
@@ -335,79 +421,112 @@ def _base_path(path: str, relative: str) -> str:
     return paths.join(directory, *parts) if parts else directory
 
 
-def _dense_arrays(path: str, arrays: dict) -> dict:
+def _references(path: str, arrays: dict) -> dict:
+    """Pops the references from a file's stored arrays: {part: the referenced file's path}."""
+    return {
+        part: _base_path(path, arrays.pop(key).tobytes().decode())
+        for part, key in _REFERENCE_KEYS.items()
+        if key in arrays
+    }
+
+
+def _dense_arrays(path: str, arrays: dict, references: dict) -> dict:
     """The arrays of a file as written: sparse ones (write_npz) made dense again."""
-    relative = arrays.pop(_BASE_KEY, None)
     out = {k: v for k, v in arrays.items() if not k.startswith(_SPARSE_PREFIX)}
     sparse = {}
     for key, value in arrays.items():
         if key.startswith(_SPARSE_PREFIX):
             name, _, part = key[len(_SPARSE_PREFIX) :].rpartition("/")
-            if part not in _SPARSE_PARTS:
+            if part == "planes" and value.ndim == 1:  # values, byte-shuffled
+                part, value = "values", _from_planes(value)
+            if part not in _SPARSE_PARTS or part in sparse.get(name, {}):
                 raise ValueError(f"unknown array {key!r}")
             sparse.setdefault(name, {})[part] = value
-    base = None
+    loaded = {}
     for name, parts in sorted(sparse.items()):
-        if "values" not in parts and relative is not None:
-            if base is None:
-                base = _read_base(path, _base_path(path, relative.tobytes().decode()))
-            if name not in base:
-                raise ValueError(f"array {name!r} is not in its base file")
-            where = np.unpackbits(parts["where"], count=base[name].size).astype(bool)
-            parts = {**parts, "values": base[name].reshape(-1)[where]}
+        for part, reference in references.items():  # where first: values need it
+            if part in parts or "shape" not in parts:
+                continue
+            if part not in loaded:
+                loaded[part] = _read_reference(path, reference, part)
+            value = _referenced_part(part, loaded[part], name, parts)
+            if value is None:
+                raise ValueError(f"array {name!r} does not fit {reference}")
+            parts = {**parts, part: value}
         if set(parts) != set(_SPARSE_PARTS) or name in out:
             raise ValueError(f"array {name!r} is not stored whole")
         out[name] = _from_sparse(parts)
     return out
 
 
-def _read_base(path: str, base: str) -> dict:
+def _read_reference(path: str, reference: str, part: str) -> dict:
     try:
-        return read_npz(base, allow_base=False)
+        return read_npz(reference, references=False)
     except (FileNotFoundError, DamagedFileError) as e:
         raise MissingBaseError(
             path,
-            f"stores its pruned kernels' values as those of {base}, which cannot be read ({e})",
-            advice=_weights_advice(base),
+            f"stores {_REFERENCED_AS[part]} {reference}, which cannot be read ({e})",
+            advice=_weights_advice(reference),
         ) from None
 
 
-def read_npz(path: str, allow_base: bool = True) -> dict:
+def read_npz(path: str, references: bool = True) -> dict:
     """Reads arrays written by write_npz and verifies their checksum.
+
+    Args:
+      path: the file.
+      references: False for a file other files refer to (write_npz's base and
+        masks), which must hold all its arrays itself.
 
     Raises:
       FileNotFoundError: the file does not exist.
       DamagedFileError: the file is truncated, corrupted or not ours, or holds NaN
-        or infinite values (NonFiniteError, naming the array).
+        or infinite values (NonFiniteError, naming the array); MissingBaseError
+        when a file it refers to cannot be read.
     """
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
             blob = f.read()
     except tf.errors.NotFoundError:
         raise FileNotFoundError(f"{path} does not exist.") from None
+    referenced = {}
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
         stored = arrays.pop(_CHECKSUM_KEY, None)
-        if _BASE_KEY in arrays and not allow_base:
-            raise ValueError("a base file has a base of its own")
-        arrays = _dense_arrays(path, arrays)
+        referenced = _references(path, arrays)
+        if referenced and not references:
+            raise ValueError(f"a file others refer to refers to {sorted(referenced.values())}")
+        arrays = _dense_arrays(path, arrays, referenced)
     except MissingBaseError:
         raise
     except Exception as e:
         raise DamagedFileError(
-            path, f"cannot be read ({type(e).__name__}: {e})", advice=_weights_advice(path)
+            path,
+            f"cannot be read ({type(e).__name__}: {e}){_changed_instead(referenced)}",
+            advice=_weights_advice(path),
         ) from e
     if stored is None:
         raise DamagedFileError(
             path, "has no checksum: it was not written by lth_tf", advice=_weights_advice(path)
         )
     if stored.tobytes().decode() != _checksum(arrays):
-        raise DamagedFileError(path, "fails its sha256 checksum", advice=_weights_advice(path))
+        raise DamagedFileError(
+            path,
+            f"fails its sha256 checksum{_changed_instead(referenced)}",
+            advice=_weights_advice(path),
+        )
     for key, value in arrays.items():
         if _non_finite(value):
             raise NonFiniteError(path, key, _non_finite(value), written=True)
     return arrays
+
+
+def _changed_instead(referenced: dict) -> str:
+    if not referenced:
+        return ""
+    names = " and ".join(sorted(set(referenced.values())))
+    return f" (it reads part of its arrays from {names}, which may have changed instead)"
 
 
 def _weights_advice(path: str) -> str:
@@ -462,7 +581,7 @@ class DamagedFileError(ValueError):
 
 
 class MissingBaseError(DamagedFileError):
-    """A weight file stored by reference to a base file (write_npz) whose base is unreadable."""
+    """A weight file that refers to another (write_npz's base or masks) it cannot read."""
 
 
 class EditedFileError(DamagedFileError):

@@ -519,12 +519,19 @@ class Experiment:
         sparsity.set_masks(self.model, rd.start.masks)
         sparsity.set_weights(self.model, masked)
         train.reset_optimizer(self.model, rd.start.step)
-        if self.write:
-            # A pruned round starting from W_k under its masks (IMP, random_prune)
-            # stores where its weights are, and reads their values from W_k.
+        if self.write and rd.r == 0:
+            # Round 0's start is W_0, a file others refer to: it holds all its arrays.
+            files.write_npz(paths.checkpoint_file(rd.rdir, "start"), masked, compress=False)
+        elif self.write:
+            # A pruned round reads where its weights are from its masks.npz and, when it
+            # starts from W_k under its masks (IMP, random_prune), their values from W_k.
             w_k = _w_k_file(paths.round_dir(self.run_dir, 0), self.schedule.rewind)
-            base = w_k if rd.r > 0 and files.exists(w_k) else None
-            files.write_npz(paths.checkpoint_file(rd.rdir, "start"), masked, False, base)
+            files.write_npz(
+                paths.checkpoint_file(rd.rdir, "start"),
+                masked,
+                base=w_k if files.exists(w_k) else None,
+                masks=paths.masks_file(rd.rdir),
+            )
         return rd.start.step
 
     def _rewind_recorder(self, rd: _Round, start: int):
@@ -630,7 +637,9 @@ class Experiment:
             clock(),
         )
         if self.write:
-            files.write_npz(paths.checkpoint_file(rd.rdir, "final"), final, compress=False)
+            files.write_npz(
+                paths.checkpoint_file(rd.rdir, "final"), final, masks=paths.masks_file(rd.rdir)
+            )
         if self.agreement is not None:
             # Every worker has its final.npz before any writes summary.json: a round
             # finished on one worker can be completed on the others (finished_only_on).

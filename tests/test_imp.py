@@ -152,6 +152,24 @@ def test_pruned_weights_are_exactly_zero_in_every_saved_checkpoint(main_run):
             assert np.count_nonzero(weights["fc1/kernel"]) == int(m["fc1"].sum())
 
 
+def test_a_rounds_weight_files_keep_no_bitmap_but_its_masks_npz(main_run):
+    # Where a kernel's weights are is stored once, in masks.npz; a start.npz that is W_k
+    # under its masks (IMP, random_prune) takes its values from W_k too
+    # (lth_tf.files.write_npz's references).
+    _, run_dir, _, _ = main_run
+    for r, branch in _all_rounds():
+        for which in ("start", "final"):
+            if (r, which) == (0, "start"):
+                continue  # W_0: a file others refer to holds all its arrays
+            path = paths.checkpoint_file(_rdir(run_dir, r, branch), which)
+            with np.load(path) as data:
+                stored = set(data.files)
+            for name in _masks(run_dir, r, branch):
+                assert f"__sparse__/{name}/kernel/where" not in stored, (r, branch, which)
+                from_w_k = which == "start" and branch != "random_reinit"
+                assert (f"__sparse__/{name}/kernel/planes" in stored) != from_w_k
+
+
 def test_final_weights_of_round_r_plus_1_are_zero_wherever_round_r_mask_is_zero(main_run):
     _, run_dir, _, _ = main_run
     for r in range(ROUNDS):

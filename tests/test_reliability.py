@@ -183,7 +183,7 @@ def test_a_damaged_checkpoint_is_named_in_the_error(finished, tmp_path, damage):
         target.write_bytes(blob[: len(blob) // 2])
     else:
         # A bit inside the stored (compressed) values of the pruned fc1 kernel.
-        array_start = blob.index(b"__sparse__/fc1/kernel/values") + 200
+        array_start = blob.index(b"__sparse__/fc1/kernel/planes") + 200
         target.write_bytes(
             blob[:array_start] + bytes([blob[array_start] ^ 0x01]) + blob[array_start + 1 :]
         )

@@ -466,12 +466,20 @@ def test_a_cached_point_is_reused_while_its_inputs_are_the_same_and_recomputed_a
     assert any("no record of its inputs" in line for line in lines), lines
     assert again.experiment.trained == []
 
-    # Another masks.npz (one more weight pruned): recomputed, its copies retrained.
-    path = paths.masks_file(paths.round_dir(run_dir, 1))
+    # Another masks.npz (one more weight pruned): recomputed, its copies retrained. The
+    # round's weight files take where their weights are from it: they are rewritten
+    # with that weight zero, as under these masks.
+    rdir = paths.round_dir(run_dir, 1)
+    path = paths.masks_file(rdir)
     changed = files.read_npz(path)
     name = sorted(changed)[0]
-    changed[name].flat[int(np.flatnonzero(changed[name])[0])] = 0
+    place = int(np.flatnonzero(changed[name])[0])
+    changed[name].flat[place] = 0
+    weights = {w: files.read_npz(paths.checkpoint_file(rdir, w)) for w in ("start", "final")}
     files.write_npz(path, changed)
+    for which, arrays in weights.items():
+        arrays[f"{name}/kernel"].flat[place] = 0
+        files.write_npz(paths.checkpoint_file(rdir, which), arrays, masks=path)
     result = again.point(1, K)
     assert again.experiment.trained == [(f"k{K}_r0_c1", 1), (f"k{K}_r0_c2", 1)]
     assert result["inputs"]["masks"] != before["inputs"]["masks"]
