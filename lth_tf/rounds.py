@@ -626,16 +626,7 @@ class Experiment:
         self.trained.append((rd.branch, rd.r))
         test = train.evaluate(self.model, self.data, "test", train.eval_batch_size(self.config))
         final = sparsity.get_weights(self.model)
-        summary = _summary(
-            rd.r,
-            rd.branch,
-            masks.density(rd.start.masks),
-            rd.start.step,
-            self.schedule.total,
-            test,
-            files.read_jsonl(paths.metrics_file(rd.rdir)),
-            clock(),
-        )
+        summary = self._summary(rd, test, files.read_jsonl(paths.metrics_file(rd.rdir)), clock())
         if self.write:
             files.write_npz(
                 paths.checkpoint_file(rd.rdir, "final"), final, masks=paths.masks_file(rd.rdir)
@@ -649,6 +640,18 @@ class Experiment:
         checkpointer.discard()
         self._say_finished(rd, summary)
         return summary
+
+    def _summary(self, rd: _Round, test: dict, metrics: list, seconds: float) -> dict:
+        return _summary(
+            rd.r,
+            rd.branch,
+            masks.density(rd.start.masks),
+            rd.start.step,
+            self.schedule.total,
+            test,
+            metrics,
+            seconds,
+        )
 
     def _say_finished(self, rd: _Round, summary: dict) -> None:
         self.log(
@@ -677,16 +680,7 @@ class Experiment:
         else:
             metrics = files.read_jsonl(paths.metrics_file(rd.rdir))
             seconds = metrics[-1]["wall_seconds"] if metrics else 0.0
-            summary = _summary(
-                rd.r,
-                rd.branch,
-                masks.density(rd.start.masks),
-                rd.start.step,
-                self.schedule.total,
-                test,
-                metrics,
-                seconds,
-            )
+            summary = self._summary(rd, test, metrics, seconds)
             if self.write:
                 files.write_json(summary_path, summary)
             self._say_finished(rd, summary)

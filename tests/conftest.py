@@ -4,7 +4,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import ast  # noqa: E402
 import io  # noqa: E402
+import pathlib  # noqa: E402
 import tarfile  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -28,6 +30,25 @@ TINY = dict(
     prune_scope="global",
     output_rate=0.0,
 )
+
+
+def tiny_flags(**overrides) -> list:
+    """TINY (with `overrides`) as lth_tf.imp flags, for LeNet-300-100."""
+    values = {"arch": "lenet_300_100", **TINY, **overrides}
+    return [f"--{k}={v}" for k, v in values.items()]
+
+
+def setup_kwargs() -> dict:
+    """setup.py's install_requires and extras_require, read without running it."""
+    tree = ast.parse((pathlib.Path(__file__).resolve().parent.parent / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup":
+            return {
+                k.arg: ast.literal_eval(k.value)
+                for k in node.keywords
+                if k.arg in ("install_requires", "extras_require")
+            }
+    raise AssertionError("setup.py has no setup(...) call")
 
 
 @pytest.fixture(scope="session")

@@ -1,22 +1,11 @@
 """BUILD.md's install commands name everything setup.py installs."""
 
-import ast
 import pathlib
 import re
 
+import conftest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _setup_kwargs() -> dict:
-    tree = ast.parse((ROOT / "setup.py").read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup":
-            return {
-                k.arg: ast.literal_eval(k.value)
-                for k in node.keywords
-                if k.arg in ("install_requires", "extras_require")
-            }
-    raise AssertionError("setup.py has no setup(...) call")
 
 
 def _name(requirement: str) -> str:
@@ -31,7 +20,7 @@ def _tpu_install_block() -> str:
 
 def test_tpu_install_names_every_dependency_and_the_tpu_extra():
     """`--no-deps` installs nothing on its own: the explicit list must be complete."""
-    kwargs = _setup_kwargs()
+    kwargs = conftest.setup_kwargs()
     wanted = {_name(r) for r in kwargs["install_requires"]} - {"tensorflow"}
     wanted |= {_name(r) for r in kwargs["extras_require"]["tpu"]}
     block = _tpu_install_block()

@@ -54,6 +54,7 @@ import subprocess
 import sys
 from importlib import metadata
 
+import conftest
 import numpy as np
 import pytest
 from absl import flags
@@ -71,19 +72,8 @@ MODULE_HEADER = re.compile(r"^# ([\w/]+\.py)(?:, then: (.+))?$")
 OPERATORS = {"&&", "||", ";", "|"}
 ABSL_FLAGS = {"flagfile", "help", "helpshort", "helpfull", "helpxml", "undefok"}
 OTHER_PROGRAMS = {"pytest", "ruff", "tensorboard", "sh"}
-TINY = [
-    "--arch=lenet_300_100",
-    "--dataset=synthetic:8x8x1:4",
-    "--batch_size=32",
-    "--training_steps=40it",
-    "--eval_every=20it",
-    "--rewind_step=20it",
-    "--prune_scope=global",
-    "--output_rate=0",
-    "--controls=",
-    "--verbose=0",
-    "--checkpoint_seconds=0",
-]
+# Each command adds its own --rounds (the last value of a flag wins).
+TINY = conftest.tiny_flags(controls="", checkpoint_seconds=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -509,18 +499,6 @@ def console_scripts() -> dict:
     raise AssertionError("setup.py has no setup(...) call")
 
 
-def setup_kwargs() -> dict:
-    tree = ast.parse((ROOT / "setup.py").read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup":
-            return {
-                k.arg: ast.literal_eval(k.value)
-                for k in node.keywords
-                if k.arg in ("install_requires", "extras_require")
-            }
-    raise AssertionError("setup.py has no setup(...) call")
-
-
 def test_console_scripts_the_readme_names_are_installed_as_its_table_says():
     text = (ROOT / "README.md").read_text()
     table = dict(re.findall(r"^\| `(lth-\w+)` \| `python -m (lth_tf\.\w+)", text, re.M))
@@ -576,7 +554,7 @@ PIPS = [c for c in _select("install") if c.argv[0] == "pip"]
 
 @pytest.mark.parametrize("command", PIPS, ids=_ids(PIPS))
 def test_pip_installs_name_setup_py_extras_and_its_pins(command):
-    kwargs = setup_kwargs()
+    kwargs = conftest.setup_kwargs()
     extras = kwargs["extras_require"]
     pins = {_name(r): Requirement(r) for r in kwargs["install_requires"]}
     pins |= {_name(r): Requirement(r) for rs in extras.values() for r in rs}
@@ -610,8 +588,8 @@ def test_pip_installs_name_setup_py_extras_and_its_pins(command):
 
 
 def test_tools_the_docs_call_come_with_the_install():
-    provided = {_name(r) for r in setup_kwargs()["install_requires"]}
-    provided |= {_name(r) for r in setup_kwargs()["extras_require"]["test"]}
+    provided = {_name(r) for r in conftest.setup_kwargs()["install_requires"]}
+    provided |= {_name(r) for r in conftest.setup_kwargs()["extras_require"]["test"]}
     for c in _select("other"):
         if c.argv[0] != "sh":  # sh -c: its inner command is the lth_tf one beside it
             assert c.argv[0] in provided, (
