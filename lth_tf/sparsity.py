@@ -247,6 +247,18 @@ def wrap(model, output_rate: float = 1.0, wrapper=MaskedLayer):
     return wrapped
 
 
+def release_masks(model) -> None:
+    """Gives the masks MaskedSGD.take_masks took back to `model`'s wrappers.
+
+    Call before compiling a model that trained under MaskedSGD with another
+    optimizer (lth_tf.train.compile_model does): the wrappers mask their kernels'
+    gradients themselves again.
+    """
+    for wrapper in wrappers(model).values():
+        if isinstance(wrapper, MaskedLayer):
+            wrapper.masked_by_optimizer = False
+
+
 def wrappers(model) -> dict:
     """{inner layer name: wrapper} for every pruning wrapper of `model`."""
     return {

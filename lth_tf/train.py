@@ -272,6 +272,9 @@ def compile_model(model, config, schedule: Schedule, *, steps_per_execution=None
         jit_compile=config.jit_compile,
         steps_per_execution=steps_per_execution or config.steps_per_execution or 1,
     )
+    # A model compiled before with MaskedSGD gives its masks back to the wrappers first:
+    # another optimizer would otherwise train its pruned weights.
+    sparsity.release_masks(model)
     if isinstance(_inner(optimizer), sparsity.MaskedSGD):
         _inner(optimizer).take_masks(model)
     optimizer.build(model.trainable_variables)

@@ -204,6 +204,22 @@ def test_the_sgd_of_compile_model_takes_the_masks(tiny_config):
     assert not any(w.masked_by_optimizer for w in sparsity.wrappers(adam_model).values())
 
 
+def test_a_model_recompiled_from_sgd_to_adam_keeps_its_pruned_weights_zero(tiny_config):
+    from lth_tf import train
+
+    x, y = _data()
+    model = sparsity.wrap(_base_model())
+    m = _random_masks(model)
+    sparsity.set_masks(model, m)
+    schedule = train.resolve(tiny_config(optimizer="sgd"), steps_per_epoch=STEPS)
+    train.compile_model(model, tiny_config(optimizer="sgd"), schedule)
+    train.compile_model(model, tiny_config(optimizer="adam"), schedule)
+    assert not any(w.masked_by_optimizer for w in sparsity.wrappers(model).values())
+    check = _CheckPrunedZero(m)
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[check])
+    assert check.checked == STEPS
+
+
 def test_survivors_match_tfmot_stock_prune_low_magnitude_with_plain_sgd():
     base = _base_model()
     ours = sparsity.wrap(base)
