@@ -1,7 +1,7 @@
 """Device check: ResNet throughput (dense vs masked, with and without XLA) and IMP on the device.
 
     python benchmarks/device_check.py            # on a GPU machine, after `pip install -e .`
-    python benchmarks/device_check.py --tiny     # tiny sizes, float32: a CPU smoke test (~80 s CPU)
+    python benchmarks/device_check.py --tiny     # tiny sizes, float32: a CPU smoke test (~50 s CPU)
     python benchmarks/device_check.py --out=PATH
 
 Writes benchmarks/results/device_check.json (--tiny: device_check_tiny.json),
