@@ -1,6 +1,7 @@
 """Entry points run in-process as `app.run` would run them, and a run tree's fingerprint.
 
-Shared by the tests that feed the command lines bad input (test_inputs, test_fuzz).
+Shared by the tests that feed the command lines bad input or damaged runs (test_inputs,
+test_fuzz, test_reliability).
 """
 
 import contextlib

@@ -161,52 +161,9 @@ def test_mixed_precision_config_is_checked():
         config_lib.make_config("resnet50", mixed_precision="int8")
 
 
-RESNET50 = textwrap.dedent(
-    """
-    import json, sys
-    import numpy as np
-    from lth_tf.keras import tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from lth_tf import config, data, distribute, rounds, rundir, sparsity
-    cfg = config.make_config("resnet50", batch_size=8, training_steps="4it", eval_every="2it",
-                             rewind_step="2it", warmup="0", lr_drops=(), rounds=1, verbose=0,
-                             data_dir=sys.argv[1])
-    imagenet = data.ImageNetData(sys.argv[1], augment=True, image_size=32)
-    strategy = distribute.get_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
-    rundir.open_run_dir(cfg, sys.argv[2])
-    e = rounds.Experiment(cfg, sys.argv[2], strategy=strategy, checkpoint_seconds=0,
-                          log=lambda *a: None, data=imagenet)
-    summaries = e.run()
-    n_params = sum(int(np.prod(v.shape)) for v in e.model.trainable_variables)
-    bad = 0
-    for wrapper in sparsity.wrappers(e.model).values():
-        kernel, mask = wrapper.pruning_vars[0][0], wrapper.pruning_vars[0][1]
-        for k, m in zip(kernel.values, mask.values):
-            bad += int(np.count_nonzero(k.numpy()[m.numpy() == 0]))
-    print(json.dumps({"densities": [s["density"] for s in summaries], "wrapped":
-                      len(sparsity.wrappers(e.model)), "params": n_params, "nonzero_pruned": bad,
-                      "replicas": strategy.num_replicas_in_sync}))
-    """
-)
-
-
-def test_resnet50_wraps_and_trains_under_mirrored_on_fake_imagenet(tmp_path, imagenet_dir):
-    script = tmp_path / "resnet50.py"
-    script.write_text(RESNET50)
-    out = subprocess.run(
-        [sys.executable, str(script), imagenet_dir, str(tmp_path / "run")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=ENV,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["replicas"] == 2
-    assert result["wrapped"] == 54  # 53 convolutions + the output layer
-    assert result["densities"][0] == 1.0 and abs(result["densities"][1] - 0.8) < 1e-3
-    assert result["nonzero_pruned"] == 0
+# ResNet-50 under MirroredStrategy on the fake ImageNet (wrapped, trained, zeros on every
+# replica) is tests/test_export_imagenet.py's, whose run trains that way once for all
+# of its contracts.
 
 
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])

@@ -1,11 +1,14 @@
-"""Contracts of exporting a ResNet-50 ImageNet run, as a user ships it to TF Serving.
+"""Contracts of a ResNet-50 ImageNet run under MirroredStrategy, exported as a user ships it.
 
 On the tfds-built fake ImageNet of tests/conftest.py (24 training and 6 validation
 JPEGs of 20-60 pixels): a 2-round IMP run of ResNet-50 at a 32-pixel input size,
-a few steps per round, then the export of round 2. A fresh Python that imports
-only TensorFlow loads the SavedModel and answers a JPEG file's bytes through
-`serving_bytes` and raw images of other sizes through `serving_default`; the
-answers must be the in-training model's on the evaluation preprocessing.
+a few steps per round, under MirroredStrategy on two logical CPUs, then the
+stability of its round 1 in the same process (logical devices must be made
+before TensorFlow starts: a fresh interpreter, once for both), then the export
+of round 2. A fresh Python that imports only TensorFlow loads the SavedModel
+and answers a JPEG file's bytes through `serving_bytes` and raw images of other
+sizes through `serving_default`; the answers must be the in-training model's on
+the evaluation preprocessing.
 """
 
 import json
@@ -17,7 +20,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from lth_tf import config, files, paths, rounds, rundir, sparse_export, sparsity
+from lth_tf import config, files, paths, rounds, sparse_export, sparsity
 from lth_tf.data import imagenet
 from lth_tf.keras import tf
 
@@ -29,31 +32,86 @@ def _noop(*args):
     pass
 
 
-def _config(data_dir):
-    return config.make_config(
-        "resnet50",
-        batch_size=8,
-        training_steps="2it",
-        eval_every="2it",
-        rewind_step="1it",
-        warmup="0",
-        lr_drops=(),
-        rounds=ROUND,
-        verbose=0,
-        data_dir=data_dir,
+# The run's config: resnet50 with these settings and the fake ImageNet's data_dir.
+SETTINGS = dict(
+    batch_size=8,
+    training_steps="2it",
+    eval_every="2it",
+    rewind_step="1it",
+    warmup="0",
+    lr_drops=(),
+    rounds=ROUND,
+    verbose=0,
+)
+
+
+# The run's IMP rounds and the stability of its round 1, under MirroredStrategy on
+# 2 logical CPUs. After the rounds, every replica of every wrapped kernel must
+# hold exact zeros where round 2's mask is 0.
+_MIRRORED_RUN = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from lth_tf.keras import tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from lth_tf import config, distribute, linear_mode, rounds, rundir, sparsity
+    from lth_tf.data import imagenet
+    cfg = config.make_config("resnet50", **json.loads(sys.argv[1]))
+    run_dir, image_size = sys.argv[2], int(sys.argv[3])
+    strategy = distribute.get_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
+    data = imagenet.ImageNetData(cfg.data_dir, augment=True, image_size=image_size)
+    rundir.open_run_dir(cfg, run_dir)
+    e = rounds.Experiment(cfg, run_dir, strategy=strategy, checkpoint_seconds=0,
+                          log=lambda *a: None, data=data)
+    summaries = e.run()
+    bad = 0
+    for wrapper in sparsity.wrappers(e.model).values():
+        kernel, mask = wrapper.pruning_vars[0][0], wrapper.pruning_vars[0][1]
+        for k, m in zip(kernel.values, mask.values, strict=True):
+            bad += int(np.count_nonzero(k.numpy()[m.numpy() == 0]))
+    analysis = linear_mode.Stability(
+        run_dir,
+        strategy=strategy,
+        num_alphas=3,
+        repeats=1,
+        eval_examples=6,
+        log=lambda *a: None,
+        data=data,
     )
+    stability = analysis.point(1, analysis.schedule.rewind)
+    print(json.dumps({
+        "replicas": strategy.num_replicas_in_sync,
+        "densities": [s["density"] for s in summaries],
+        "wrapped": len(sparsity.wrappers(e.model)),
+        "nonzero_pruned": bad,
+        "stability": stability,
+    }))
+    """
+)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, imagenet_dir):
-    """A finished 2-round ResNet-50 run on the fake ImageNet, and its export of round 2."""
-    cfg = _config(imagenet_dir)
+    """A finished 2-round ResNet-50 run under mirrored on the fake ImageNet, its export of round 2."""
+    settings = {**SETTINGS, "data_dir": imagenet_dir}
+    cfg = config.make_config("resnet50", **settings)
+    base = tmp_path_factory.mktemp("imagenet_export")
+    run_dir = str(base / "run")
+    script = base / "mirrored_run.py"
+    script.write_text(_MIRRORED_RUN)
+    proc = subprocess.run(
+        [sys.executable, str(script), json.dumps(settings), run_dir, str(IMAGE_SIZE)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mirrored = json.loads(proc.stdout.strip().splitlines()[-1])
     data = imagenet.ImageNetData(imagenet_dir, augment=True, image_size=IMAGE_SIZE)
-    run_dir = str(tmp_path_factory.mktemp("imagenet_export") / "run")
-    rundir.open_run_dir(cfg, run_dir)
-    rounds.Experiment(cfg, run_dir, checkpoint_seconds=0, log=_noop, data=data).run()
     result = sparse_export.export(run_dir, round_index=ROUND, log=_noop, data=data)
-    return {"cfg": cfg, "run_dir": run_dir, "data": data, "result": result}
+    return {"cfg": cfg, "run_dir": run_dir, "data": data, "result": result, "mirrored": mirrored}
 
 
 @pytest.fixture(scope="module")
@@ -68,48 +126,16 @@ def trained(run):
     return experiment.model
 
 
-# Stability of the run's round 1 under MirroredStrategy on 2 logical CPUs, in a
-# fresh interpreter (logical devices must be made before TensorFlow starts).
-_MIRRORED_STABILITY = textwrap.dedent(
-    """
-    import json, sys
-    from lth_tf.keras import tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from lth_tf import distribute, linear_mode
-    from lth_tf.data import imagenet
-    data_dir, run_dir, image_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    strategy = distribute.get_strategy("mirrored", devices=["/cpu:0", "/cpu:1"])
-    data = imagenet.ImageNetData(data_dir, augment=True, image_size=image_size)
-    analysis = linear_mode.Stability(
-        run_dir,
-        strategy=strategy,
-        num_alphas=3,
-        repeats=1,
-        eval_examples=6,
-        log=lambda *a: None,
-        data=data,
-    )
-    result = analysis.point(1, analysis.schedule.rewind)
-    print(json.dumps({"replicas": strategy.num_replicas_in_sync, "result": result}))
-    """
-)
-
-
-def test_stability_of_round_1_under_mirrored_on_two_logical_cpus(run, imagenet_dir, tmp_path):
-    script = tmp_path / "stability.py"
-    script.write_text(_MIRRORED_STABILITY)
-    proc = subprocess.run(
-        [sys.executable, str(script), imagenet_dir, run["run_dir"], str(IMAGE_SIZE)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_resnet50_wraps_and_trains_under_mirrored_on_fake_imagenet(run):
+    out = run["mirrored"]
     assert out["replicas"] == 2
-    result = out["result"]
+    assert out["wrapped"] == 54  # 53 convolutions + the output layer
+    assert out["densities"] == pytest.approx([1.0, 0.8, 0.64], abs=1e-3)
+    assert out["nonzero_pruned"] == 0
+
+
+def test_stability_of_round_1_under_mirrored_on_two_logical_cpus(run):
+    result = run["mirrored"]["stability"]
     (rep,) = result["repeats"]
     assert len(rep["alpha"]) == len(rep["test_error"]) == len(rep["train_error"]) == 3
     assert all(0.0 <= e <= 1.0 for e in rep["test_error"] + rep["train_error"])

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 from absl import app, flags
+from entry_points import call
 
 from lth_tf import files, imp
 
@@ -45,6 +46,16 @@ def _imp(root, *extra, env=None, timeout=300):
         timeout=timeout,
         env={**ENV, **(env or {})},
     )
+
+
+def _imp_here(root, *extra):
+    """(exit code, stderr) of the same command run in-process (tests/entry_points.py).
+
+    For refusals, whose exit code and message main gives as a process would (a
+    traceback fails the test); kills, signals, locks between processes and the runs
+    whose results are compared start real processes.
+    """
+    return call("imp", *TINY, f"--root_dir={root}", "--run_name=r", *extra)
 
 
 def _snapshot(root) -> dict:
@@ -156,16 +167,19 @@ def test_signals_stop_after_a_checkpoint_and_the_rerun_resumes(tmp_path, sig, co
 
 # OSError(ENOSPC) as the os module raises it, tf.errors.ResourceExhaustedError as gfile does.
 @pytest.mark.parametrize("failpoint", ["enospc", "enospc_tf"])
-def test_a_full_disk_is_reported_and_leaves_no_partial_file(finished, tmp_path, failpoint):
+def test_a_full_disk_is_reported_and_leaves_no_partial_file(
+    finished, tmp_path, monkeypatch, failpoint
+):
     import shutil
 
     shutil.copytree(finished / "r", tmp_path / "r")
     for rdir in ("round_02", "branches/random_prune/round_02"):
         shutil.rmtree(tmp_path / "r" / rdir)
     before = _snapshot(tmp_path)
-    full = _imp(tmp_path, env={"LTH_TF_FAILPOINT": f"{failpoint}:round_02/masks.npz"})
-    assert full.returncode == 2 and "disk is full" in full.stderr, full.stderr[-2000:]
-    assert "Traceback" not in full.stderr
+    monkeypatch.setenv("LTH_TF_FAILPOINT", f"{failpoint}:round_02/masks.npz")
+    code, err = _imp_here(tmp_path)
+    monkeypatch.delenv("LTH_TF_FAILPOINT")
+    assert code == 2 and "disk is full" in err, err[-2000:]
     assert _snapshot(tmp_path) == before  # finished rounds as they were, no partial file
     if failpoint == "enospc":
         assert _imp(tmp_path).returncode == 0  # space back: the run completes
@@ -188,9 +202,9 @@ def test_a_damaged_checkpoint_is_named_in_the_error(finished, tmp_path, damage):
             blob[:array_start] + bytes([blob[array_start] ^ 0x01]) + blob[array_start + 1 :]
         )
     before = _snapshot(tmp_path)
-    result = _imp(tmp_path, "--rounds=3")  # round 3 needs round 2's final weights
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert str(target) in result.stderr and "damaged" in result.stderr
+    code, err = _imp_here(tmp_path, "--rounds=3")  # round 3 needs round 2's final weights
+    assert code == 2, err[-2000:]
+    assert str(target) in err and "damaged" in err
     assert _snapshot(tmp_path) == before
 
 
@@ -204,8 +218,8 @@ def test_masks_that_do_not_follow_from_the_previous_round_are_refused(finished, 
     masks["fc1"] = np.ones_like(masks["fc1"])  # a valid file with the wrong content
     files.write_npz(str(rdir / "masks.npz"), masks)
     before = _snapshot(tmp_path)
-    result = _imp(tmp_path)
-    assert result.returncode == 2 and "does not match the masks" in result.stderr
+    code, err = _imp_here(tmp_path)
+    assert code == 2 and "does not match the masks" in err, err[-2000:]
     assert _snapshot(tmp_path) == before
 
 
@@ -296,14 +310,14 @@ def test_a_run_from_another_format_version_is_refused(finished, tmp_path):
     config = str(tmp_path / "r" / "config.json")
     files.write_json(config, {**files.read_json(config), "format_version": 0})  # as lth_tf 0 wrote
     before = _snapshot(tmp_path)
-    result = _imp(tmp_path)
-    assert result.returncode == 2 and "format version 0" in result.stderr
+    code, err = _imp_here(tmp_path)
+    assert code == 2 and "format version 0" in err, err[-2000:]
     assert _snapshot(tmp_path) == before
 
 
 def test_divergence_stops_with_the_loss_and_step_and_keeps_other_runs(finished, tmp_path):
     before = _snapshot(finished)
-    result = _imp(
+    code, err = _imp_here(
         tmp_path,
         "--optimizer=sgd",
         "--lr=1e9",
@@ -311,8 +325,8 @@ def test_divergence_stops_with_the_loss_and_step_and_keeps_other_runs(finished, 
         "--eval_every=100it",
         "--rewind_step=0",
     )
-    assert result.returncode == 3
-    assert "diverged" in result.stderr and "step" in result.stderr and "--lr" in result.stderr
+    assert code == 3, err[-2000:]
+    assert "diverged" in err and "step" in err and "--lr" in err
     assert not (tmp_path / "r" / "round_00" / "summary.json").exists()
     assert not (tmp_path / "r" / "round_00" / "ckpt").exists()  # no checkpoint of NaN weights
     assert _snapshot(finished) == before
@@ -330,10 +344,9 @@ def test_a_hand_edited_config_json_is_refused_and_the_run_kept(finished, tmp_pat
     config = run_dir / "config.json"
     config.write_text(config.read_text().replace('"prune_fraction": 0.2', '"prune_fraction": 0.5'))
     before = _snapshot(tmp_path)
-    result = _imp(tmp_path, "--prune_fraction=0.5", "--rounds=3")
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert str(config) in result.stderr and "'prune_fraction' was changed" in result.stderr
-    assert "Traceback" not in result.stderr
+    code, err = _imp_here(tmp_path, "--prune_fraction=0.5", "--rounds=3")
+    assert code == 2, err[-2000:]
+    assert str(config) in err and "'prune_fraction' was changed" in err
     assert _snapshot(tmp_path) == before
 
 
@@ -351,11 +364,11 @@ def test_non_finite_weights_with_a_valid_checksum_are_refused(finished, tmp_path
     with open(target, "wb") as f:
         np.savez(f, **payload)
     before = _snapshot(tmp_path)
-    result = _imp(tmp_path, "--rounds=3")
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert target in result.stderr and "'fc1/kernel' holds 1 NaN" in result.stderr
+    code, err = _imp_here(tmp_path, "--rounds=3")
+    assert code == 2, err[-2000:]
+    assert target in err and "'fc1/kernel' holds 1 NaN" in err
     if "rewind" in which:  # W_k cannot be recomputed: the advice is not to delete it
-        assert "put back a good copy" in result.stderr and "Delete" not in result.stderr
+        assert "put back a good copy" in err and "Delete" not in err
     assert _snapshot(tmp_path) == before
 
 
@@ -364,11 +377,11 @@ def test_a_finished_run_whose_rewind_npz_was_deleted_says_so(finished, tmp_path)
     rewind = run_dir / "round_00" / "checkpoints" / "rewind.npz"
     os.remove(rewind)
     before = _snapshot(tmp_path)
-    result = _imp(tmp_path)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert f"{rewind} is missing, although round 0 is finished" in result.stderr
-    assert "must finish before pruning" not in result.stderr
-    assert "Put the file back" in result.stderr and "Delete" not in result.stderr
+    code, err = _imp_here(tmp_path)
+    assert code == 2, err[-2000:]
+    assert f"{rewind} is missing, although round 0 is finished" in err
+    assert "must finish before pruning" not in err
+    assert "Put the file back" in err and "Delete" not in err
     assert _snapshot(tmp_path) == before
 
 
@@ -390,33 +403,28 @@ def _command(module, root, *extra):
     return [sys.executable, "-m", module, *run, *ENTRY_POINTS[module], *extra]
 
 
-def _all_entry_points(root, at_once=True):
-    """Runs imp, branch, stability and export on root/r; {module: CompletedProcess}.
-
-    at_once: all four together (they would lock each other out otherwise: one at a time).
-    """
+def _all_entry_points(root):
+    """Runs imp, branch, stability and export on root/r, all four at once; {module: CompletedProcess}."""
     out = {}
-
-    def start(module):
-        return subprocess.Popen(
+    procs = {
+        module: subprocess.Popen(
             _command(module, root),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=ENV,
         )
-
-    def finish(module, proc):
+        for module in ENTRY_POINTS
+    }
+    for module, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=600)
         out[module] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-    if at_once:
-        for module, proc in {m: start(m) for m in ENTRY_POINTS}.items():
-            finish(module, proc)
-    else:
-        for module in ENTRY_POINTS:
-            finish(module, start(module))
     return out
+
+
+def _each_entry_point_here(root):
+    """{module: (exit code, stderr)} of the same four commands, one at a time, in-process."""
+    return {m: call(m.removeprefix("lth_tf."), *_command(m, root)[3:]) for m in ENTRY_POINTS}
 
 
 def test_a_second_writer_is_refused_at_once_with_the_holder_named(finished, tmp_path):
@@ -596,10 +604,10 @@ def test_a_real_full_disk_is_a_message_from_every_entry_point(finished, small_di
         shutil.rmtree(run / rdir)
     before = _snapshot(run)
     filler = _fill(small_disk, leave=96 * 1024)  # JSON fits, weights do not
-    results = _all_entry_points(small_disk, at_once=False)
-    for module, result in results.items():
-        assert result.returncode == 2, (module, result.stderr[-3000:])
-        assert "disk is full" in result.stderr and "Traceback" not in result.stderr, module
+    results = _each_entry_point_here(small_disk)
+    for module, (code, err) in results.items():
+        assert code == 2, (module, err[-3000:])
+        assert "disk is full" in err, module
     after = _snapshot(run)
     assert {p: after.get(p) for p in before} == before  # every finished file as it was
     os.remove(filler)  # space back: the run completes as if nothing happened
