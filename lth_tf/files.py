@@ -235,10 +235,10 @@ _SPARSE_PARTS = ("values", "where", "shape")  # values are stored as 'planes' (_
 # is read from it. `where` from the round's masks.npz (the mask of layer L is where L/kernel
 # keeps its weights), `values` from a base file, W_k (a pruned round starts from W_k under
 # its masks). A referenced file has no references of its own.
-_REFERENCE_KEYS = {"where": "__masks__", "values": "__base__"}
-_REFERENCED_AS = {
-    "where": "where its pruned kernels' weights are as the masks of",
-    "values": "its pruned kernels' values as those of",
+# {part: (the key naming the referenced file, what a message says the file holds)}
+_REFERENCES = {
+    "where": ("__masks__", "where its pruned kernels' weights are as the masks of"),
+    "values": ("__base__", "its pruned kernels' values as those of"),
 }
 
 
@@ -353,7 +353,7 @@ def write_npz(
             sparse[key] = parts
             stored.update({_sparse_key(key, part): v for part, v in _encoded(parts).items()})
     compress = compress or bool(sparse)
-    for part, ref_key in _REFERENCE_KEYS.items():
+    for part, (ref_key, _) in _REFERENCES.items():
         if any(part not in parts for parts in sparse.values()):
             relative = os.path.relpath(references[part], os.path.dirname(path) or ".")
             stored[ref_key] = np.frombuffer(relative.encode(), np.uint8)
@@ -425,7 +425,7 @@ def _references(path: str, arrays: dict) -> dict:
     """Pops the references from a file's stored arrays: {part: the referenced file's path}."""
     return {
         part: _base_path(path, arrays.pop(key).tobytes().decode())
-        for part, key in _REFERENCE_KEYS.items()
+        for part, (key, _) in _REFERENCES.items()
         if key in arrays
     }
 
@@ -465,7 +465,7 @@ def _read_reference(path: str, reference: str, part: str) -> dict:
     except (FileNotFoundError, DamagedFileError) as e:
         raise MissingBaseError(
             path,
-            f"stores {_REFERENCED_AS[part]} {reference}, which cannot be read ({e})",
+            f"stores {_REFERENCES[part][1]} {reference}, which cannot be read ({e})",
             advice=_weights_advice(reference),
         ) from None
 
