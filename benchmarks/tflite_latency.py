@@ -66,7 +66,12 @@ def main():
     parser.add_argument("--density", type=float, default=0.055)
     parser.add_argument("--repeats", type=int, default=300)
     args = parser.parse_args()
-    result = {"density_target": args.density, "repeats": args.repeats, "networks": {}}
+    result = {
+        "density_target": args.density,
+        "repeats": args.repeats,
+        "interpreter": tflite.runtime().name,
+        "networks": {},
+    }
     for arch, shape in NETWORKS:
         model, density = sparse_model(arch, shape, args.density)
         module, fn = serving(model, shape)
