@@ -113,6 +113,17 @@ def _metrics(run_dir, r):
     return [{k: v for k, v in line.items() if k != "wall_seconds"} for line in lines]
 
 
+def _assert_as_uninterrupted(result, expected_result, where):
+    """A round's (masks, summary) equal the uninterrupted run's: masks exactly, accuracies
+    to float rounding."""
+    (masks, summary), (expected_masks, expected) = result, expected_result
+    assert set(masks) == set(expected_masks)
+    for name in masks:
+        np.testing.assert_array_equal(masks[name], expected_masks[name])
+    for key in ("test_accuracy", "best_validation_accuracy", "train_accuracy"):
+        assert summary[key] == pytest.approx(expected[key], abs=1e-6), (where, key)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
@@ -157,13 +168,7 @@ def test_sigterm_to_one_worker_saves_both_at_one_step_and_the_rerun_ends_as_unin
     assert f"resuming round 0 from its checkpoint at step {steps[0]}" in outputs[0][0]
     resumed = _results(chief_dir)
     for r in (0, 1):
-        masks, summary = resumed[r]
-        expected_masks, expected = uninterrupted[r]
-        assert set(masks) == set(expected_masks)
-        for name in masks:
-            np.testing.assert_array_equal(masks[name], expected_masks[name])
-        for key in ("test_accuracy", "best_validation_accuracy", "train_accuracy"):
-            assert summary[key] == pytest.approx(expected[key], abs=1e-6), (r, key)
+        _assert_as_uninterrupted(resumed[r], uninterrupted[r], r)
         # Every period's line, the one at the stop included, as in the uninterrupted run.
         lines, expected_lines = _metrics(chief_dir, r), uninterrupted["metrics"][r]
         assert [line["step"] for line in lines] == [line["step"] for line in expected_lines]
@@ -199,13 +204,7 @@ def test_the_chief_killed_between_the_workers_summary_writes_completes_the_round
     for d in dirs:  # each worker's copy: as the uninterrupted run, and no leftover checkpoint
         results = _results(d)
         for r in (0, 1):
-            masks, summary = results[r]
-            expected_masks, expected = uninterrupted[r]
-            assert set(masks) == set(expected_masks)
-            for name in masks:
-                np.testing.assert_array_equal(masks[name], expected_masks[name])
-            for key in ("test_accuracy", "best_validation_accuracy", "train_accuracy"):
-                assert summary[key] == pytest.approx(expected[key], abs=1e-6), (d, r, key)
+            _assert_as_uninterrupted(results[r], uninterrupted[r], (d, r))
             final, expected_final = _final(d, r), uninterrupted["finals"][r]
             assert set(final) == set(expected_final)
             for name in final:
