@@ -33,9 +33,9 @@ TINY = dict(
 
 
 def tiny_flags(**overrides) -> list:
-    """TINY (with `overrides`) as lth_tf.imp flags, for LeNet-300-100."""
+    """TINY (with `overrides`; None leaves a flag out) as lth_tf.imp flags, for LeNet-300-100."""
     values = {"arch": "lenet_300_100", **TINY, **overrides}
-    return [f"--{k}={v}" for k, v in values.items()]
+    return [f"--{k}={v}" for k, v in values.items() if v is not None]
 
 
 def setup_kwargs() -> dict:

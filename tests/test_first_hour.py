@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import conftest
 import pytest
 from absl import flags
 
@@ -281,18 +282,9 @@ def test_every_recipe_is_accepted_on_its_own_dataset():
 
 # ---- wording ---------------------------------------------------------------------------
 
-TINY_RUN = [
-    "--arch=lenet_300_100",
-    "--dataset=synthetic:8x8x1:4",
-    "--batch_size=32",
-    "--training_steps=40it",
-    "--eval_every=20it",
-    "--rewind_step=20it",
-    "--rounds=1",
-    "--controls=",
-    "--verbose=0",
-    "--run_name=r",
-]
+TINY_RUN = conftest.tiny_flags(
+    rounds=1, controls="", prune_scope=None, output_rate=None, run_name="r"
+)
 
 
 def _imp(root, *extra) -> tuple[int, str]:

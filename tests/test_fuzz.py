@@ -18,6 +18,7 @@ The generator is seeded (FUZZ_SEED): a failure names its case and replays.
 import random
 import shutil
 
+import conftest
 import numpy as np
 import pytest
 from absl import flags
@@ -25,19 +26,7 @@ from entry_points import call, snapshot
 
 FLAGS = flags.FLAGS
 FUZZ_SEED = 20
-TINY = [
-    "--arch=lenet_300_100",
-    "--dataset=synthetic:8x8x1:4",
-    "--batch_size=32",
-    "--training_steps=40it",
-    "--eval_every=20it",
-    "--rewind_step=20it",
-    "--rounds=1",
-    "--prune_scope=global",
-    "--output_rate=1.0",
-    "--verbose=0",
-    "--checkpoint_seconds=0",
-]
+TINY = conftest.tiny_flags(rounds=1, output_rate=1.0, checkpoint_seconds=0)
 
 
 # ---- the generator: values from each flag's invalid domain -------------------------------------

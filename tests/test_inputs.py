@@ -15,6 +15,7 @@ Entry points run in-process (main with parsed flags): no subprocess, no TF start
 import os
 import shutil
 
+import conftest
 import numpy as np
 import pytest
 from absl import flags
@@ -31,19 +32,8 @@ from lth_tf import (
 )
 
 FLAGS = flags.FLAGS
-TINY = [
-    "--arch=lenet_300_100",
-    "--dataset=synthetic:8x8x1:4",
-    "--batch_size=32",
-    "--training_steps=40it",
-    "--eval_every=20it",
-    "--rewind_step=20it",
-    "--rounds=1",
-    "--prune_scope=global",  # one pool: pruning deep enough empties a small layer
-    "--output_rate=1.0",
-    "--verbose=0",
-    "--checkpoint_seconds=0",
-]
+# Global pruning (one pool): pruning deep enough empties a small layer.
+TINY = conftest.tiny_flags(rounds=1, output_rate=1.0, checkpoint_seconds=0)
 
 
 @pytest.fixture(scope="module")

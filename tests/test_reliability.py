@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import conftest
 import numpy as np
 import pytest
 from absl import app, flags
@@ -22,20 +23,13 @@ from lth_tf import files, imp
 
 FLAGS = flags.FLAGS
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
-TINY = [
-    "--arch=lenet_300_100",
-    "--dataset=synthetic:8x8x1:4",
-    "--batch_size=32",
-    "--training_steps=40it",
-    "--eval_every=20it",
-    "--rewind_step=20it",
-    "--rounds=2",
-    "--output_rate=1.0",
-    "--controls=random_prune",
-    "--verbose=0",
-    "--checkpoint_seconds=0",
-    "--deterministic",
-]
+TINY = conftest.tiny_flags(
+    rounds=2,
+    prune_scope=None,
+    output_rate=1.0,
+    controls="random_prune",
+    checkpoint_seconds=0,
+) + ["--deterministic"]
 
 
 def _imp(root, *extra, env=None, timeout=300):

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import conftest
 import numpy as np
 import pytest
 from absl import flags
@@ -18,18 +19,9 @@ from lth_tf import files, flagdefs, imp, paths, rundir
 
 FLAGS = flags.FLAGS
 
-TINY_FLAGS = [
-    "--arch=lenet_300_100",
-    "--dataset=synthetic:8x8x1:4",
-    "--batch_size=32",
-    "--training_steps=40it",
-    "--eval_every=20it",
-    "--rewind_step=20it",
-    "--rounds=1",
-    "--controls=random_reinit",
-    "--verbose=0",
-    "--run_name=group",
-]
+TINY_FLAGS = conftest.tiny_flags(
+    rounds=1, controls="random_reinit", prune_scope=None, output_rate=None, run_name="group"
+)
 
 
 def _imp(root, *extra):

@@ -4,20 +4,13 @@ import os
 import subprocess
 import sys
 
+import conftest
+
 from lth_tf import files, imp, paths, rundir
 
-TINY_FLAGS = [
-    "--arch=lenet_300_100",
-    "--dataset=synthetic:8x8x1:4",
-    "--batch_size=32",
-    "--training_steps=40it",
-    "--eval_every=20it",
-    "--rewind_step=0",
-    "--rounds=1",
-    "--controls=",
-    "--verbose=0",
-    "--run_name=group",
-]
+TINY_FLAGS = conftest.tiny_flags(
+    rewind_step=0, rounds=1, controls="", prune_scope=None, output_rate=None, run_name="group"
+)
 
 
 def test_replicate_i_shifts_both_seeds_by_i_minus_1_and_nothing_else(tiny_config):
