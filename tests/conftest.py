@@ -51,6 +51,24 @@ def setup_kwargs() -> dict:
     raise AssertionError("setup.py has no setup(...) call")
 
 
+@pytest.fixture()
+def parse():
+    """parse(*argv) -> RunConfig, with every flag `python -m lth_tf.imp` defines."""
+    from absl import flags
+
+    from lth_tf import flagdefs
+
+    flagdefs.define_imp_flags()
+
+    def _parse(*argv):
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["imp", *argv])
+        return flagdefs.config_from_flags()
+
+    yield _parse
+    flags.FLAGS.unparse_flags()
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     """A factory: tiny_config(**overrides) -> RunConfig of LeNet-300-100 on 8x8x1 inputs.

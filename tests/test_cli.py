@@ -15,19 +15,6 @@ FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture()
-def parse():
-    flagdefs.define_imp_flags()  # every flag imp defines (flagfiles set --strategy too)
-
-    def _parse(*argv):
-        FLAGS.unparse_flags()
-        FLAGS(["imp", *argv])
-        return flagdefs.config_from_flags()
-
-    yield _parse
-    FLAGS.unparse_flags()
-
-
 def test_no_flags_is_the_mnist_demo(parse):
     c = parse()
     assert (c.arch, c.dataset, c.prune_scope, c.prune_fraction) == (

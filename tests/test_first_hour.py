@@ -222,19 +222,6 @@ def test_imp_helpshort_lists_the_flags_a_first_run_sets():
     assert "--momentum" not in listed  # the short list stays short; --helpfull has all
 
 
-@pytest.fixture()
-def imp_config():
-    flagdefs.define_imp_flags()
-
-    def _parse(*argv):
-        FLAGS.unparse_flags()
-        FLAGS(["imp", *argv])
-        return flagdefs.config_from_flags()
-
-    yield _parse
-    FLAGS.unparse_flags()
-
-
 @pytest.mark.parametrize(
     "arch, dataset, made_for",
     [
@@ -244,11 +231,11 @@ def imp_config():
         ("conv2", "tfds:mnist", "cifar10"),
     ],
 )
-def test_an_arch_on_a_dataset_it_is_not_made_for_is_refused(imp_config, arch, dataset, made_for):
+def test_an_arch_on_a_dataset_it_is_not_made_for_is_refused(parse, arch, dataset, made_for):
     with pytest.raises(ValueError, match=f"--arch={arch} --dataset={dataset}") as e:
-        imp_config(f"--arch={arch}", f"--dataset={dataset}")
+        parse(f"--arch={arch}", f"--dataset={dataset}")
     assert f"--dataset={made_for}" in str(e.value) and "--allow_any_dataset" in str(e.value)
-    c = imp_config(f"--arch={arch}", f"--dataset={dataset}", "--allow_any_dataset")
+    c = parse(f"--arch={arch}", f"--dataset={dataset}", "--allow_any_dataset")
     assert (c.arch, c.dataset) == (arch, dataset)
     # Not part of the run: the same pair names the same run with or without the flag.
     assert "allow_any_dataset" not in c.to_json()
@@ -268,8 +255,8 @@ def test_an_arch_on_a_dataset_it_is_not_made_for_is_refused(imp_config, arch, da
         ("tests.byo_example:build", "cifar10"),  # a user's architecture
     ],
 )
-def test_matching_and_user_chosen_pairs_are_accepted(imp_config, arch, dataset):
-    c = imp_config(f"--arch={arch}", f"--dataset={dataset}")
+def test_matching_and_user_chosen_pairs_are_accepted(parse, arch, dataset):
+    c = parse(f"--arch={arch}", f"--dataset={dataset}")
     assert (c.arch, c.dataset) == (arch, dataset)
 
 
@@ -343,8 +330,8 @@ def test_extending_a_run_says_which_rounds_are_kept(three_invocations):
     assert "== round 2" in out and "== round 1" not in out
 
 
-def test_one_round_is_singular(imp_config):
-    (line,) = flagdefs.protocol_lines(imp_config("--rounds=1"))[:1]
+def test_one_round_is_singular(parse):
+    (line,) = flagdefs.protocol_lines(parse("--rounds=1"))[:1]
     assert "1 round of 20%" in line and "1 rounds" not in line
     from lth_tf import config as config_lib
 

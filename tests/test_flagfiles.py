@@ -21,7 +21,7 @@ import pytest
 from absl import flags
 
 from lth_tf import config as config_lib
-from lth_tf import files, flagdefs, imp, masks, paths, presets, rounds, rundir, train
+from lth_tf import files, masks, paths, presets, rounds, rundir, train
 from lth_tf.callbacks import Interrupted, StopRequest
 from lth_tf.keras import keras
 
@@ -35,20 +35,6 @@ LENET_FILE = os.path.join(ROOT, "flags", "lenet300_mnist.cfg")
 
 def _quiet(*args):
     pass
-
-
-@pytest.fixture()
-def parse():
-    """parse(*argv) -> RunConfig, with every flag `python -m lth_tf.imp` defines."""
-    imp.define_flags()
-
-    def _parse(*argv):
-        FLAGS.unparse_flags()
-        FLAGS(["imp", *argv])
-        return flagdefs.config_from_flags()
-
-    yield _parse
-    FLAGS.unparse_flags()
 
 
 def test_there_are_flagfiles():

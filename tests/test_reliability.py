@@ -17,7 +17,7 @@ import conftest
 import numpy as np
 import pytest
 from absl import app, flags
-from entry_points import call
+from entry_points import call, snapshot
 
 from lth_tf import files, imp
 
@@ -50,16 +50,6 @@ def _imp_here(root, *extra):
     whose results are compared start real processes.
     """
     return call("imp", *TINY, f"--root_dir={root}", "--run_name=r", *extra)
-
-
-def _snapshot(root) -> dict:
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def _results(run_dir) -> dict:
@@ -115,7 +105,7 @@ def test_killed_at_every_kind_of_write_and_rerun_ends_as_an_uninterrupted_run(fi
     assert final.returncode == 0, final.stderr[-3000:]
     assert _results(tmp_path / "r") == _results(finished / "r")
     # The half-written temporary files were never read, nor touched, and no others are left.
-    leftovers = {p: h for p, h in _snapshot(tmp_path).items() if ".tmp-" in p}
+    leftovers = {p: h for p, h in snapshot(tmp_path).items() if ".tmp-" in p}
     assert leftovers == planted
 
 
@@ -169,12 +159,12 @@ def test_a_full_disk_is_reported_and_leaves_no_partial_file(
     shutil.copytree(finished / "r", tmp_path / "r")
     for rdir in ("round_02", "branches/random_prune/round_02"):
         shutil.rmtree(tmp_path / "r" / rdir)
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     monkeypatch.setenv("LTH_TF_FAILPOINT", f"{failpoint}:round_02/masks.npz")
     code, err = _imp_here(tmp_path)
     monkeypatch.delenv("LTH_TF_FAILPOINT")
     assert code == 2 and "disk is full" in err, err[-2000:]
-    assert _snapshot(tmp_path) == before  # finished rounds as they were, no partial file
+    assert snapshot(tmp_path) == before  # finished rounds as they were, no partial file
     if failpoint == "enospc":
         assert _imp(tmp_path).returncode == 0  # space back: the run completes
         assert _results(tmp_path / "r") == _results(finished / "r")
@@ -195,11 +185,11 @@ def test_a_damaged_checkpoint_is_named_in_the_error(finished, tmp_path, damage):
         target.write_bytes(
             blob[:array_start] + bytes([blob[array_start] ^ 0x01]) + blob[array_start + 1 :]
         )
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     code, err = _imp_here(tmp_path, "--rounds=3")  # round 3 needs round 2's final weights
     assert code == 2, err[-2000:]
     assert str(target) in err and "damaged" in err
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_masks_that_do_not_follow_from_the_previous_round_are_refused(finished, tmp_path):
@@ -211,10 +201,10 @@ def test_masks_that_do_not_follow_from_the_previous_round_are_refused(finished, 
     masks = files.read_npz(str(rdir / "masks.npz"))
     masks["fc1"] = np.ones_like(masks["fc1"])  # a valid file with the wrong content
     files.write_npz(str(rdir / "masks.npz"), masks)
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     code, err = _imp_here(tmp_path)
     assert code == 2 and "does not match the masks" in err, err[-2000:]
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_damaged_files_are_detected_on_read(tmp_path):
@@ -263,10 +253,10 @@ def main_with(finished):
     ],
 )
 def test_bad_values_are_refused_before_anything_is_written(main_with, finished, extra, message):
-    before = _snapshot(finished)
+    before = snapshot(finished)
     with pytest.raises((app.UsageError, flags.Error), match=message):
         main_with(*extra)
-    assert _snapshot(finished) == before
+    assert snapshot(finished) == before
 
 
 @pytest.mark.parametrize(
@@ -282,10 +272,10 @@ def test_bad_values_are_refused_before_anything_is_written(main_with, finished, 
     ],
 )
 def test_runtime_refusals_leave_the_run_untouched(main_with, finished, capsys, extra, message):
-    before = _snapshot(finished)
+    before = snapshot(finished)
     assert main_with(*extra) == 2
     assert message in capsys.readouterr().err
-    assert _snapshot(finished) == before
+    assert snapshot(finished) == before
 
 
 def test_a_root_dir_that_is_a_file_or_not_writable_is_refused(tmp_path, monkeypatch):
@@ -303,14 +293,14 @@ def test_a_run_from_another_format_version_is_refused(finished, tmp_path):
     shutil.copytree(finished / "r", tmp_path / "r")
     config = str(tmp_path / "r" / "config.json")
     files.write_json(config, {**files.read_json(config), "format_version": 0})  # as lth_tf 0 wrote
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     code, err = _imp_here(tmp_path)
     assert code == 2 and "format version 0" in err, err[-2000:]
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_divergence_stops_with_the_loss_and_step_and_keeps_other_runs(finished, tmp_path):
-    before = _snapshot(finished)
+    before = snapshot(finished)
     code, err = _imp_here(
         tmp_path,
         "--optimizer=sgd",
@@ -323,7 +313,7 @@ def test_divergence_stops_with_the_loss_and_step_and_keeps_other_runs(finished, 
     assert "diverged" in err and "step" in err and "--lr" in err
     assert not (tmp_path / "r" / "round_00" / "summary.json").exists()
     assert not (tmp_path / "r" / "round_00" / "ckpt").exists()  # no checkpoint of NaN weights
-    assert _snapshot(finished) == before
+    assert snapshot(finished) == before
 
 
 def _copy(finished, tmp_path):
@@ -337,11 +327,11 @@ def test_a_hand_edited_config_json_is_refused_and_the_run_kept(finished, tmp_pat
     run_dir = _copy(finished, tmp_path)
     config = run_dir / "config.json"
     config.write_text(config.read_text().replace('"prune_fraction": 0.2', '"prune_fraction": 0.5'))
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     code, err = _imp_here(tmp_path, "--prune_fraction=0.5", "--rounds=3")
     assert code == 2, err[-2000:]
     assert str(config) in err and "'prune_fraction' was changed" in err
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize(
@@ -357,26 +347,26 @@ def test_non_finite_weights_with_a_valid_checksum_are_refused(finished, tmp_path
     payload = {**weights, "__sha256__": np.frombuffer(files._checksum(weights).encode(), np.uint8)}
     with open(target, "wb") as f:
         np.savez(f, **payload)
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     code, err = _imp_here(tmp_path, "--rounds=3")
     assert code == 2, err[-2000:]
     assert target in err and "'fc1/kernel' holds 1 NaN" in err
     if "rewind" in which:  # W_k cannot be recomputed: the advice is not to delete it
         assert "put back a good copy" in err and "Delete" not in err
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_a_finished_run_whose_rewind_npz_was_deleted_says_so(finished, tmp_path):
     run_dir = _copy(finished, tmp_path)
     rewind = run_dir / "round_00" / "checkpoints" / "rewind.npz"
     os.remove(rewind)
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     code, err = _imp_here(tmp_path)
     assert code == 2, err[-2000:]
     assert f"{rewind} is missing, although round 0 is finished" in err
     assert "must finish before pruning" not in err
     assert "Put the file back" in err and "Delete" not in err
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 # ---- one writer per run directory ------------------------------------------------------------
@@ -429,9 +419,9 @@ def test_a_second_writer_is_refused_at_once_with_the_holder_named(finished, tmp_
 
     shutil.copytree(finished / "r", tmp_path / "r")
     with runlock.hold(str(tmp_path / "r"), "a test holding the run"):
-        before = _snapshot(tmp_path)
+        before = snapshot(tmp_path)
         results = _all_entry_points(tmp_path)
-        assert _snapshot(tmp_path) == before  # nothing trained, written or deleted
+        assert snapshot(tmp_path) == before  # nothing trained, written or deleted
     for module, result in results.items():
         assert result.returncode == 2, (module, result.stderr[-2000:])
         err = result.stderr
@@ -521,12 +511,12 @@ def test_a_symlink_in_the_run_is_refused_and_nothing_outside_is_deleted(finished
     (elsewhere / "keep.txt").write_text("keep me")
     os.remove(tmp_path / "r" / "round_02" / "summary.json")
     os.symlink(elsewhere, tmp_path / "r" / "round_02" / "ckpt")
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     result = _imp(tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"{tmp_path / 'r' / 'round_02' / 'ckpt'} -> {elsewhere}" in result.stderr
     assert (elsewhere / "keep.txt").read_text() == "keep me"
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_deleting_a_tree_never_follows_a_link(tmp_path):
@@ -596,13 +586,13 @@ def test_a_real_full_disk_is_a_message_from_every_entry_point(finished, small_di
     shutil.copytree(finished / "r", run)
     for rdir in ("round_02", "branches/random_prune/round_02"):  # imp has a round to train
         shutil.rmtree(run / rdir)
-    before = _snapshot(run)
+    before = snapshot(run)
     filler = _fill(small_disk, leave=96 * 1024)  # JSON fits, weights do not
     results = _each_entry_point_here(small_disk)
     for module, (code, err) in results.items():
         assert code == 2, (module, err[-3000:])
         assert "disk is full" in err, module
-    after = _snapshot(run)
+    after = snapshot(run)
     assert {p: after.get(p) for p in before} == before  # every finished file as it was
     os.remove(filler)  # space back: the run completes as if nothing happened
     resumed = _imp(small_disk)
